@@ -1,0 +1,45 @@
+"""FLOPs and parameter counts, measured with ``torch.utils.flop_counter`` (no hand-written counter)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
+    """FLOPs of one forward pass on ``example_input`` (counted per the batch given).
+
+    Args:
+        model: the network; run in its current mode under ``torch.no_grad``.
+        example_input: a batch, usually of size 1.
+
+    Returns:
+        Total FLOPs as counted by ``FlopCounterMode`` (a multiply-add counts as 2).
+    """
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(example_input)
+    return int(counter.get_total_flops())
+
+
+def module_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """FLOPs per leaf module name (the names of ``model.named_modules()``), for one forward pass."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(example_input)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    out: dict[str, int] = {}
+    for key, per_op in counts.items():
+        name = key
+        if name == "Global":
+            continue
+        if name.startswith(root + "."):
+            name = name[len(root) + 1:]
+        out[name] = int(sum(per_op.values()))
+    return out
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
