@@ -1,0 +1,214 @@
+"""How many channels each unit keeps (SPEC §5), the FLOPs/params budget, and the JSON plan.
+
+Widths are chosen on a cost model measured once with ``torch.utils.flop_counter``: each module's
+FLOPs and parameters scale with the kept fraction of its input channels times the kept fraction of
+its output channels. The achieved cost is then measured again on the pruned model (``prune.py``), so
+the model only steers the search and never stands in for a reported number.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from specprune_cli.errors import BudgetError, ConfigError
+from specprune_cli.flops import count_flops, count_params, module_flops
+from specprune_cli.graph import Unit
+
+PLAN_FORMAT = "specprune-plan/1"
+
+
+def compile_patterns(patterns: Sequence[str]) -> list[Callable[[str], bool]]:
+    """Turn module names / ``re:`` regexes into predicates (a regex must match the whole name)."""
+    out: list[Callable[[str], bool]] = []
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                rx = re.compile(p[3:])
+            except re.error as exc:
+                raise ConfigError(f"prune pattern {p!r} is not a valid regular expression ({exc}); "
+                                  "write it as 're:<python regex>' matching whole module names") from None
+            out.append(lambda name, rx=rx: rx.fullmatch(name) is not None)
+        else:
+            out.append(lambda name, p=p: name == p)
+    return out
+
+
+def make_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
+    """A predicate true for names matching any of ``patterns``."""
+    preds = compile_patterns(patterns)
+    return lambda name: any(f(name) for f in preds)
+
+
+def override_for(name: str, overrides: Mapping[str, float]) -> float | None:
+    """The ratio of the first override whose pattern matches ``name`` (first match wins)."""
+    for pattern, pred in zip(overrides, compile_patterns(list(overrides))):
+        if pred(name):
+            return float(overrides[pattern])
+    return None
+
+
+def fit_width(x: float, m: int, *, round_to: int, min_channels: int) -> int:
+    """Round a desired width to a multiple of ``round_to`` within [min_channels, m] (monotone in x)."""
+    r = max(1, int(round_to))
+    lo = min(m, r * math.ceil(max(1, int(min_channels)) / r))
+    k = r * int(math.floor(x / r + 0.5))
+    return m if k >= m else max(lo, k)
+
+
+class CostModel:
+    """FLOPs and parameters of the model as a function of the units' widths."""
+
+    def __init__(self, model: nn.Module, units: Sequence[Unit], example_input: torch.Tensor):
+        self.units = list(units)
+        self.width = {u.name: u.width for u in units}
+        per_module = module_flops(model, example_input[:1])
+        self.total_flops = count_flops(model, example_input[:1])
+        self.total_params = count_params(model)
+        # module -> (unit whose channels it reads, unit whose channels it writes)
+        roles: dict[str, list[str | None]] = {}
+        for u in units:
+            roles.setdefault(u.name, [None, None])[1] = u.name
+            for f in u.followers:
+                roles.setdefault(f.module, [None, None])[1] = u.name
+            for c in u.consumers:
+                roles.setdefault(c.module, [None, None])[0] = u.name
+        self.terms: list[tuple[str | None, str | None, float, float, float]] = []
+        fixed_flops, fixed_params = float(self.total_flops), float(self.total_params)
+        for name, (fin, fout) in roles.items():
+            mod = model.get_submodule(name)
+            flops = float(per_module.get(name, 0))
+            w = sum(p.numel() for n, p in mod.named_parameters(recurse=False) if n != "bias")
+            b = sum(p.numel() for n, p in mod.named_parameters(recurse=False) if n == "bias")
+            if isinstance(mod, nn.Conv2d) and mod.groups > 1:
+                fin = None  # depthwise: its in and out channels are the same channels, counted once
+            if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+                fin = None  # BatchNorm / PReLU: one parameter per channel
+            self.terms.append((fin, fout, flops, float(w), float(b)))
+            fixed_flops -= flops
+            fixed_params -= w + b
+        self.fixed_flops, self.fixed_params = fixed_flops, fixed_params
+
+    def cost(self, widths: Mapping[str, int]) -> tuple[float, float]:
+        """(FLOPs, params) predicted for ``widths`` (unit name -> kept channels; missing = full)."""
+        def frac(u: str | None) -> float:
+            return 1.0 if u is None else widths.get(u, self.width[u]) / self.width[u]
+        flops, params = self.fixed_flops, self.fixed_params
+        for fin, fout, f, w, b in self.terms:
+            a, c = frac(fin), frac(fout)
+            flops += f * a * c
+            params += w * a * c + b * c
+        return flops, params
+
+    def fraction(self, widths: Mapping[str, int], kind: str) -> float:
+        flops, params = self.cost(widths)
+        return flops / self.total_flops if kind == "flops" else params / self.total_params
+
+
+def allocate_widths(units: Sequence[Unit], cost: CostModel, *, allocation: str, target_kind: str,
+                    target_value: float, dof: Mapping[str, float] | None = None, ratio: float = 0.5,
+                    overrides: Mapping[str, float] | None = None, round_to: int = 8,
+                    min_channels: int = 8) -> dict[str, int]:
+    """Kept width per unit.
+
+    Args:
+        units: the prunable units.
+        cost: the model's cost as a function of widths.
+        allocation: "dof" (widths proportional to degrees of freedom, one global factor found by
+            bisection to meet the target), "uniform" (one keep ratio for all units, found by
+            bisection) or "ratio" (``ceil(ratio * m)``; the target is not used).
+        target_kind: "flops" or "params"; target_value: the fraction to keep, in (0, 1].
+        dof: degrees of freedom per unit (needed for "dof").
+        ratio: the keep ratio for "ratio".
+        overrides: pattern -> ratio; a matching unit gets that ratio in every mode (first match wins).
+        round_to, min_channels: see ``fit_width``.
+
+    Returns:
+        unit name -> kept width.
+
+    Raises:
+        BudgetError: the target cannot be met even with every unit at its minimum width.
+    """
+    overrides = dict(overrides or {})
+    fixed: dict[str, int] = {}
+    free: list[Unit] = []
+    for u in units:
+        r = override_for(u.name, overrides)
+        if r is not None or allocation == "ratio":
+            r = ratio if r is None else r
+            fixed[u.name] = fit_width(math.ceil(r * u.width - 1e-9), u.width, round_to=round_to,
+                                      min_channels=min_channels)
+        else:
+            free.append(u)
+    if not free:
+        return fixed
+    if allocation == "dof":
+        if dof is None:
+            raise ValueError("allocation 'dof' needs degrees of freedom per unit")
+        score = {u.name: max(float(dof[u.name]), 1e-6) for u in free}
+    elif allocation == "uniform":
+        score = {u.name: float(u.width) for u in free}
+    else:
+        raise ConfigError(f"prune.allocation must be one of dof, uniform, ratio; got {allocation!r}")
+
+    def widths_at(alpha: float) -> dict[str, int]:
+        w = dict(fixed)
+        for u in free:
+            w[u.name] = fit_width(alpha * score[u.name], u.width, round_to=round_to, min_channels=min_channels)
+        return w
+
+    def frac(w: Mapping[str, int]) -> float:
+        return cost.fraction(w, target_kind)
+
+    floor = frac(widths_at(0.0))
+    if floor > target_value + 1e-12:
+        raise BudgetError(
+            f"prune.target.{target_kind}={target_value:g} cannot be met: with every prunable unit at its "
+            f"minimum width the model keeps {floor:.3f} of its {target_kind} (the layers that cannot be "
+            "pruned cost the rest). Raise the target to at least that, lower prune.min_channels or "
+            "prune.round_to, or remove layers from prune.exclude.")
+    lo, hi = 0.0, max(u.width / score[u.name] for u in free) * 2.0
+    if frac(widths_at(hi)) <= target_value:
+        return widths_at(hi)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if frac(widths_at(mid)) <= target_value:
+            lo = mid
+        else:
+            hi = mid
+    widths = widths_at(lo)
+    # Rounding leaves budget unused: spend it one step at a time on the unit furthest below its share.
+    step = max(1, int(round_to))
+    while True:
+        best, best_gap = None, -math.inf
+        for u in free:
+            k = widths[u.name]
+            if k >= u.width:
+                continue
+            trial = dict(widths)
+            trial[u.name] = min(u.width, k + step)
+            if frac(trial) > target_value:
+                continue
+            gap = score[u.name] / k
+            if gap > best_gap:
+                best, best_gap = u.name, gap
+        if best is None:
+            return widths
+        widths[best] = min(cost.width[best], widths[best] + step)
+
+
+def make_plan(units: Sequence[Unit], kept: Mapping[str, torch.Tensor], dof: Mapping[str, float]) -> dict:
+    """The JSON-serialisable plan: for each unit its original and kept width and the kept indices."""
+    return {
+        "format": PLAN_FORMAT,
+        "units": [
+            {"name": u.name, "kind": u.kind, "width": u.width, "kept": int(kept[u.name].numel()),
+             "indices": [int(i) for i in kept[u.name].tolist()],
+             "dof": None if u.name not in dof else round(float(dof[u.name]), 4)}
+            for u in units if u.name in kept
+        ],
+    }

@@ -1,0 +1,216 @@
+"""The pruning run: units -> statistics -> widths -> selection -> surgery -> checks (SPEC §1-6).
+
+``prune_model`` is the library entry point the CLI and ``analyze`` build on. It never modifies the
+model it is given: it works on a deep copy.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from specprune_cli.errors import ConfigError, ModelError
+from specprune_cli.flops import count_flops, count_params
+from specprune_cli.graph import Unit, UnitGraph, find_units
+from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
+from specprune_cli.spectral import (SecondMoment, degrees_of_freedom, greedy_select, reconstruction_matrix,
+                                    relative_lambda)
+from specprune_cli.stats import SegmentRunner, TapKey, collect_oneshot, new_moments, observe
+from specprune_cli.surgery import prune_unit, selection_matrix, verify_forward
+
+
+@dataclass
+class PruneResult:
+    """What a pruning run returns.
+
+    Attributes:
+        model: the pruned network (a deep copy of the input model, physically smaller).
+        plan: JSON-serialisable plan (see ``plan.make_plan``).
+        report: JSON-serialisable facts: units, skipped, flops/params before and after, timings.
+    """
+
+    model: nn.Module
+    plan: dict
+    report: dict = field(default_factory=dict)
+
+
+def consumer_matrix(model: nn.Module, unit: Unit, tap: str) -> torch.Tensor:
+    """Z for the consumers at ``tap``: their weights as one matrix with a column per channel (SPEC §3)."""
+    blocks = []
+    for c in unit.consumers:
+        if c.tap != tap:
+            continue
+        w = model.get_submodule(c.module).weight.detach().to(torch.float64)
+        if c.kind == "conv":
+            blocks.append(w.permute(0, 2, 3, 1).reshape(-1, w.shape[1]))
+        elif c.spatial > 1:
+            blocks.append(w.reshape(w.shape[0], -1, c.spatial).permute(0, 2, 1).reshape(-1, unit.width))
+        else:
+            blocks.append(w)
+    z = torch.cat(blocks, 0)
+    if z.shape[0] > z.shape[1]:
+        # Only Z^T Z enters the objective: a square root of it (m x m) is the same Z, and cheaper.
+        evals, evecs = torch.linalg.eigh(z.T @ z)
+        z = evals.clamp_min(0).sqrt()[:, None] * evecs.T
+    return z
+
+
+def primary_tap(model: nn.Module, unit: Unit) -> str:
+    """The tap whose consumers hold the most weights: the signal the selection optimises for."""
+    sizes: dict[str, int] = {}
+    for c in unit.consumers:
+        sizes[c.tap] = sizes.get(c.tap, 0) + model.get_submodule(c.module).weight.numel()
+    return max(unit.taps, key=lambda t: sizes[t])
+
+
+def _select(model: nn.Module, unit: Unit, k: int, moments: Mapping[TapKey, SecondMoment], cfg: Any
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Kept indices and a reconstruction matrix per tap for one unit."""
+    tap = primary_tap(model, unit)
+    sigma = moments[(unit.name, tap)].matrix
+    z = consumer_matrix(model, unit, tap) if cfg.theta > 0 else None
+    keep, a = greedy_select(sigma, k, ridge=cfg.ridge, theta=cfg.theta, z=z)
+    a_by_tap = {tap: a}
+    for other in unit.taps:
+        if other != tap:
+            a_by_tap[other] = reconstruction_matrix(moments[(unit.name, other)].matrix, keep, ridge=cfg.ridge)
+    return keep, a_by_tap
+
+
+def _dof(unit: Unit, moments: Mapping[TapKey, SecondMoment], model: nn.Module, ridge: float) -> float:
+    sigma = moments[(unit.name, primary_tap(model, unit))].matrix
+    return degrees_of_freedom(sigma, relative_lambda(sigma, ridge))
+
+
+def _as_inputs(batches: Iterable[Any]) -> list[torch.Tensor]:
+    out = []
+    for b in batches:
+        x = b[0] if isinstance(b, (tuple, list)) else b
+        out.append(x.detach().to(torch.float32))
+    return out
+
+
+def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Tensor, cfg: Any,
+                progress: bool = True, graph: UnitGraph | None = None) -> PruneResult:
+    """Prune ``model`` with spectral selection on ``batches`` of calibration data.
+
+    Args:
+        model: the trained network (not modified).
+        batches: calibration batches, tensors or (x, y) pairs; read into memory once.
+        example_input: one batch of the shape the model takes (used for tracing and counting).
+        cfg: prune settings with attributes target_kind, target_value, allocation, ratio, overrides,
+            ridge, theta, order, exclude, round_to, min_channels, max_positions, seed
+            (``config.PruneConfig``).
+        progress: show tqdm bars on stderr.
+        graph: units found beforehand on a deep copy (internal: lets ``analyze`` share the work).
+
+    Returns:
+        A PruneResult.
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    model = copy.deepcopy(model).eval()
+    example1 = example_input[:1]
+    with torch.no_grad():
+        expected_shape = model(example1).shape
+    flops_before, params_before = count_flops(model, example1), count_params(model)
+    graph = graph or find_units(model, example1, exclude=make_matcher(list(cfg.exclude)))
+    units, gm = graph.units, graph.gm
+    inputs = _as_inputs(batches)
+    if not inputs:
+        raise ConfigError("no calibration batches: data.calibration yielded nothing")
+    timings["trace"] = time.perf_counter() - t
+
+    widths: dict[str, int] = {}
+    dof: dict[str, float] = {}
+    moments: dict[TapKey, SecondMoment] = {}
+    samples = sum(x.shape[0] for x in inputs)
+    if units:
+        t = time.perf_counter()
+        cost = CostModel(model, units, example1)
+        if cfg.allocation == "dof" or cfg.order == "oneshot":
+            with tqdm(total=len(inputs), desc="statistics", unit="batch", file=sys.stderr,
+                      disable=not progress, leave=False) as bar:
+                moments = collect_oneshot(gm, units, inputs, max_positions=cfg.max_positions, seed=cfg.seed,
+                                          progress=bar)
+            dof = {u.name: _dof(u, moments, model, cfg.ridge) for u in units}
+        timings["statistics"] = time.perf_counter() - t
+        t = time.perf_counter()
+        widths = allocate_widths(units, cost, allocation=cfg.allocation, target_kind=cfg.target_kind,
+                                 target_value=cfg.target_value, dof=dof, ratio=cfg.ratio,
+                                 overrides=dict(cfg.overrides), round_to=cfg.round_to,
+                                 min_channels=cfg.min_channels)
+        timings["allocation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    kept: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    with tqdm(total=len(units), desc=f"select ({cfg.order})", unit="unit", file=sys.stderr,
+              disable=not progress or not units, leave=False) as bar:
+        if cfg.order == "oneshot":
+            chosen = {}
+            for u in units:
+                chosen[u.name] = _choose(model, u, widths[u.name], moments, cfg)
+                bar.update(1)
+            for u in units:
+                keep, a_by_tap = chosen[u.name]
+                if keep is not None:
+                    prune_unit(model, u, keep, a_by_tap)
+                kept[u.name] = keep if keep is not None else torch.arange(u.width)
+            rows = {u.name: moments[(u.name, u.taps[0])].count for u in units}
+        elif cfg.order == "sequential":
+            runner = SegmentRunner(gm, inputs)
+            for u in units:
+                local = new_moments([u], max_positions=cfg.max_positions, seed=cfg.seed)
+                with observe(gm, [u], local):
+                    runner.run(u.end_position + 1, snapshot_at=u.position)
+                if u.name not in dof:
+                    dof[u.name] = _dof(u, local, model, cfg.ridge)
+                keep, a_by_tap = _choose(model, u, widths[u.name], local, cfg)
+                if keep is not None:
+                    prune_unit(model, u, keep, a_by_tap)
+                kept[u.name] = keep if keep is not None else torch.arange(u.width)
+                rows[u.name] = local[(u.name, u.taps[0])].count
+                bar.update(1)
+        else:
+            raise ConfigError(f"prune.order must be 'sequential' or 'oneshot', got {cfg.order!r}")
+    timings["selection"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    verify_forward(model, example1, expected_shape)
+    flops_after, params_after = count_flops(model, example1), count_params(model)
+    timings["verify"] = time.perf_counter() - t
+    plan = make_plan(units, kept, dof)
+    report = {
+        "samples": samples,
+        "flops_before": flops_before, "flops_after": flops_after,
+        "params_before": params_before, "params_after": params_after,
+        "units": [{"name": u.name, "kind": u.kind, "width": u.width, "kept": int(kept[u.name].numel()),
+                   "dof": round(dof.get(u.name, float("nan")), 3), "rows": int(rows.get(u.name, 0))}
+                  for u in units],
+        "skipped": [{"name": s.name, "reason": s.reason} for s in graph.skipped],
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+    return PruneResult(model=model, plan=plan, report=report)
+
+
+def _choose(model: nn.Module, unit: Unit, k: int, moments: Mapping[TapKey, SecondMoment], cfg: Any
+            ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Select ``k`` channels; a unit kept whole is left untouched (a fold would only shrink it by the
+    ridge), and ``cfg.reconstruct`` False (an ablation) slices without folding."""
+    if k >= unit.width:
+        return None, {}
+    keep, a_by_tap = _select(model, unit, k, moments, cfg)
+    if not getattr(cfg, "reconstruct", True):
+        a_by_tap = {tap: selection_matrix(unit.width, keep) for tap in unit.taps}
+    for tap, a in a_by_tap.items():
+        if not torch.isfinite(a).all():
+            raise ModelError(f"the reconstruction for unit {unit.name} is not finite; try a larger prune.ridge")
+    return keep, a_by_tap
