@@ -1,0 +1,133 @@
+"""Human-readable tables and plots for ``analyze`` (and shared table formatting).
+
+Plots need matplotlib, an optional extra (``pip install 'specprune[plot]'``); without it the
+functions say so and return False instead of failing the command.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PLOT_HINT = "plots need matplotlib: pip install 'specprune[plot]'"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain fixed-width table; numbers right-aligned, text left-aligned."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) for row in rows) if rows else False for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = [line(list(headers)), line(["-" * w for w in widths])]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def analysis_table(analysis: dict) -> str:
+    """The per-unit table `specprune analyze` prints, then skipped units and the suggestion."""
+    ridges = [f"{r:g}" for r in analysis["ridges"]]
+    suggested = analysis.get("suggested", {}).get("widths", {})
+    headers = ["unit", "kind", "m"] + [f"N({r})" for r in ridges] + [f"N/m({analysis['ridge']:g})", "e90", "e99",
+                                                                      "L@.75", "L@.5", "L@.25", "suggest"]
+    ref = f"{analysis['ridge']:g}"
+    rows = []
+    for u in analysis["units"]:
+        ratio = u["dof_ratio"].get(ref)
+        if ratio is None:
+            ratio = next(iter(u["dof_ratio"].values()))
+        rows.append([u["name"], u["kind"], u["width"], *[u["dof"][r] for r in ridges], ratio,
+                     u["energy90"], u["energy99"], u["loss"]["0.75"], u["loss"]["0.5"], u["loss"]["0.25"],
+                     suggested.get(u["name"], "-")])
+    parts = [format_table(headers, rows)]
+    if analysis["skipped"]:
+        parts.append("\nleft unpruned:")
+        parts += [f"  {s['name']}: {s['reason']}" for s in analysis["skipped"]]
+    s = analysis.get("suggested")
+    if s:
+        parts.append(f"\nsuggested widths for target {s['target']} ({s['allocation']} allocation): "
+                     f"FLOPs {human(s['flops_before'])} -> {human(s['flops_after'])} "
+                     f"({s['flops_after'] / s['flops_before']:.3f}), params {human(s['params_before'])} -> "
+                     f"{human(s['params_after'])} ({s['params_after'] / s['params_before']:.3f})")
+    p = analysis.get("prunability")
+    if p:
+        parts.append(f"prunability (tolerance {p['tolerance']:g} on {p['loss_kind']}): keep fraction {p['fraction']:g}")
+    return "\n".join(parts)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_spectrum(analysis: dict, path: str | Path) -> bool:
+    """Eigenvalue decay per unit (normalised by the trace, log scale). Returns False without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    units = analysis["units"]
+    cmap = plt.get_cmap("viridis")
+    for i, u in enumerate(units):
+        spec = [max(v, 1e-12) for v in u["spectrum"]]
+        x = [(j + 1) / len(spec) for j in range(len(spec))]
+        ax.plot(x, spec, color=cmap(i / max(1, len(units) - 1)), lw=1, label=u["name"] if len(units) <= 12 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue index / width")
+    ax.set_ylabel("eigenvalue / trace")
+    ax.set_title("activation spectrum per unit (colour: depth)")
+    if len(units) <= 12:
+        ax.legend(fontsize=7)
+    _save(fig, Path(path))
+    plt.close(fig)
+    return True
+
+
+def plot_dof(analysis: dict, path: str | Path) -> bool:
+    """N(lambda)/m per unit along depth, one line per ridge. Returns False without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(analysis["units"])), 4.5))
+    names = [u["name"] for u in analysis["units"]]
+    for r in analysis["ridges"]:
+        key = f"{r:g}"
+        ax.plot(range(len(names)), [u["dof_ratio"][key] for u in analysis["units"]], marker="o", label=f"ridge {key}")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=75, fontsize=7)
+    ax.set_ylabel("N(lambda) / m")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("degrees of freedom per unit")
+    ax.legend()
+    _save(fig, Path(path))
+    plt.close(fig)
+    return True
