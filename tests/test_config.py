@@ -1,0 +1,140 @@
+"""Config contract: defaults < YAML < --set, exact error messages, dict round-trip."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from specprune_cli.config import (Config, DataConfig, PruneConfig, apply_overrides, dump_resolved, load_config)
+from specprune_cli.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_round_trip_through_dict():
+    cfg = Config()
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.prune.target_kind == "flops" and cfg.prune.target_value == 0.5
+
+
+def test_default_yaml_matches_dataclass_defaults():
+    """configs/default.yaml documents the defaults: the sections without user choices must equal them."""
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    for section in ("prune", "finetune", "evaluate", "export"):
+        assert getattr(cfg, section) == getattr(Config(), section), section
+    assert cfg.data.calibration == DataConfig(format="npz", path="calibration.npz")
+
+
+def test_precedence_defaults_yaml_set(tmp_path):
+    p = _write(tmp_path, "prune:\n  ridge: 1.0e-2\n  theta: 0.25\n")
+    cfg = load_config(p, ["prune.theta=0.75"])
+    assert cfg.prune.ridge == 0.01          # YAML beats default
+    assert cfg.prune.theta == 0.75          # --set beats YAML
+    assert cfg.prune.round_to == 8          # default stays
+
+
+def test_set_target_kind_replaces_target(tmp_path):
+    p = _write(tmp_path, "prune:\n  target: {flops: 0.5}\n")
+    cfg = load_config(p, ["prune.target.params=0.3"])
+    assert cfg.prune.target == {"params": 0.3}
+    assert (cfg.prune.target_kind, cfg.prune.target_value) == ("params", 0.3)
+
+
+def test_yaml_1_1_exponent_without_dot_is_a_number(tmp_path):
+    # PyYAML reads `1e-3` as a string; a user writing it means a number.
+    cfg = load_config(_write(tmp_path, "prune:\n  ridge: 1e-3\n"), ["finetune.lr=5e-4"])
+    assert cfg.prune.ridge == 1e-3 and cfg.finetune.lr == 5e-4
+
+
+def test_lists_become_tuples_and_dump_resolved_reloads(tmp_path):
+    cfg = load_config(None, ["prune.exclude=[fc, 're:head\\..*']", "data.calibration.format=synthetic",
+                             "data.calibration.num_samples=8"])
+    assert cfg.prune.exclude == ("fc", "re:head\\..*")
+    out = tmp_path / "config.resolved.yaml"
+    dump_resolved(cfg, out)
+    assert load_config(out) == cfg
+    assert yaml.safe_load(out.read_text())["prune"]["exclude"] == ["fc", "re:head\\..*"]
+
+
+def test_prune_config_direct_construction_is_validated_and_replaceable():
+    cfg = PruneConfig(exclude=["fc"], ridge=1e-9)
+    assert cfg.exclude == ("fc",)
+    assert dataclasses.replace(cfg, allocation="ratio", ratio=0.3).ratio == 0.3
+    with pytest.raises(ConfigError) as exc:
+        PruneConfig(theta=2)
+    assert str(exc.value) == "config key prune.theta must be in [0, 1], got 2.0"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prune:\n  ridg: 0.1\n", "unknown config key prune.ridg; did you mean prune.ridge?"),
+    ("prun: {}\n", "unknown config key prun; did you mean prune?"),
+    ("data:\n  calibration:\n    format: npz\n    path: a.npz\n    nm_samples: 3\n",
+     "unknown config key data.calibration.nm_samples; did you mean data.calibration.num_samples?"),
+    ("prune:\n  zzz: 1\n", "unknown config key prune.zzz; valid keys under prune: target, allocation, ratio, "
+     "overrides, ridge, theta, order, exclude, round_to, min_channels, max_positions, seed"),
+    ("prune:\n  ridge: abc\n", "config key prune.ridge must be a number, got 'abc' (str)"),
+    ("prune:\n  round_to: true\n", "config key prune.round_to must be an integer, got True (bool)"),
+    ("prune:\n  order: random\n",
+     "config key prune.order must be one of sequential, oneshot, got 'random' (str)"),
+    ("prune:\n  target: {flops: 1.5}\n", "config key prune.target.flops must be in (0, 1], got 1.5"),
+    ("prune:\n  target: {flops: 0}\n", "config key prune.target.flops must be in (0, 1], got 0.0"),
+    ("prune:\n  target: {flops: 0.5, params: 0.5}\n",
+     "config key prune.target must hold exactly one of flops or params (the fraction to keep), e.g. "
+     "{flops: 0.5}; got {'flops': 0.5, 'params': 0.5}"),
+    ("model:\n  input_shape: [3, a]\n", "config key model.input_shape[1] must be an integer, got 'a' (str)"),
+    ("model:\n  arch: resnet18\n", "config key model.arch must have the form 'package.module:callable' or "
+     "'path/to/file.py:callable', got 'resnet18'"),
+    ("data:\n  eval: {format: npz}\n", "config key data.eval.path is required for format npz"),
+    ("data:\n  calibration: {format: synthetic, mean: [0.5, 0.5], std: [1, 1]}\n",
+     "config key data.calibration.mean has 2 values but model.input_shape [3, 32, 32] has 3 channels; "
+     "give one value or one per channel"),
+    ("export:\n  formats: [pt, tflite]\n",
+     "config key export.formats[1] must be one of pt, onnx, torchscript, module, got 'tflite' (str)"),
+])
+def test_bad_config_messages(tmp_path, text, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, text))
+    assert str(exc.value) == message
+    assert exc.value.exit_code == 2
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = _write(tmp_path, "prune:\n  ridge: 1\n   theta: 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert str(exc.value) == (f"config file {p} is not valid YAML (line 3, column 9: mapping values are not "
+                              "allowed here); fix the syntax there: check the indentation and that every key "
+                              "is followed by ': '")
+
+
+def test_not_a_mapping_and_unreadable(tmp_path):
+    p = _write(tmp_path, "- a\n- b\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert str(exc.value) == (f"config file {p} must hold a mapping of sections (model, data, prune, ...) at "
+                              "the top level, got list; see configs/default.yaml")
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as exc:
+        load_config(missing)
+    assert str(exc.value) == f"cannot read config file {missing}: No such file or directory; check the --config path"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prune.ridge", "--set expects KEY=VALUE with a dotted key, e.g. --set prune.target.flops=0.3; got "
+                    "'prune.ridge'"),
+    ("prune..ridge=1", "--set expects KEY=VALUE with a dotted key, e.g. --set prune.target.flops=0.3; got "
+                       "'prune..ridge=1'"),
+    ("prune.ridge.x=1", "--set prune.ridge.x: prune.ridge is 0.1, not a mapping"),
+])
+def test_bad_set_overrides(override, message):
+    with pytest.raises(ConfigError) as exc:
+        apply_overrides({"prune": {"ridge": 0.1}}, [override])
+    assert str(exc.value) == message
