@@ -1,0 +1,190 @@
+"""The spectral core against brute force, exhaustive search and known structure (SPEC §2-3)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specprune_cli.errors import StatisticsError
+from specprune_cli.spectral import (SecondMoment, _greedy_select_reference, degrees_of_freedom, greedy_select,
+                                    reconstruction_matrix, relative_lambda, selection_loss)
+
+
+def random_psd(m: int, seed: int, rank: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rank = rank or m
+    x = torch.randn(4 * m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, m, generator=g,
+                                                                                dtype=torch.float64)
+    x = x * torch.rand(m, generator=g, dtype=torch.float64) * 3  # uneven channel scales
+    return x.T @ x / x.shape[0]
+
+
+def random_z(m: int, seed: int, rows: int = 9) -> torch.Tensor:
+    return torch.randn(rows, m, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64)
+
+
+def brute_force_greedy(sigma, k, ridge, theta, z):
+    """Each step: try every candidate, evaluate L directly with a solve, keep the best."""
+    chosen: list[int] = []
+    for _ in range(k):
+        best = min((j for j in range(sigma.shape[0]) if j not in chosen),
+                   key=lambda j: selection_loss(sigma, torch.tensor(chosen + [j]), ridge=ridge, theta=theta, z=z))
+        chosen.append(best)
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("with_z", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_matches_brute_force_greedy(theta, with_z, seed):
+    m = 8 + seed * 2  # 8..14
+    sigma = random_psd(m, seed)
+    z = random_z(m, seed) if with_z else None
+    for k in (1, 3, m // 2, m - 1):
+        keep, _ = greedy_select(sigma, k, ridge=1e-3, theta=theta, z=z)
+        assert keep.tolist() == brute_force_greedy(sigma, k, 1e-3, theta, z), (m, k)
+
+
+def test_greedy_is_close_to_exhaustive_optimum():
+    """Low-rank sigmas (the hard case: many near-equivalent subsets). Measured when written: 32 of 40
+    cases within 5% (29 exactly optimal), worst ratio 2.36 at k = 2; greedy is not optimal on adversarial
+    cases, and that is expected."""
+    ratios = []
+    for seed in range(20):
+        m = 8 + seed % 3
+        sigma = random_psd(m, seed, rank=m // 2 + 1)
+        z = random_z(m, seed)
+        for k in (2, m // 2):
+            keep, _ = greedy_select(sigma, k, theta=0.5, z=z)
+            greedy = selection_loss(sigma, keep, theta=0.5, z=z)
+            best = min(selection_loss(sigma, torch.tensor(c), theta=0.5, z=z)
+                       for c in itertools.combinations(range(m), k))
+            ratios.append(greedy / best)
+    ratios.sort()
+    print(f"greedy / exhaustive loss: median {ratios[len(ratios) // 2]:.4f}, worst {ratios[-1]:.4f}")
+    assert all(r >= 1 - 1e-9 for r in ratios)  # nothing beats the exhaustive optimum
+    assert ratios[len(ratios) // 2] == pytest.approx(1.0, abs=1e-9)
+    within = sum(r <= 1.05 for r in ratios)
+    assert within >= 0.75 * len(ratios), ratios
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(2, 24), theta=st.sampled_from([0.0, 0.3, 1.0]))
+def test_loss_never_increases_with_k(seed, m, theta):
+    sigma = random_psd(m, seed)
+    z = random_z(m, seed)
+    losses = [selection_loss(sigma, greedy_select(sigma, k, theta=theta, z=z)[0], theta=theta, z=z)
+              for k in range(1, m + 1)]
+    assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))
+
+
+def test_fast_path_selects_what_the_plain_greedy_selects_across_panel_boundaries():
+    for seed, m in enumerate([40, 150, 300]):
+        sigma = random_psd(m, seed, rank=m // 3)
+        for theta, z in ((0.0, None), (0.5, random_z(m, seed, rows=2 * m)), (1.0, random_z(m, seed))):
+            k = m // 2 + 7
+            fast, _ = greedy_select(sigma, k, theta=theta, z=z, block=16)  # many panel flushes
+            assert fast.tolist() == sorted(_greedy_select_reference(sigma, k, theta=theta, z=z)), (m, theta)
+            default, _ = greedy_select(sigma, k, theta=theta, z=z)
+            assert default.tolist() == fast.tolist()
+
+
+def test_keep_all_with_vanishing_ridge_is_identity():
+    sigma = random_psd(12, 0)
+    keep, a = greedy_select(sigma, 12, ridge=1e-13)
+    assert keep.tolist() == list(range(12))
+    torch.testing.assert_close(a, torch.eye(12, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_rank_r_data_is_reconstructed_from_r_channels():
+    r = 5
+    sigma = random_psd(20, 3, rank=r)
+    keep, a = greedy_select(sigma, r, ridge=1e-9, theta=0.0)
+    assert selection_loss(sigma, keep, ridge=1e-9, theta=0.0) < 1e-6
+    # and A really maps the kept channels to all of them: Sigma = A Sigma[J, :]
+    torch.testing.assert_close(a @ sigma[keep, :], sigma, atol=1e-6 * float(sigma.abs().max()), rtol=0)
+
+
+def test_dead_channels_are_never_preferred_and_do_not_break_the_solve():
+    sigma = random_psd(10, 1)
+    dead = [2, 5, 7]
+    sigma[dead, :] = 0
+    sigma[:, dead] = 0
+    keep, a = greedy_select(sigma, 7, theta=0.5, z=random_z(10, 1))
+    assert not set(keep.tolist()) & set(dead)
+    assert torch.isfinite(a).all()
+    keep, a = greedy_select(sigma, 9, theta=0.5, z=random_z(10, 1))  # more than the live ones
+    assert set(range(10)) - set(dead) <= set(keep.tolist()) and torch.isfinite(a).all()
+    zero = torch.zeros(4, 4, dtype=torch.float64)
+    keep, a = greedy_select(zero, 2)
+    assert keep.tolist() == [0, 1] and torch.count_nonzero(a) == 0
+
+
+def test_degrees_of_freedom_of_a_known_spectrum():
+    sigma = torch.diag(torch.tensor([4.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    assert degrees_of_freedom(sigma, 1.0) == pytest.approx(4 / 5 + 1 / 2)
+    assert relative_lambda(sigma, 1e-3) == pytest.approx(1e-3 * 5 / 4)
+    assert degrees_of_freedom(sigma, 1e-9) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_reconstruction_matrix_solves_the_normal_equations():
+    sigma = random_psd(9, 4)
+    keep = torch.tensor([1, 4, 6])
+    a = reconstruction_matrix(sigma, keep, ridge=1e-2)
+    lam = relative_lambda(sigma, 1e-2)
+    lhs = a @ (sigma[keep][:, keep] + lam * torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(lhs, sigma[:, keep], atol=1e-10, rtol=1e-10)
+
+
+def test_invalid_k_is_rejected():
+    with pytest.raises(ValueError, match=r"k must be in \[1, 4\], got 5"):
+        greedy_select(torch.eye(4), 5)
+
+
+def test_second_moment_streams_uneven_batches_exactly():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(103, 7, generator=g, dtype=torch.float64)
+    acc = SecondMoment()
+    for lo, hi in ((0, 1), (1, 40), (40, 41), (41, 103)):
+        acc.update(x[lo:hi])
+    expected = x.T @ x / 103
+    assert acc.count == 103
+    assert torch.linalg.norm(acc.matrix - expected) / torch.linalg.norm(expected) < 1e-12
+
+
+def test_second_moment_merge_of_halves_equals_whole():
+    x = torch.randn(50, 6, dtype=torch.float64)
+    whole = SecondMoment().update(x)
+    a, b = SecondMoment().update(x[:20]), SecondMoment().update(x[20:])
+    merged = a.merge(b)
+    assert merged.count == 50
+    torch.testing.assert_close(merged.matrix, whole.matrix, atol=1e-14, rtol=1e-12)
+
+
+def test_second_moment_pools_positions_and_subsamples_reproducibly():
+    x = torch.randn(3, 4, 5, 6)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    acc = SecondMoment().update(x)
+    assert acc.count == 90
+    torch.testing.assert_close(acc.matrix, rows.T @ rows / 90)
+    s1 = SecondMoment(max_positions=7, seed=3).update(x)
+    s2 = SecondMoment(max_positions=7, seed=3).update(x)
+    assert s1.count == 21 and torch.equal(s1.matrix, s2.matrix)
+    assert not torch.equal(s1.matrix, SecondMoment(max_positions=7, seed=4).update(x).matrix)
+    lin = SecondMoment(channel_dim=-1).update(torch.ones(2, 3, 4))
+    assert lin.count == 6 and lin.channels == 4
+
+
+def test_second_moment_errors_say_what_to_do():
+    with pytest.raises(StatisticsError, match="read before any update: run the 'observe' step"):
+        SecondMoment().matrix
+    x = torch.randn(4, 3)
+    x[1, 2] = float("nan")
+    with pytest.raises(StatisticsError, match="1 activation values are NaN or Inf; check the input normalisation"):
+        SecondMoment().update(x)
+    acc = SecondMoment().update(torch.randn(2, 3))
+    with pytest.raises(StatisticsError, match="expected 3 channels, got a batch with 4"):
+        acc.update(torch.randn(2, 4))
