@@ -1,0 +1,40 @@
+"""Small architectures for the CLI and checkpoint tests, built as "tests/models_small.py:SmallCNN".
+
+Kept tiny (a few thousand parameters, 8x8 inputs) so end-to-end runs stay fast on 2 shared cores.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU-pool, conv-BN-ReLU, global average pool, linear head."""
+
+    def __init__(self, in_channels: int = 3, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class SmallMLP(nn.Module):
+    """Two hidden layers on flat inputs (npz arrays of shape (N, C))."""
+
+    def __init__(self, d_in: int = 12, hidden: int = 32, classes: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def small_cnn(**kwargs) -> SmallCNN:
+    """Factory form, to test "file.py:function" arches."""
+    return SmallCNN(**kwargs)
