@@ -617,5 +617,5 @@ def dump_resolved(config: Config, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config.to_dict(), fh, sort_keys=False, default_flow_style=None)
+        yaml.safe_dump(config.to_dict(), fh, sort_keys=False, default_flow_style=False)
     os.replace(tmp, path)

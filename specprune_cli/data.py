@@ -35,8 +35,8 @@ def _warn(message: str) -> None:
 
 def _subset_indices(available: int, cfg: DataConfig, where: str, log: Log) -> np.ndarray:
     if available == 0:
-        raise DataError(f"data.{where}: {cfg.path or 'the dataset'} holds no samples; point data.{where}.path "
-                        "at a non-empty dataset")
+        raise DataError(f"data.{where}: {cfg.path or 'the dataset'} holds no samples; point "
+                        f"data.{where}.path at a non-empty dataset")
     wanted = cfg.num_samples
     if wanted is None or wanted >= available:
         if wanted is not None and wanted > available:
@@ -95,13 +95,15 @@ def _npz(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> t
         with np.load(path, allow_pickle=False) as npz:
             keys = list(npz.files)
             if "x" not in keys:
-                raise DataError(f"data.{where}: {path} has no array 'x' (found: {', '.join(keys) or 'none'}); "
+                found = ", ".join(keys) or "none"
+                raise DataError(f"data.{where}: {path} has no array 'x' (found: {found}); "
                                 "save the inputs as x and the labels (optional) as y, e.g. "
                                 "numpy.savez(path, x=images, y=labels)")
             x = npz["x"]
             y = npz["y"] if "y" in keys else None
     except (OSError, ValueError) as exc:
-        raise DataError(f"data.{where}: cannot read {path} as .npz ({exc}); check data.{where}.path") from None
+        raise DataError(f"data.{where}: cannot read {path} as .npz ({exc}); "
+                        f"check data.{where}.path") from None
     return _array_dataset(x, y, cfg, input_shape, where, log)
 
 

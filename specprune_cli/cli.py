@@ -1,0 +1,116 @@
+"""The ``specprune`` command line: parse, call the library, echo, exit codes.
+
+Exit codes: 0 success; 1 the run failed; 2 bad usage or bad config; 3 a quality gate failed.
+Errors from the library (``SpecpruneError``) are translated here, and only here, into click
+exceptions carrying the error's ``exit_code``; messages go to stderr, the ``--json`` report to stdout.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from specprune_cli import __version__
+from specprune_cli.errors import SpecpruneError
+
+
+class SpecpruneClickError(click.ClickException):
+    """A library error shown as ``Error: <message>`` on stderr, exiting with the error's exit code.
+
+    A plain ClickException rather than click.BadParameter for config errors: BadParameter prints the
+    usage block, which is noise when the problem is a key inside a YAML file.
+    """
+
+    def __init__(self, error: SpecpruneError):
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except SpecpruneError as exc:
+        raise SpecpruneClickError(exc) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="specprune", message="%(prog)s %(version)s",
+                      help="Show the version and exit.")
+def main() -> None:
+    """Spectral Pruning (Suzuki et al., IJCAI 2020) for trained PyTorch models.
+
+    Exit codes: 0 success, 1 the run failed, 2 bad usage or config, 3 a quality gate failed.
+    """
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "-c", "config_path", required=True, metavar="CFG.yaml",
+              help="YAML config (see configs/default.yaml); missing keys take their defaults.")
+@click.option("--output", "-o", required=True, metavar="OUTDIR",
+              help="Directory for model.pt, report.json and config.resolved.yaml; must be absent or empty "
+                   "unless --overwrite.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key by dotted path, value parsed as YAML, e.g. "
+                   "--set prune.target.flops=0.3 (repeatable; wins over the YAML).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON on stdout (the summary table and logs go to stderr).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow a checkpoint that pickles Python objects (e.g. a whole model); unpickling can "
+                   "run arbitrary code, so only for files you trust.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Hide progress bars and progress messages (warnings still show).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a non-empty OUTDIR (only after the new results are complete).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="PTS", default=None,
+              help="Quality gate: exit 3 if top-1 accuracy drops by more than PTS percentage points "
+                   "(needs labelled data.eval).")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="FRAC", default=None,
+              help="Quality gate: exit 3 if fewer than FRAC of the pruned model's top-1 predictions match "
+                   "the original's.")
+def compress(checkpoint: str, config_path: str, output: str, overrides: tuple[str, ...], as_json: bool,
+             trust_checkpoint: bool, quiet: bool, overwrite: bool, max_accuracy_drop: float | None,
+             min_agreement: float | None) -> None:
+    """Prune CHECKPOINT (a state_dict file) to the configured FLOPs/params target.
+
+    Config precedence: defaults < CFG.yaml < --set. Outputs are written to a temporary directory and
+    renamed to OUTDIR only when every step succeeded.
+    """
+    from specprune_cli.config import load_config
+    from specprune_cli.pipeline import compress as run_compress, summary_table
+
+    def log(message: str) -> None:
+        if not quiet or message.startswith("warning:"):
+            click.echo(message, err=True)
+
+    config = _run(lambda: load_config(config_path, overrides))
+    try:
+        report = _run(lambda: run_compress(
+            config, checkpoint, output, trust_checkpoint=trust_checkpoint, overwrite=overwrite,
+            progress=not quiet, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, log=log))
+    except SpecpruneClickError as exc:
+        if exc.exit_code == 3:  # gate failed: the outputs exist, show what they say before failing
+            _show_written(output, as_json)
+        raise
+    click.echo(summary_table(report), err=as_json)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+
+
+def _show_written(output: str, as_json: bool) -> None:
+    from pathlib import Path
+
+    from specprune_cli.pipeline import summary_table
+
+    path = Path(output) / "report.json"
+    if path.is_file():
+        report = json.loads(path.read_text(encoding="utf-8"))
+        click.echo(summary_table(report), err=as_json)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

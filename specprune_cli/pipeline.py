@@ -1,0 +1,271 @@
+"""``compress`` as a library call: checkpoint -> checks -> calibration -> prune -> outputs.
+
+The CLI is a thin wrapper around :func:`compress`; a user can run the same steps from Python.
+Outputs are written into ``OUTDIR.tmp-<pid>`` beside OUTDIR and renamed into place only when every
+step succeeded, so a failed run leaves OUTDIR absent (or, with ``overwrite``, as it was).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from specprune_cli import __version__
+from specprune_cli.checkpoint import load_checkpoint, load_pruned, save_pruned
+from specprune_cli.config import Config, dump_resolved
+from specprune_cli.data import build_loader
+from specprune_cli.errors import ConfigError, ExportError, GateError, ModelError
+
+Log = Callable[[str], None]
+REPORT_FORMAT = "specprune-report/1"
+OUTPUT_FILES = ("model.pt", "report.json", "config.resolved.yaml")
+
+# TODO(issue 4): flip when evaluate.py lands and the evaluation call site below is wired; until then
+# a gate cannot be checked, and asking for one is refused up front rather than silently passing.
+EVALUATION_WIRED = False
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to clobber results: OUTDIR may be absent or empty; non-empty needs ``overwrite``.
+
+    Raises:
+        ConfigError: OUTDIR is a file, or a non-empty directory without ``overwrite``.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output {output_dir} is a file, not a directory; choose another path")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"--output {output_dir} already exists and is not empty; pass --overwrite to "
+                          "replace it, or choose another directory")
+
+
+def check_input_shape(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Size:
+    """Run the model once on zeros of ``(1, *input_shape)``; return the output shape.
+
+    Raises:
+        ModelError: the forward pass fails (the model's exception is quoted) or returns no tensor.
+    """
+    example = torch.zeros(1, *input_shape)
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as exc:  # the user's forward can raise anything; quote it
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(f"model.input_shape {list(input_shape)} does not fit the model: a forward pass on "
+                         f"zeros of shape {tuple(example.shape)} failed ({type(exc).__name__}: {reason}); "
+                         "set model.input_shape to the shape of one sample the model was trained on "
+                         "(channels first, without the batch dimension)") from exc
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"the model returns {type(out).__name__}, not a tensor; specprune prunes models "
+                         "whose forward returns one tensor (wrap the model to select the output)")
+    return out.shape
+
+
+def check_gates(evaluation: dict | None, *, max_accuracy_drop: float | None,
+                min_agreement: float | None) -> list[dict]:
+    """Compare an evaluation with the CI gates.
+
+    Args:
+        evaluation: needs ``accuracy_before`` and ``accuracy_after`` (fractions) for the accuracy gate
+            and ``agreement`` (fraction of top-1 equal to the original's) for the agreement gate.
+        max_accuracy_drop: largest allowed drop in percentage points, or None.
+        min_agreement: smallest allowed agreement in [0, 1], or None.
+
+    Returns:
+        One entry per requested gate: name, limit, value, passed.
+    """
+    gates = []
+    evaluation = evaluation or {}
+    if max_accuracy_drop is not None:
+        before, after = evaluation.get("accuracy_before"), evaluation.get("accuracy_after")
+        if before is None or after is None:
+            raise ConfigError("--max-accuracy-drop needs accuracy before and after pruning: set data.eval to "
+                              "a labelled dataset")
+        drop = 100.0 * (before - after)
+        gates.append({"name": "max_accuracy_drop", "limit": max_accuracy_drop, "value": round(drop, 4),
+                      "passed": drop <= max_accuracy_drop})
+    if min_agreement is not None:
+        agreement = evaluation.get("agreement")
+        if agreement is None:
+            raise ConfigError("--min-agreement needs an evaluation of the pruned model against the original")
+        gates.append({"name": "min_agreement", "limit": min_agreement, "value": round(agreement, 6),
+                      "passed": agreement >= min_agreement})
+    return gates
+
+
+def _prune(model: nn.Module, loader: Any, *, example_input: torch.Tensor, cfg: Any, progress: bool) -> Any:
+    """The core run (``specprune_cli.prune.prune_model``); a seam tests replace with a fast fake."""
+    from specprune_cli.prune import prune_model
+
+    return prune_model(model, loader, example_input=example_input, cfg=cfg, progress=progress)
+
+
+def _verify_saved(path: Path, model: nn.Module, example: torch.Tensor) -> None:
+    """model.pt must rebuild from arch + plan and reproduce the in-memory pruned model."""
+    loaded = load_pruned(path)
+    with torch.no_grad():
+        want, got = model(example), loaded(example)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item())):
+        raise ExportError(f"{path.name} does not reproduce the pruned model when loaded back (max abs "
+                          f"difference {(got - want).abs().max().item():.3g}); this is a bug in specprune: "
+                          "please report it with the model architecture")
+
+
+def _commit(tmp: Path, output_dir: Path) -> None:
+    """Move the finished temp dir into place; an old OUTDIR (allowed by overwrite) goes only after."""
+    old = None
+    if output_dir.exists():
+        old = output_dir.with_name(f"{output_dir.name}.old-{os.getpid()}")
+        os.replace(output_dir, old)
+    try:
+        os.replace(tmp, output_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old, output_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *,
+             trust_checkpoint: bool = False, overwrite: bool = False, progress: bool = True,
+             max_accuracy_drop: float | None = None, min_agreement: float | None = None,
+             log: Log | None = None) -> dict:
+    """Prune a trained checkpoint and write model.pt, report.json and config.resolved.yaml to OUTDIR.
+
+    Args:
+        config: the validated config (``config.load_config``).
+        checkpoint_path: the trained model (a state_dict, or a pickled module with ``trust_checkpoint``).
+        output_dir: OUTDIR; must be absent or empty unless ``overwrite``.
+        trust_checkpoint: allow unpickling arbitrary objects from the checkpoint.
+        overwrite: replace a non-empty OUTDIR (only once the new results are complete).
+        progress: tqdm bars on stderr.
+        max_accuracy_drop: gate, percentage points; a failed gate still writes the outputs.
+        min_agreement: gate, fraction of top-1 predictions equal to the original's.
+        log: receives progress lines and warnings (prefixed "warning: "); default prints to stderr.
+
+    Returns:
+        The report (also written as report.json).
+
+    Raises:
+        ConfigError: bad output dir, missing data.calibration or model.arch, gates not checkable.
+        CheckpointError, ModelError, DataError, BudgetError, ExportError: the run failed; OUTDIR untouched.
+        GateError: a gate failed; the outputs were written.
+    """
+    log = log or _stderr
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+    if config.data.calibration is None:
+        raise ConfigError("data.calibration is not set; specprune needs calibration data to measure the "
+                          "layers: set data.calibration.format (npz, imagefolder, torchvision, idx or "
+                          "synthetic) and data.calibration.path")
+    gates_requested = max_accuracy_drop is not None or min_agreement is not None
+    if gates_requested and not EVALUATION_WIRED:
+        raise ConfigError("--max-accuracy-drop and --min-agreement need the evaluation step, which this "
+                          "version of specprune does not run yet; drop the gate options")
+    input_shape = tuple(config.model.input_shape)
+
+    log(f"loading checkpoint {checkpoint_path}")
+    original = load_checkpoint(checkpoint_path, arch=config.model.arch, kwargs=config.model.kwargs,
+                               trust=trust_checkpoint)
+    check_input_shape(original, input_shape)
+    example = torch.zeros(1, *input_shape)
+    calibration = build_loader(config.data.calibration, input_shape, where="calibration", log=log)
+    log(f"pruning with {calibration.num_samples} calibration samples "
+        f"(target {config.prune.target_kind} {config.prune.target_value:g})")
+    result = _prune(original, calibration, example_input=example, cfg=config.prune, progress=progress)
+    pruned = result.model
+
+    finetune_report = None
+    if config.finetune.epochs > 0:
+        # TODO(issue 4, finetune.py): pruned, finetune_report = finetune(original, pruned, loader,
+        #   cfg=config.finetune, progress=progress) with `from specprune_cli.finetune import finetune`
+        #   and loader = build_loader(config.data.finetune_data(), input_shape, shuffle=True,
+        #   where="finetune").
+        log("warning: finetune.epochs > 0 but fine-tuning is not wired into compress yet; skipped")
+
+    evaluation = None
+    # TODO(issue 4, evaluate.py): evaluation = evaluate_model(original, pruned, eval_loader,
+    #   cfg=config.evaluate, ...) with `from specprune_cli.evaluate import evaluate_model`; it must provide
+    #   accuracy_before/accuracy_after (labelled data.eval) and agreement for check_gates; then set
+    #   EVALUATION_WIRED = True.
+
+    tmp = output_dir.with_name(f"{output_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a killed run with our pid: nothing in it is ours to keep
+    try:
+        tmp.mkdir(parents=True)
+        save_pruned(tmp / "model.pt", pruned, result.plan, arch=config.model.arch, kwargs=config.model.kwargs,
+                    input_shape=input_shape)
+        if config.model.arch is not None:
+            _verify_saved(tmp / "model.pt", pruned, example)
+        else:
+            log("warning: model.arch is not set (the checkpoint was a pickled module), so model.pt cannot be "
+                "rebuilt with load_pruned; export formats: [module] to get a loadable file")
+        exports = {"pt": "model.pt"}
+        # TODO(issue 4, export.py): exports.update(export_model(pruned, tmp, formats=config.export.formats,
+        #   example_input=example, cfg=config.export)) with `from specprune_cli.export import export_model`;
+        #   each format is verified by loading it back before the run counts as a success.
+        gates = check_gates(evaluation, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
+        report = {
+            "format": REPORT_FORMAT,
+            "specprune_version": __version__,
+            "checkpoint": str(checkpoint_path),
+            "output_dir": str(output_dir),
+            "input_shape": list(input_shape),
+            "target": {config.prune.target_kind: config.prune.target_value},
+            "calibration_samples": calibration.num_samples,
+            "prune": result.report,
+            "plan": result.plan,
+            "finetune": finetune_report,
+            "evaluation": evaluation,
+            "exports": exports,
+            "gates": gates,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        dump_resolved(config, tmp / "config.resolved.yaml")
+        _commit(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    failed = [g for g in gates if not g["passed"]]
+    if failed:
+        detail = "; ".join(f"{g['name']} {g['value']:g} vs limit {g['limit']:g}" for g in failed)
+        raise GateError(f"quality gate failed: {detail}; the outputs were written to {output_dir} for "
+                        "inspection")
+    return report
+
+
+def summary_table(report: dict) -> str:
+    """Params and FLOPs before/after, then each unit's width, as plain text."""
+    from specprune_cli.report import format_table, human
+
+    p = report["prune"]
+    rows = []
+    for name, key in (("params", "params"), ("FLOPs", "flops")):
+        before, after = p[f"{key}_before"], p[f"{key}_after"]
+        rows.append([name, human(before), human(after), f"{after / before:.3f}" if before else "-"])
+    text = [format_table(["", "before", "after", "kept"], rows), ""]
+    units = p.get("units", [])
+    if units:
+        text.append(format_table(["unit", "kind", "width", "kept", "dof"],
+                                 [[u["name"], u.get("kind", ""), u["width"], u["kept"], u.get("dof", "")]
+                                  for u in units]))
+    skipped = p.get("skipped", [])
+    if skipped:
+        text += ["", "not pruned:"] + [f"  {s['name']}: {s['reason']}" for s in skipped]
+    text += ["", f"wrote {', '.join(OUTPUT_FILES)} to {report['output_dir']}"]
+    return "\n".join(text)
