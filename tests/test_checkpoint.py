@@ -28,9 +28,9 @@ def test_build_model_import_failure_message():
     with pytest.raises(ConfigError) as exc:
         build_model("nonexistent_pkg_xyz.models:Net", {})
     assert str(exc.value) == (
-        "model.arch 'nonexistent_pkg_xyz.models:Net' could not be imported (ModuleNotFoundError: No module named "
-        "'nonexistent_pkg_xyz'); check that the module is installed (or the file exists, relative to the "
-        "working directory) and that it defines the callable after the ':'")
+        "model.arch 'nonexistent_pkg_xyz.models:Net' could not be imported (ModuleNotFoundError: No module "
+        "named 'nonexistent_pkg_xyz'); check that the module is installed (or the file exists, relative to "
+        "the working directory) and that it defines the callable after the ':'")
     assert exc.value.exit_code == 2
 
 
@@ -77,10 +77,10 @@ def test_shape_mismatch_is_listed(tmp_path):
         load_checkpoint(path, arch=ARCH, kwargs={})
     assert str(exc.value) == (
         f"checkpoint {path} does not match model.arch {ARCH!r}: 13 shape mismatches (features.0.weight: file "
-        "(8, 3, 3, 3) vs model (16, 3, 3, 3), features.0.bias: file (8,) vs model (16,), features.1.weight: file "
-        "(8,) vs model (16,), features.1.bias: file (8,) vs model (16,), features.1.running_mean: file (8,) vs "
-        "model (16,), ... (8 more)); check that model.arch and model.kwargs are the ones the checkpoint was "
-        "trained with")
+        "(8, 3, 3, 3) vs model (16, 3, 3, 3), features.0.bias: file (8,) vs model (16,), features.1.weight: "
+        "file (8,) vs model (16,), features.1.bias: file (8,) vs model (16,), features.1.running_mean: file "
+        "(8,) vs model (16,), ... (8 more)); check that model.arch and model.kwargs are the ones the "
+        "checkpoint was trained with")
 
 
 def test_pickled_module_needs_trust(tmp_path):
@@ -90,8 +90,8 @@ def test_pickled_module_needs_trust(tmp_path):
         load_checkpoint(path, arch=ARCH, kwargs={})
     assert str(exc.value) == (
         f"checkpoint {path} holds pickled Python objects (a whole model, not only tensors), which specprune "
-        "will not unpickle by default because unpickling can run arbitrary code. If you trust this file, pass "
-        "--trust-checkpoint; better, re-save it with torch.save(model.state_dict(), path).")
+        "will not unpickle by default because unpickling can run arbitrary code. If you trust this file, "
+        "pass --trust-checkpoint; better, re-save it with torch.save(model.state_dict(), path).")
     model = load_checkpoint(path, arch=None, trust=True)
     assert isinstance(model, nn.Module) and not model.training
 
@@ -111,14 +111,15 @@ def test_state_dict_without_arch_and_not_a_state_dict(tmp_path, cnn_checkpoint):
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(tmp_path / "none.pt", arch=ARCH)
-    assert str(exc.value) == f"checkpoint {tmp_path / 'none.pt'} does not exist or is not a file; check the path"
+    assert str(exc.value) == (f"checkpoint {tmp_path / 'none.pt'} does not exist or is not a file; check the "
+                              "path")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(bad, arch=ARCH)
-    assert str(exc.value) == (f"cannot read checkpoint {bad} (it does not unpickle as a torch.save file: it is "
-                              "damaged or in another format); check the path, or re-save the weights with "
-                              "torch.save(model.state_dict(), path)")
+    assert str(exc.value) == (f"cannot read checkpoint {bad} (it does not unpickle as a torch.save file: it "
+                              "is damaged or in another format); check the path, or re-save the weights "
+                              "with torch.save(model.state_dict(), path)")
 
 
 @pytest.mark.skipif(not HAS_PRUNE, reason="specprune_cli.prune not written yet")  # TODO(issue 4): drop

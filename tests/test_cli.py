@@ -67,8 +67,8 @@ def test_compress_synthetic_json(tmp_path, cnn_checkpoint, write_config):
     from specprune_cli.checkpoint import load_pruned
 
     out = tmp_path / "out"
-    result = invoke("compress", cnn_checkpoint, "--config", write_config(), "--output", out, "--json", "--quiet",
-                    "--set", "prune.theta=0.25")
+    result = invoke("compress", cnn_checkpoint, "--config", write_config(), "--output", out, "--json",
+                    "--quiet", "--set", "prune.theta=0.25")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)                      # stdout is the JSON alone
     assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml", "model.pt", "report.json"]
@@ -127,7 +127,8 @@ def test_non_yaml_config(tmp_path, cnn_checkpoint):
     assert result.exit_code == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"Error: config file {cfg} is not valid YAML (line ")
-    assert last.endswith("); fix the syntax there: check the indentation and that every key is followed by ': '")
+    assert last.endswith("); fix the syntax there: check the indentation and that every key is followed "
+                         "by ': '")
     assert not out.exists()
 
 
@@ -139,8 +140,9 @@ def test_unknown_key_suggests(tmp_path, cnn_checkpoint, write_config):
 
 def test_wrong_type(tmp_path, cnn_checkpoint, write_config):
     out = tmp_path / "out"
-    _fails(invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--set", "prune.round_to=eight"),
-           2, "config key prune.round_to must be an integer, got 'eight' (str)", out)
+    result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out,
+                    "--set", "prune.round_to=eight")
+    _fails(result, 2, "config key prune.round_to must be an integer, got 'eight' (str)", out)
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
@@ -156,8 +158,8 @@ def test_arch_does_not_import(tmp_path, cnn_checkpoint, write_config):
     cfg = write_config(model={"arch": "no_such_pkg_abc:Net"})
     _fails(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), 2,
            "model.arch 'no_such_pkg_abc:Net' could not be imported (ModuleNotFoundError: No module named "
-           "'no_such_pkg_abc'); check that the module is installed (or the file exists, relative to the working "
-           "directory) and that it defines the callable after the ':'", out)
+           "'no_such_pkg_abc'); check that the module is installed (or the file exists, relative to the "
+           "working directory) and that it defines the callable after the ':'", out)
 
 
 def test_checkpoint_arch_mismatch(tmp_path, write_config):
@@ -167,19 +169,21 @@ def test_checkpoint_arch_mismatch(tmp_path, write_config):
     result = invoke("compress", ckpt, "-c", cfg, "-o", out)
     assert result.exit_code == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"Error: checkpoint {ckpt} does not match model.arch {ARCH!r}: 13 shape mismatches "
-                           "(features.0.weight: file (8, 3, 3, 3) vs model (4, 3, 3, 3), ")
-    assert last.endswith("; check that model.arch and model.kwargs are the ones the checkpoint was trained with")
+    assert last.startswith(f"Error: checkpoint {ckpt} does not match model.arch {ARCH!r}: 13 shape "
+                           "mismatches (features.0.weight: file (8, 3, 3, 3) vs model (4, 3, 3, 3), ")
+    assert last.endswith("; check that model.arch and model.kwargs are the ones the checkpoint was trained "
+                         "with")
     assert not out.exists()
 
 
 def test_input_shape_rejected(tmp_path, cnn_checkpoint, write_config):
     out = tmp_path / "out"
-    result = invoke("compress", cnn_checkpoint, "-c", write_config(model={"input_shape": [1, 8, 8]}), "-o", out)
+    cfg = write_config(model={"input_shape": [1, 8, 8]})
+    result = invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out)
     assert result.exit_code == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: model.input_shape [1, 8, 8] does not fit the model: a forward pass on zeros of "
-                           "shape (1, 1, 8, 8) failed (RuntimeError: ")
+    assert last.startswith("Error: model.input_shape [1, 8, 8] does not fit the model: a forward pass on "
+                           "zeros of shape (1, 1, 8, 8) failed (RuntimeError: ")
     assert last.endswith("); set model.input_shape to the shape of one sample the model was trained on "
                          "(channels first, without the batch dimension)")
     assert not out.exists()
@@ -201,8 +205,8 @@ def test_fewer_samples_warns_and_goes_on(tmp_path, cnn_checkpoint, write_config,
     cfg = write_config({"format": "npz", "path": str(npz), "num_samples": 100})
     result = invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out, "--quiet")
     assert result.exit_code == 0, result.output
-    assert result.stderr.splitlines() == [f"warning: data.calibration: asked for 100 samples (num_samples) but "
-                                          f"{npz} has only 5; using all 5"]
+    assert result.stderr.splitlines() == [
+        f"warning: data.calibration: asked for 100 samples (num_samples) but {npz} has only 5; using all 5"]
     assert fake_prune == [5] and (out / "model.pt").is_file()
 
 
@@ -210,7 +214,8 @@ def test_zero_samples_is_an_error(tmp_path, cnn_checkpoint, write_config, fake_p
     out, npz = tmp_path / "out", write_npz(tmp_path / "empty.npz", n=0)
     cfg = write_config({"format": "npz", "path": str(npz)})
     _fails(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), 1,
-           f"data.calibration: {npz} holds no samples; point data.calibration.path at a non-empty dataset", out)
+           f"data.calibration: {npz} holds no samples; point data.calibration.path at a non-empty dataset",
+           out)
     assert fake_prune == []
 
 
@@ -218,11 +223,12 @@ def test_pickled_module_needs_trust(tmp_path, write_config, fake_prune):
     out, ckpt = tmp_path / "out", tmp_path / "whole.pt"
     torch.save(make_cnn(), ckpt)
     _fails(invoke("compress", ckpt, "-c", write_config(), "-o", out), 1,
-           f"checkpoint {ckpt} holds pickled Python objects (a whole model, not only tensors), which specprune "
-           "will not unpickle by default because unpickling can run arbitrary code. If you trust this file, pass "
-           "--trust-checkpoint; better, re-save it with torch.save(model.state_dict(), path).", out)
-    trusted = invoke("compress", ckpt, "-c", write_config(model={"arch": None}), "-o", out, "--trust-checkpoint",
-                     "--quiet")
+           f"checkpoint {ckpt} holds pickled Python objects (a whole model, not only tensors), which "
+           "specprune will not unpickle by default because unpickling can run arbitrary code. If you trust "
+           "this file, pass --trust-checkpoint; better, re-save it with "
+           "torch.save(model.state_dict(), path).", out)
+    trusted = invoke("compress", ckpt, "-c", write_config(model={"arch": None}), "-o", out,
+                     "--trust-checkpoint", "--quiet")
     assert trusted.exit_code == 0, trusted.output
     assert (out / "model.pt").is_file()
 
@@ -233,8 +239,9 @@ def test_outdir_not_empty_needs_overwrite(tmp_path, cnn_checkpoint, write_config
     (out / "keep.txt").write_text("mine")
     result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out)
     assert result.exit_code == 2
-    assert result.stderr.strip().splitlines()[-1] == (f"Error: --output {out} already exists and is not empty; "
-                                                      "pass --overwrite to replace it, or choose another directory")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: --output {out} already exists and is not empty; pass --overwrite to replace it, or choose "
+        "another directory")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and fake_prune == []
     ok = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--overwrite", "--quiet")
     assert ok.exit_code == 0, ok.output
@@ -270,8 +277,8 @@ def test_missing_calibration_section(tmp_path, cnn_checkpoint):
     cfg.write_text(yaml.safe_dump({"model": {"arch": ARCH, "input_shape": [3, 8, 8]}}))
     _fails(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), 2,
            "data.calibration is not set; specprune needs calibration data to measure the layers: set "
-           "data.calibration.format (npz, imagefolder, torchvision, idx or synthetic) and data.calibration.path",
-           out)
+           "data.calibration.format (npz, imagefolder, torchvision, idx or synthetic) and "
+           "data.calibration.path", out)
 
 
 def test_gate_options_refused_until_evaluation_is_wired(tmp_path, cnn_checkpoint, write_config):
@@ -279,7 +286,8 @@ def test_gate_options_refused_until_evaluation_is_wired(tmp_path, cnn_checkpoint
     bad = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--min-agreement", "1.5")
     assert bad.exit_code == 2 and "1.5 is not in the range 0<=x<=1" in bad.stderr
     if not pipeline.EVALUATION_WIRED:
-        _fails(invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--min-agreement", "0.9"), 2,
+        result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--min-agreement", "0.9")
+        _fails(result, 2,
                "--max-accuracy-drop and --min-agreement need the evaluation step, which this version of "
                "specprune does not run yet; drop the gate options", out)
 
@@ -291,8 +299,8 @@ def test_check_gates():
                                                                       ("min_agreement", 0.95, True)]
     with pytest.raises(ConfigError) as exc:
         pipeline.check_gates({"agreement": 0.9}, max_accuracy_drop=1.0, min_agreement=None)
-    assert str(exc.value) == ("--max-accuracy-drop needs accuracy before and after pruning: set data.eval to a "
-                              "labelled dataset")
+    assert str(exc.value) == ("--max-accuracy-drop needs accuracy before and after pruning: set data.eval "
+                              "to a labelled dataset")
 
 
 # -------------------------------------------------------------------------------------- help, version

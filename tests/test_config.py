@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from specprune_cli.config import (Config, DataConfig, PruneConfig, apply_overrides, dump_resolved, load_config)
+from specprune_cli.config import (Config, DataConfig, PruneConfig, apply_overrides, dump_resolved,
+                                  load_config)
 from specprune_cli.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +125,8 @@ def test_not_a_mapping_and_unreadable(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as exc:
         load_config(missing)
-    assert str(exc.value) == f"cannot read config file {missing}: No such file or directory; check the --config path"
+    assert str(exc.value) == (f"cannot read config file {missing}: No such file or directory; check the "
+                              "--config path")
 
 
 @pytest.mark.parametrize("override, message", [

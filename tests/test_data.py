@@ -55,7 +55,8 @@ def test_npz_without_x_names_the_keys(tmp_path):
 def test_fewer_samples_warns_and_goes_on_zero_is_an_error(tmp_path):
     path = write_npz(tmp_path / "d.npz", n=5)
     logged: list[str] = []
-    loader = build_loader(DataConfig(format="npz", path=str(path), num_samples=64), [3, 8, 8], log=logged.append)
+    cfg = DataConfig(format="npz", path=str(path), num_samples=64)
+    loader = build_loader(cfg, [3, 8, 8], log=logged.append)
     assert loader.num_samples == 5
     assert logged == [f"warning: data.calibration: asked for 64 samples (num_samples) but {path} has only 5; "
                       "using all 5"]
@@ -70,9 +71,9 @@ def test_shape_mismatch_message(tmp_path):
     path = write_npz(tmp_path / "d.npz", n=4, shape=(1, 28, 28))
     with pytest.raises(DataError) as exc:
         build_loader(DataConfig(format="npz", path=str(path)), [3, 32, 32])
-    assert str(exc.value) == (f"data.calibration: samples in {path} have shape [1, 28, 28] but model.input_shape "
-                              "is [3, 32, 32]; set model.input_shape to one sample's shape (channels first), "
-                              "or resize the data (resize/crop for image folders)")
+    assert str(exc.value) == (f"data.calibration: samples in {path} have shape [1, 28, 28] but "
+                              "model.input_shape is [3, 32, 32]; set model.input_shape to one sample's "
+                              "shape (channels first), or resize the data (resize/crop for image folders)")
 
 
 def test_synthetic_is_seeded_and_unlabelled():
@@ -100,7 +101,8 @@ def test_imagefolder_resize_crop_channels(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(2):
-            Image.fromarray(np.full((12, 10, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+            image = Image.fromarray(np.full((12, 10, 3), 40 * i, dtype=np.uint8))
+            image.save(tmp_path / "imgs" / cls / f"{i}.png")
     cfg = DataConfig(format="imagefolder", path=str(tmp_path / "imgs"), resize=9, crop=8, num_samples=None)
     loader = build_loader(cfg, [1, 8, 8])
     x, y = _all(loader)
@@ -116,10 +118,10 @@ def test_torchvision_mnist_gz_only_suggests_idx(tmp_path):
     with pytest.raises(DataError) as exc:
         build_loader(cfg, [1, 28, 28])
     assert str(exc.value) == (
-        f"data.calibration: torchvision FashionMNIST reads uncompressed files, but {raw} holds only compressed "
-        "ones (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz); gunzip them there, or use format: idx "
-        f"with path: {raw / 'train-images-idx3-ubyte.gz'} (and labels_path: the matching labels file), which "
-        "reads .gz directly")
+        f"data.calibration: torchvision FashionMNIST reads uncompressed files, but {raw} holds only "
+        "compressed ones (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz); gunzip them there, or use "
+        f"format: idx with path: {raw / 'train-images-idx3-ubyte.gz'} (and labels_path: the matching labels "
+        "file), which reads .gz directly")
 
 
 def test_torchvision_unknown_dataset_suggests_name(tmp_path):
