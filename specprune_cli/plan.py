@@ -54,6 +54,8 @@ def override_for(name: str, overrides: Mapping[str, float]) -> float | None:
 
 def fit_width(x: float, m: int, *, round_to: int, min_channels: int) -> int:
     """Round a desired width to a multiple of ``round_to`` within [min_channels, m] (monotone in x)."""
+    if x >= m:
+        return m
     r = max(1, int(round_to))
     lo = min(m, r * math.ceil(max(1, int(min_channels)) / r))
     k = r * int(math.floor(x / r + 0.5))

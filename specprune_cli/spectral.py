@@ -109,8 +109,21 @@ def relative_lambda(sigma: torch.Tensor, ridge: float) -> float:
 
 
 def degrees_of_freedom(sigma: torch.Tensor, lam: float) -> float:
-    """N(lambda) = Tr[Sigma (Sigma + lambda I)^-1] = sum_j mu_j / (mu_j + lambda)."""
-    mu = torch.linalg.eigvalsh(sigma.to(torch.float64)).clamp_min(0)
+    """N(lambda) = Tr[Sigma (Sigma + lambda I)^-1] = sum_j mu_j / (mu_j + lambda).
+
+    Computed as m - lambda * ||L^-1||_F^2 with L the Cholesky factor of Sigma + lambda I (about twice
+    as fast as an eigendecomposition for wide layers); eigenvalues are the fallback.
+    """
+    sigma = sigma.to(torch.float64)
+    m = sigma.shape[0]
+    eye = torch.eye(m, dtype=torch.float64)
+    chol, info = torch.linalg.cholesky_ex(sigma + lam * eye)
+    if int(info) == 0:
+        inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        value = m - lam * float((inv * inv).sum())
+        if 0.0 <= value <= m:
+            return value
+    mu = torch.linalg.eigvalsh(sigma).clamp_min(0)
     return float((mu / (mu + lam)).sum())
 
 
