@@ -21,7 +21,7 @@ from tqdm import tqdm
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import find_units
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher
-from specprune_cli.prune import _as_inputs, consumer_matrix, primary_tap, prune_model
+from specprune_cli.prune import _as_inputs, consumer_gram, primary_tap, prune_model
 from specprune_cli.spectral import degrees_of_freedom, greedy_select, relative_lambda, selection_loss
 from specprune_cli.stats import collect_oneshot
 from specprune_cli.surgery import prune_unit, selection_matrix
@@ -71,12 +71,12 @@ def analyze_model(model: nn.Module, batches: Iterable[Any], *, example_input: to
         mu = torch.linalg.eigvalsh(sigma).clamp_min(0).flip(0)
         dofs = {f"{r:g}": degrees_of_freedom(sigma, relative_lambda(sigma, r)) for r in ridges}
         dof_at_cfg[u.name] = degrees_of_freedom(sigma, relative_lambda(sigma, cfg.ridge))
-        z = consumer_matrix(model, u, tap) if cfg.theta > 0 else None
+        gram = consumer_gram(model, u, tap) if cfg.theta > 0 else None
         losses = {}
         for frac in KEEP_FRACTIONS:
             k = max(1, math.ceil(frac * u.width))
-            keep, _ = greedy_select(sigma, k, ridge=cfg.ridge, theta=cfg.theta, z=z)
-            losses[f"{frac:g}"] = selection_loss(sigma, keep, ridge=cfg.ridge, theta=cfg.theta, z=z)
+            keep, _ = greedy_select(sigma, k, ridge=cfg.ridge, theta=cfg.theta, z_gram=gram)
+            losses[f"{frac:g}"] = selection_loss(sigma, keep, ridge=cfg.ridge, theta=cfg.theta, z_gram=gram)
         trace = float(mu.sum())
         rows.append({
             "name": u.name, "kind": u.kind, "width": u.width, "rows": moments[(u.name, tap)].count,

@@ -41,8 +41,11 @@ class PruneResult:
     report: dict = field(default_factory=dict)
 
 
-def consumer_matrix(model: nn.Module, unit: Unit, tap: str) -> torch.Tensor:
-    """Z for the consumers at ``tap``: their weights as one matrix with a column per channel (SPEC §3)."""
+def consumer_gram(model: nn.Module, unit: Unit, tap: str) -> torch.Tensor:
+    """Z^T Z for the consumers at ``tap``, Z being their weights with a column per channel (SPEC §3).
+
+    Only the Gram matrix enters the objective, and it is m x m whatever the consumers' size.
+    """
     blocks = []
     for c in unit.consumers:
         if c.tap != tap:
@@ -54,12 +57,7 @@ def consumer_matrix(model: nn.Module, unit: Unit, tap: str) -> torch.Tensor:
             blocks.append(w.reshape(w.shape[0], -1, c.spatial).permute(0, 2, 1).reshape(-1, unit.width))
         else:
             blocks.append(w)
-    z = torch.cat(blocks, 0)
-    if z.shape[0] > z.shape[1]:
-        # Only Z^T Z enters the objective: a square root of it (m x m) is the same Z, and cheaper.
-        evals, evecs = torch.linalg.eigh(z.T @ z)
-        z = evals.clamp_min(0).sqrt()[:, None] * evecs.T
-    return z
+    return sum(b.T @ b for b in blocks)
 
 
 def primary_tap(model: nn.Module, unit: Unit) -> str:
@@ -75,8 +73,8 @@ def _select(model: nn.Module, unit: Unit, k: int, moments: Mapping[TapKey, Secon
     """Kept indices and a reconstruction matrix per tap for one unit."""
     tap = primary_tap(model, unit)
     sigma = moments[(unit.name, tap)].matrix
-    z = consumer_matrix(model, unit, tap) if cfg.theta > 0 else None
-    keep, a = greedy_select(sigma, k, ridge=cfg.ridge, theta=cfg.theta, z=z)
+    gram = consumer_gram(model, unit, tap) if cfg.theta > 0 else None
+    keep, a = greedy_select(sigma, k, ridge=cfg.ridge, theta=cfg.theta, z_gram=gram)
     a_by_tap = {tap: a}
     for other in unit.taps:
         if other != tap:

@@ -127,12 +127,13 @@ def degrees_of_freedom(sigma: torch.Tensor, lam: float) -> float:
     return float((mu / (mu + lam)).sum())
 
 
-def _metric_weights(sigma: torch.Tensor, theta: float, z: torch.Tensor | None) -> tuple[float, float]:
+def _metric_weights(sigma: torch.Tensor, theta: float, z: torch.Tensor | None,
+                    z_gram: torch.Tensor | None = None) -> tuple[float, float]:
     """(a, b) with M = a I + b Z^T Z, each loss term normalised by its value at J = {}."""
     tr = float(torch.trace(sigma))
-    if z is None:
+    if z is None and z_gram is None:
         return (1.0 / tr if tr > 0 else 0.0), 0.0
-    trz = float(((z @ sigma) * z).sum())
+    trz = float(((z @ sigma) * z).sum()) if z_gram is None else float((sigma * z_gram).sum())
     a = (1.0 - theta) / tr if tr > 0 else 0.0
     b = theta / trz if trz > 0 else 0.0
     return a, b
@@ -166,10 +167,11 @@ def reconstruction_matrix(sigma: torch.Tensor, keep: torch.Tensor, *, ridge: flo
 
 
 def selection_loss(sigma: torch.Tensor, keep: torch.Tensor, *, ridge: float = 1e-3, theta: float = 0.5,
-                   z: torch.Tensor | None = None) -> float:
+                   z: torch.Tensor | None = None, z_gram: torch.Tensor | None = None) -> float:
     """L(J) of SPEC §3: (1-theta) Tr(R_J)/Tr(Sigma) + theta Tr(Z R_J Z^T)/Tr(Z Sigma Z^T).
 
-    With ``z`` None the loss is the input-aware term alone, Tr(R_J)/Tr(Sigma).
+    With ``z`` None the loss is the input-aware term alone, Tr(R_J)/Tr(Sigma). ``z_gram`` = Z^T Z may be
+    given instead of ``z`` (only the Gram matrix enters the loss).
     """
     sigma = sigma.to(torch.float64)
     keep = torch.as_tensor(keep, dtype=torch.long)
@@ -178,15 +180,19 @@ def selection_loss(sigma: torch.Tensor, keep: torch.Tensor, *, ridge: float = 1e
         a = reconstruction_matrix(sigma, keep, ridge=ridge)
         residual = sigma - a @ sigma[keep, :]
     zz = None if z is None else z.to(torch.float64)
-    a_w, b_w = _metric_weights(sigma, theta, zz)
+    gram = None if z_gram is None else z_gram.to(torch.float64)
+    a_w, b_w = _metric_weights(sigma, theta, zz, gram)
     loss = a_w * float(torch.trace(residual))
     if zz is not None:
         loss += b_w * float(((zz @ residual) * zz).sum())
+    elif gram is not None:
+        loss += b_w * float((residual * gram).sum())
     return loss
 
 
 def greedy_select(sigma: torch.Tensor, k: int, *, ridge: float = 1e-3, theta: float = 0.5,
-                  z: torch.Tensor | None = None, block: int = _BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+                  z: torch.Tensor | None = None, z_gram: torch.Tensor | None = None,
+                  block: int = _BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy forward selection of k of m channels minimising L(J) (SPEC §3), exactly.
 
     Args:
@@ -195,6 +201,7 @@ def greedy_select(sigma: torch.Tensor, k: int, *, ridge: float = 1e-3, theta: fl
         ridge: lambda = ridge * Tr(sigma) / m.
         theta: weight of the output-aware term (ignored when ``z`` is None).
         z: consumers' weights with one column per channel (rows: outputs x kernel positions).
+        z_gram: Z^T Z instead of ``z`` (m x m): cheaper when Z has many more rows than columns.
         block: rank-one updates applied together (speed only; the selection does not depend on it).
 
     Returns:
@@ -206,11 +213,14 @@ def greedy_select(sigma: torch.Tensor, k: int, *, ridge: float = 1e-3, theta: fl
     zz = None if z is None else z.to(torch.float64)
     if zz is not None and zz.shape[1] != m:
         raise ValueError(f"z must have {m} columns (one per channel), got shape {tuple(zz.shape)}")
-    a_w, b_w = _metric_weights(sigma, theta, zz)
+    gram = None if z_gram is None else z_gram.to(torch.float64)
+    a_w, b_w = _metric_weights(sigma, theta, zz, gram)
     q = a_w * (sigma @ sigma)
     if zz is not None and b_w > 0:
         zs = zz @ sigma
         q += b_w * (zs.T @ zs)
+    elif gram is not None and b_w > 0:
+        q += b_w * (sigma @ (gram @ sigma))
     q = 0.5 * (q + q.T)
     r = sigma.clone()
     diag_r = torch.diagonal(r).clone()

@@ -188,3 +188,13 @@ def test_second_moment_errors_say_what_to_do():
     acc = SecondMoment().update(torch.randn(2, 3))
     with pytest.raises(StatisticsError, match="expected 3 channels, got a batch with 4"):
         acc.update(torch.randn(2, 4))
+
+
+def test_gram_form_selects_and_scores_like_z():
+    sigma = random_psd(30, 7)
+    z = random_z(30, 7, rows=90)
+    keep_z, a_z = greedy_select(sigma, 12, theta=0.7, z=z)
+    keep_g, a_g = greedy_select(sigma, 12, theta=0.7, z_gram=z.T @ z)
+    assert keep_z.tolist() == keep_g.tolist()
+    assert selection_loss(sigma, keep_z, theta=0.7, z=z) == pytest.approx(
+        selection_loss(sigma, keep_g, theta=0.7, z_gram=z.T @ z), rel=1e-10)
