@@ -99,6 +99,57 @@ def compress(checkpoint: str, config_path: str, output: str, overrides: tuple[st
         click.echo(json.dumps(report, indent=2))
 
 
+def _ridge_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[float, ...]:
+    try:
+        ridges = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 1e-4,1e-3,1e-2")
+    if not ridges or any(r <= 0 for r in ridges):
+        raise click.BadParameter(f"{value!r}: give one or more ridges > 0, e.g. 1e-4,1e-3,1e-2")
+    return ridges
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "-c", "config_path", required=True, metavar="CFG.yaml",
+              help="YAML config; data.calibration is measured, prune.* decides the suggested widths.")
+@click.option("--output", "-o", default=None, metavar="OUTDIR",
+              help="Also write analysis.json, spectrum.png and dof.png here (absent or empty unless --overwrite).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key by dotted path, value parsed as YAML (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON on stdout instead of a table.")
+@click.option("--ridge", "ridges", default="1e-4,1e-3,1e-2", show_default=True, callback=_ridge_list,
+              metavar="R1,R2,...", help="Relative ridges at which to report the degrees of freedom N(lambda).")
+@click.option("--prunability", "tolerance", type=click.FloatRange(min=0), default=None, metavar="TOL",
+              help="Also find the smallest uniform keep fraction whose calibration loss stays within TOL of "
+                   "the original's (cross-entropy with labels, else KL to the original).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow a checkpoint that pickles Python objects; only for files you trust.")
+@click.option("--quiet", "-q", is_flag=True, help="Hide progress bars and progress messages.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTDIR.")
+def analyze(checkpoint: str, config_path: str, output: str | None, overrides: tuple[str, ...], as_json: bool,
+            ridges: tuple[float, ...], tolerance: float | None, trust_checkpoint: bool, quiet: bool,
+            overwrite: bool) -> None:
+    """Show, per prunable layer, how many channels it really uses (degrees of freedom N(lambda)),
+    its eigen-spectrum, and the widths compress would choose for the configured target."""
+    from specprune_cli.config import load_config
+    from specprune_cli.pipeline import analyze as run_analyze
+    from specprune_cli.report import analysis_table
+
+    def log(message: str) -> None:
+        if not quiet or message.startswith("warning:"):
+            click.echo(message, err=True)
+
+    config = _run(lambda: load_config(config_path, overrides))
+    analysis = _run(lambda: run_analyze(config, checkpoint, output, ridges=ridges, prunability_tolerance=tolerance,
+                                        trust_checkpoint=trust_checkpoint, overwrite=overwrite,
+                                        progress=not quiet, log=log))
+    if as_json:
+        click.echo(json.dumps(analysis, indent=2))
+    else:
+        click.echo(analysis_table(analysis))
+
+
 def _show_written(output: str, as_json: bool) -> None:
     from pathlib import Path
 

@@ -337,7 +337,8 @@ class PruneConfig(_Section):
 
     Attributes:
         target: exactly one of {flops: f} or {params: f}, the fraction to keep, in (0, 1].
-        allocation: dof (widths proportional to degrees of freedom, meeting ``target``) or ratio.
+        allocation: dof (widths proportional to degrees of freedom, meeting ``target``), uniform (one
+            keep ratio for every unit, found to meet ``target``) or ratio (fixed ``ratio``, no target).
         ratio: keep fraction per unit under ``allocation: ratio``, in (0, 1].
         overrides: module name or "re:regex" -> keep ratio; first match wins.
         ridge: lambda relative to the layer scale (lambda = ridge * Tr(Sigma) / m).
@@ -348,12 +349,14 @@ class PruneConfig(_Section):
         min_channels: no unit keeps fewer.
         max_positions: spatial positions sampled per image for the statistics (null: all).
         seed: seed of the position sampling.
+        reconstruct: fold the reconstruction matrix into the consumers (false: plain slicing, an
+            ablation that shows what the reconstruction is worth).
     """
 
     _path: typing.ClassVar[str] = "prune"
 
     target: dict[str, float] = field(default_factory=lambda: {"flops": 0.5})
-    allocation: Literal["dof", "ratio"] = "dof"
+    allocation: Literal["dof", "uniform", "ratio"] = "dof"
     ratio: float = 0.5
     overrides: dict[str, float] = field(default_factory=dict)
     ridge: float = 1.0e-3
@@ -364,6 +367,7 @@ class PruneConfig(_Section):
     min_channels: int = 8
     max_positions: int | None = 256
     seed: int = 0
+    reconstruct: bool = True
 
     def _check(self, path: str) -> None:
         if len(self.target) != 1 or next(iter(self.target)) not in TARGET_KINDS:

@@ -269,3 +269,64 @@ def summary_table(report: dict) -> str:
         text += ["", "not pruned:"] + [f"  {s['name']}: {s['reason']}" for s in skipped]
     text += ["", f"wrote {', '.join(OUTPUT_FILES)} to {report['output_dir']}"]
     return "\n".join(text)
+
+
+def analyze(config: Config, checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike | None = None, *,
+            ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2), prunability_tolerance: float | None = None,
+            trust_checkpoint: bool = False, overwrite: bool = False, progress: bool = True,
+            log: Log | None = None) -> dict:
+    """Measure how compressible a checkpoint is, without changing it (``specprune analyze``).
+
+    Args:
+        config: the validated config; ``prune.*`` decides the suggested widths, ``data.calibration`` the data.
+        checkpoint_path: the trained model.
+        output_dir: if given, analysis.json, spectrum.png and dof.png are written there (atomically).
+        ridges: grid of relative ridges for N(lambda).
+        prunability_tolerance: if given, also bisect the smallest uniform keep fraction within it.
+        trust_checkpoint, overwrite, progress, log: as for :func:`compress`.
+
+    Returns:
+        The analysis (see ``specprune_cli.analyze.analyze_model``), plus ``prunability`` and ``plots``.
+    """
+    from specprune_cli.analyze import analyze_model, prunability
+    from specprune_cli.report import PLOT_HINT, plot_dof, plot_spectrum
+
+    log = log or _stderr
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        check_output_dir(out, overwrite)
+    if config.data.calibration is None:
+        raise ConfigError("data.calibration is not set; analyze needs calibration data to measure the layers: "
+                          "set data.calibration.format and data.calibration.path")
+    input_shape = tuple(config.model.input_shape)
+    model = load_checkpoint(checkpoint_path, arch=config.model.arch, kwargs=config.model.kwargs,
+                            trust=trust_checkpoint)
+    check_input_shape(model, input_shape)
+    example = torch.zeros(1, *input_shape)
+    loader = build_loader(config.data.calibration, input_shape, where="calibration", log=log)
+    batches = list(loader)
+    log(f"analyzing with {loader.num_samples} calibration samples")
+    analysis = analyze_model(model, batches, example_input=example, cfg=config.prune, ridges=ridges,
+                             progress=progress)
+    analysis["prunability"] = None
+    if prunability_tolerance is not None:
+        labelled = [(x, y) for x, y in batches] if loader.has_labels else [x for x, _ in batches]
+        analysis["prunability"] = prunability(model, labelled, example_input=example, cfg=config.prune,
+                                              tolerance=prunability_tolerance)
+    analysis["plots"] = []
+    if out is not None:
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            if plot_spectrum(analysis, tmp / "spectrum.png") and plot_dof(analysis, tmp / "dof.png"):
+                analysis["plots"] = ["spectrum.png", "dof.png"]
+            else:
+                log(f"warning: {PLOT_HINT}; wrote analysis.json only")
+            (tmp / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n", encoding="utf-8")
+            dump_resolved(config, tmp / "config.resolved.yaml")
+            _commit(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return analysis

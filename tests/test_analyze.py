@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,41 @@ def test_prunability_is_the_smallest_fraction_within_tolerance():
     assert all(f < p["fraction"] for f in failing)
     # fc_b spans 4 dimensions of 24: 4 channels (fraction > 1/8) lose nothing, 3 (fraction 1/8) do.
     assert 0.125 < p["fraction"] <= 0.1875
+
+
+def test_analyze_cli_writes_json_and_plots_and_agrees_with_compress(tmp_path):
+    """The command end to end on the bundled example: every unit in --json, files written, and the
+    suggested widths equal to the plan compress writes for the same config."""
+    from click.testing import CliRunner
+
+    from specprune_cli.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    sets = ["--set", "data.calibration.num_samples=200", "--set", "data.eval=null", "--set", "finetune.epochs=0",
+            "--set", "export.formats=[pt]"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["analyze", str(root / "examples/fashion_cnn.pt"), "-c", str(root / "configs/example.yaml"),
+                               "-o", str(tmp_path / "an"), "--json", "-q", *sets])
+    assert res.exit_code == 0, res.output
+    analysis = json.loads(res.stdout)
+    assert [u["name"] for u in analysis["units"]] == ["features.0", "features.4", "features.8", "features.11",
+                                                      "classifier.1"]
+    assert sorted(p.name for p in (tmp_path / "an").iterdir()) == ["analysis.json", "config.resolved.yaml",
+                                                                    "dof.png", "spectrum.png"]
+    res = runner.invoke(main, ["compress", str(root / "examples/fashion_cnn.pt"), "-c", str(root / "configs/example.yaml"),
+                               "-o", str(tmp_path / "out"), "--json", "-q", *sets])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert {u["name"]: u["kept"] for u in report["plan"]["units"]} == analysis["suggested"]["widths"]
+
+
+def test_analyze_cli_rejects_a_bad_ridge_grid(tmp_path):
+    from click.testing import CliRunner
+
+    from specprune_cli.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    res = CliRunner().invoke(main, ["analyze", str(root / "examples/fashion_cnn.pt"), "-c",
+                                    str(root / "configs/example.yaml"), "--ridge", "1e-3,abc"])
+    assert res.exit_code == 2
+    assert "'1e-3,abc' is not a comma-separated list of numbers, e.g. 1e-4,1e-3,1e-2" in res.output
