@@ -64,7 +64,8 @@ for _cls in (nn.BatchNorm1d, nn.BatchNorm2d):
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
     F.softplus, F.dropout, F.hardtanh, F.selu, F.celu, torch.relu, torch.sigmoid, torch.tanh,
-    F.sigmoid, F.tanh, torch.nn.functional.dropout2d, stochastic_depth,
+    F.sigmoid, F.tanh, torch.nn.functional.dropout2d, stochastic_depth, torch.relu_, F.relu_, F.leaky_relu_,
+    F.elu_, F.hardtanh_,
 }
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"}
 _SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}

@@ -22,7 +22,7 @@ from specprune_cli.graph import Unit, UnitGraph, find_units
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
 from specprune_cli.spectral import (SecondMoment, degrees_of_freedom, greedy_select, reconstruction_matrix,
                                     relative_lambda)
-from specprune_cli.stats import SegmentRunner, TapKey, collect_oneshot, new_moments, observe
+from specprune_cli.stats import SegmentRunner, TapKey, collect_oneshot, new_moments, no_inplace_modules, observe
 from specprune_cli.surgery import prune_unit, selection_matrix, verify_forward
 
 
@@ -167,7 +167,7 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
             runner = SegmentRunner(gm, inputs)
             for u in units:
                 local = new_moments([u], max_positions=cfg.max_positions, seed=cfg.seed)
-                with observe(gm, [u], local):
+                with observe(gm, [u], local), no_inplace_modules(gm):
                     runner.run(u.end_position + 1, snapshot_at=u.position)
                 if u.name not in dof:
                     dof[u.name] = _dof(u, local, model, cfg.ridge)

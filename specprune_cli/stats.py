@@ -15,6 +15,7 @@ Hooks always live in a context manager and are removed in ``finally``.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -26,6 +27,24 @@ from specprune_cli.graph import Unit
 from specprune_cli.spectral import SecondMoment
 
 TapKey = tuple[str, str]  # (unit name, tap node name)
+
+# The runner replays stretches of the graph on cached tensors; an in-place op would change a cached
+# value and the replay would apply it twice (x += y). Replays use the out-of-place form instead.
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv}
+
+
+@contextlib.contextmanager
+def no_inplace_modules(model: nn.Module) -> Iterator[None]:
+    """Turn off ``inplace`` on modules (ReLU(inplace=True), ...) while the block runs; restored after."""
+    changed = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    try:
+        for m in changed:
+            m.inplace = False
+        yield
+    finally:
+        for m in changed:
+            m.inplace = True
 
 
 def tap_rows(x: torch.Tensor, unit: Unit, spatial: int) -> torch.Tensor:
@@ -155,10 +174,15 @@ class SegmentRunner:
                 obj = getattr(obj, part)
             return obj
         if node.op == "call_function":
-            return node.target(*args, **kwargs)
+            if kwargs.get("inplace") is True:
+                kwargs = {**kwargs, "inplace": False}
+            return _OUT_OF_PLACE.get(node.target, node.target)(*args, **kwargs)
         if node.op == "call_method":
             self_obj, *rest = args
-            return getattr(self_obj, str(node.target))(*rest, **kwargs)
+            name = str(node.target)
+            if name.endswith("_") and not name.endswith("__") and hasattr(self_obj, name[:-1]):
+                name = name[:-1]
+            return getattr(self_obj, name)(*rest, **kwargs)
         if node.op == "call_module":
             return self.gm.get_submodule(str(node.target))(*args, **kwargs)
         raise RuntimeError(f"unknown fx node kind {node.op}")

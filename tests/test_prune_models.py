@@ -71,3 +71,39 @@ def test_half_flops_target_is_met_on_the_whole_model(name):
     assert out.shape == model(batches[1]).shape and torch.isfinite(out).all()
     # The original was not touched.
     assert count_params(model) == result.report["params_before"]
+
+
+def test_sequential_statistics_equal_a_fresh_forward_despite_inplace_ops():
+    """The segment runner replays cached activations; `out += identity` and ReLU(inplace=True) must not
+    be applied twice. With keep-all widths, each unit's sequential statistics must equal the oneshot ones."""
+    from torch import nn
+
+    from specprune_cli.stats import SegmentRunner, new_moments, no_inplace_modules, observe
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 8, 3, padding=1)
+            self.act = nn.ReLU(inplace=True)
+            self.b = nn.Conv2d(8, 4, 3, padding=1)
+            self.c = nn.Conv2d(4, 6, 1)
+            self.d = nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            out = self.b(self.act(self.a(x)))
+            out += x
+            return self.d(torch.relu_(self.c(out)))
+
+    model = Block().eval()
+    batches = _batches((4, 6, 6), n=3, bs=5)
+    graph = find_units(model, batches[0][:1])
+    assert [u.name for u in graph.units] == ["a", "c"]
+    oneshot = collect_oneshot(graph.gm, graph.units, batches, max_positions=None, seed=0)
+    runner = SegmentRunner(graph.gm, batches)
+    for u in graph.units:
+        local = new_moments([u], max_positions=None, seed=0)
+        with observe(graph.gm, [u], local), no_inplace_modules(graph.gm):
+            runner.run(u.end_position + 1, snapshot_at=u.position)
+        for tap in u.taps:
+            torch.testing.assert_close(local[(u.name, tap)].matrix, oneshot[(u.name, tap)].matrix)
+    assert model.act.inplace is True  # restored
