@@ -1,7 +1,6 @@
 """Checkpoint loading (weights_only by default), mismatch messages, and the pruned-model file round trip."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from models_small import SmallMLP
 from specprune_cli.checkpoint import PRUNED_FORMAT, build_model, load_checkpoint, load_pruned, save_pruned
 from specprune_cli.errors import CheckpointError, ConfigError
 
-HAS_PRUNE = importlib.util.find_spec("specprune_cli.prune") is not None
 
 
 def test_build_model_from_module_and_file():
@@ -122,7 +120,6 @@ def test_missing_and_corrupt_files(tmp_path):
                               "with torch.save(model.state_dict(), path)")
 
 
-@pytest.mark.skipif(not HAS_PRUNE, reason="specprune_cli.prune not written yet")  # TODO(issue 4): drop
 def test_save_and_load_pruned_round_trip(tmp_path):
     from specprune_cli.config import PruneConfig
     from specprune_cli.prune import prune_model

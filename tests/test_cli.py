@@ -3,7 +3,6 @@ OUTDIR absent or untouched after a failure."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from specprune_cli.config import load_config
 from specprune_cli.errors import BudgetError, ConfigError
 from specprune_cli.plan import PLAN_FORMAT
 
-HAS_PRUNE = importlib.util.find_spec("specprune_cli.prune") is not None
 
 
 class _FakeResult:
@@ -62,7 +60,6 @@ def _fails(result, code: int, message: str, out: Path) -> None:
 
 # --------------------------------------------------------------------------------------- happy paths
 
-@pytest.mark.skipif(not HAS_PRUNE, reason="specprune_cli.prune not written yet")  # TODO(issue 4): drop
 def test_compress_synthetic_json(tmp_path, cnn_checkpoint, write_config):
     from specprune_cli.checkpoint import load_pruned
 
@@ -82,7 +79,6 @@ def test_compress_synthetic_json(tmp_path, cnn_checkpoint, write_config):
     _no_leftovers(out)
 
 
-@pytest.mark.skipif(not HAS_PRUNE, reason="specprune_cli.prune not written yet")  # TODO(issue 4): drop
 def test_compress_npz_table_on_stdout(tmp_path, cnn_checkpoint, npz_data, write_config):
     out = tmp_path / "out"
     cfg = write_config({"format": "npz", "path": str(npz_data), "num_samples": 24, "batch_size": 8},
