@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml setup.cfg | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Compress the bundled Fashion-MNIST CNN (examples/README.md) to 50% of its FLOPs and print the report.
 demo: $(STAMP)
-	$(BIN)/python scripts/run_demo.py
+	$(BIN)/specprune compress examples/fashion_cnn.pt --config configs/example.yaml --output out/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -27,8 +28,6 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python scripts/bench_spectral.py
-	$(BIN)/python scripts/bench_quality.py
-	$(BIN)/python scripts/bench_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
