@@ -1,0 +1,201 @@
+"""Short fine-tuning after surgery: distillation from the original model, plus cross-entropy on labels.
+
+The pruned model (the student) learns to match the original (the teacher) through the KL divergence of
+their softmax outputs at temperature T, scaled by T^2 so that its gradients keep the magnitude of a
+T=1 loss (Hinton et al., 2015). Samples labelled ``y >= 0`` also add cross-entropy; ``y < 0`` marks an
+unlabelled sample, so a user with only unlabelled calibration data can still fine-tune by distillation.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from specprune_cli.errors import ConfigError, ModelError
+
+Log = Callable[[str], None]
+
+NEEDS_LABELS = ("fine-tuning needs labels or distill: true; the fine-tune data has no labels (y < 0), so "
+                "set finetune.distill: true or give data.finetune a labelled dataset")
+
+
+def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def _logits(out: Any, who: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"the {who} model must return logits of shape (batch, classes) to be fine-tuned or "
+                         f"compared, got {shape}; wrap the model so that forward returns one logits tensor")
+    return out
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)) * T^2, averaged over the batch."""
+    t = float(temperature)
+    # log_target keeps the teacher side in log space: no log(0) when the teacher is very confident.
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def distillation_loss(student: nn.Module, teacher: nn.Module, loader: Iterable, temperature: float) -> float:
+    """Mean distillation loss (KL * T^2 per sample) of ``student`` against ``teacher`` over a loader.
+
+    Both models run in eval mode without gradients; their previous modes are restored.
+
+    Args:
+        student: the model being judged.
+        teacher: the reference model.
+        loader: yields ``(x, y)`` batches; ``y`` is ignored.
+        temperature: softmax temperature T.
+
+    Returns:
+        The sample-weighted mean of KL(teacher || student) * T^2.
+    """
+    modes = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    device = _device(student)
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x = _split(batch)[0].to(device)
+                s = _logits(student(x), "student")
+                t = _logits(teacher(x), "teacher")
+                total += float(kd_loss(s, t, temperature)) * x.shape[0]
+                count += x.shape[0]
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    if count == 0:
+        raise ModelError("distillation_loss got an empty loader; give it at least one batch")
+    return total / count
+
+
+def _optimizer(params: list[nn.Parameter], settings: Any) -> torch.optim.Optimizer:
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay)
+    raise ConfigError(f"finetune.optimizer must be 'adam' or 'sgd', got {settings.optimizer!r}")
+
+
+def finetune(student: nn.Module, teacher: nn.Module | None, loader: Iterable, settings: Any, *,
+             progress: bool = True, log: Log | None = None) -> dict:
+    """Fine-tune ``student`` in place by distillation from ``teacher`` and/or cross-entropy on labels.
+
+    The teacher runs in eval mode without gradients. The student trains (BatchNorm statistics update) and
+    is left in eval mode. The global RNG is seeded with ``settings.seed`` inside ``torch.random.fork_rng``,
+    so shuffling and dropout are reproducible and the caller's RNG state is untouched.
+
+    Args:
+        student: the pruned model; its parameters are updated.
+        teacher: the original model; may be None only when ``settings.distill`` is false.
+        loader: yields ``(x, y)`` with ``y`` a LongTensor of labels, ``y < 0`` for unlabelled samples.
+        settings: has ``epochs, lr, optimizer ('adam'|'sgd'), momentum, weight_decay, distill,
+            temperature, seed, max_steps`` (None or a cap on optimiser steps).
+        progress: show a tqdm bar with the running loss on stderr.
+        log: called with one line per epoch.
+
+    Returns:
+        ``{"epochs": [{"epoch", "loss", "steps", "seconds"}, ...], "steps", "seconds", "final_loss"}``
+        where ``loss`` is the epoch's mean training loss.
+
+    Raises:
+        ConfigError: no labels and ``distill`` false, a NaN loss, or a bad optimiser name.
+    """
+    distill = bool(settings.distill)
+    if not distill and getattr(getattr(loader, "dataset", None), "has_labels", True) is False:
+        raise ConfigError(NEEDS_LABELS)
+    if distill and teacher is None:
+        raise ConfigError("finetune.distill is true but no teacher model was given; pass the original model")
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError("the student model has no trainable parameters; nothing to fine-tune")
+    device = _device(student)
+    max_steps = settings.max_steps
+    try:
+        per_epoch = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        per_epoch = None
+    total = settings.epochs * per_epoch if per_epoch is not None else None
+    if max_steps is not None:
+        total = min(total, max_steps) if total is not None else max_steps
+
+    history: list[dict] = []
+    steps = 0
+    started = time.perf_counter()
+    teacher_mode = teacher.training if teacher is not None else False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        optimizer = _optimizer(params, settings)
+        student.train()
+        if teacher is not None:
+            teacher.eval()
+        bar = tqdm(total=total, desc="finetune", unit="step", file=sys.stderr, disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            for epoch in range(1, settings.epochs + 1):
+                if max_steps is not None and steps >= max_steps:
+                    break
+                epoch_start, epoch_loss, epoch_steps = time.perf_counter(), 0.0, 0
+                for batch in loader:
+                    if max_steps is not None and steps >= max_steps:
+                        break
+                    x, y = _split(batch)
+                    x = x.to(device)
+                    labelled = (y >= 0).to(device) if y is not None else None
+                    has_labels = labelled is not None and bool(labelled.any())
+                    if not distill and not has_labels:
+                        continue  # nothing to learn from in this batch
+                    out = _logits(student(x), "student")
+                    loss = out.new_zeros(())
+                    if distill:
+                        with torch.no_grad():
+                            target = _logits(teacher(x), "teacher")
+                        loss = loss + kd_loss(out, target, settings.temperature)
+                    if has_labels:
+                        loss = loss + F.cross_entropy(out[labelled], y.to(device)[labelled])
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise ConfigError(f"the fine-tuning loss became {value} at step {steps + 1}; "
+                                          f"lower finetune.lr (now {settings.lr:g})")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    epoch_steps += 1
+                    epoch_loss += value
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{epoch_loss / epoch_steps:.4f}", epoch=epoch)
+                if epoch_steps == 0 and not distill:
+                    raise ConfigError(NEEDS_LABELS)
+                seconds = time.perf_counter() - epoch_start
+                mean = epoch_loss / epoch_steps if epoch_steps else float("nan")
+                history.append({"epoch": epoch, "loss": mean, "steps": epoch_steps, "seconds": round(seconds, 3)})
+                if log is not None:
+                    log(f"finetune epoch {epoch}: loss {mean:.4f} over {epoch_steps} steps ({seconds:.1f} s)")
+        finally:
+            bar.close()
+            student.eval()
+            if teacher is not None:
+                teacher.train(teacher_mode)
+    return {"epochs": history, "steps": steps, "seconds": round(time.perf_counter() - started, 3),
+            "final_loss": history[-1]["loss"] if history else None}
