@@ -48,31 +48,56 @@ def test_greedy_matches_brute_force_greedy(theta, with_z, seed):
         assert keep.tolist() == brute_force_greedy(sigma, k, 1e-3, theta, z), (m, k)
 
 
+def exhaustive_losses(sigma, k, ridge, theta, z):
+    """L(J) for every |J| = k at once (batched Cholesky solves); the combinations in itertools order."""
+    m = sigma.shape[0]
+    combos = torch.tensor(list(itertools.combinations(range(m), k)))
+    lam = relative_lambda(sigma, ridge)
+    cols = sigma[:, combos].permute(1, 0, 2)  # (C, m, k): Sigma[:, J]
+    chol = torch.linalg.cholesky(sigma[combos[:, :, None], combos[:, None, :]]
+                                 + lam * torch.eye(k, dtype=torch.float64))
+    sol = torch.cholesky_solve(cols.transpose(1, 2), chol)  # (C, k, m): (Sigma_JJ + lam)^-1 Sigma[J, :]
+    explained = cols.transpose(1, 2) * sol  # diag of Sigma[:, J] (.)^-1 Sigma[J, :], summed over J below
+    gram = z.T @ z
+    tr_a = torch.trace(sigma) - explained.sum((1, 2))
+    tr_b = (gram * sigma).sum() - ((gram @ cols).transpose(1, 2) * sol).sum((1, 2))
+    return (1 - theta) * tr_a / torch.trace(sigma) + theta * tr_b / (gram * sigma).sum()
+
+
 def test_greedy_is_close_to_exhaustive_optimum():
-    """Low-rank sigmas (the hard case: many near-equivalent subsets). Measured when written: 32 of 40
-    cases within 5% (29 exactly optimal), worst ratio 2.36 at k = 2; greedy is not optimal on adversarial
-    cases, and that is expected."""
-    ratios = []
+    """Greedy against every subset, for full-rank and low-rank sigmas (low rank is the hard case: many
+    near-equivalent subsets). Measured when written: 65 of 80 cases within 5% (61 exactly optimal;
+    full rank 33 of 40 within 5%, worst 1.42), median ratio 1, worst 2.36 (low rank, k = 2). Greedy is
+    not optimal on adversarial cases, and that is expected."""
+    ratios, full_rank = [], []
     for seed in range(20):
         m = 8 + seed % 3
-        sigma = random_psd(m, seed, rank=m // 2 + 1)
         z = random_z(m, seed)
-        for k in (2, m // 2):
-            keep, _ = greedy_select(sigma, k, theta=0.5, z=z)
-            greedy = selection_loss(sigma, keep, theta=0.5, z=z)
-            best = min(selection_loss(sigma, torch.tensor(c), theta=0.5, z=z)
-                       for c in itertools.combinations(range(m), k))
-            ratios.append(greedy / best)
+        for rank in (m, m // 2 + 1):
+            sigma = random_psd(m, seed, rank=rank)
+            for k in (2, m // 2):
+                keep, _ = greedy_select(sigma, k, theta=0.5, z=z)
+                greedy = selection_loss(sigma, keep, theta=0.5, z=z)
+                losses = exhaustive_losses(sigma, k, 1e-3, 0.5, z)
+                # the batched search and selection_loss agree where they overlap
+                at_keep = list(itertools.combinations(range(m), k)).index(tuple(keep.tolist()))
+                assert float(losses[at_keep]) == pytest.approx(greedy, rel=1e-9)
+                ratios.append(greedy / float(losses.min()))
+                if rank == m:
+                    full_rank.append(ratios[-1])
     ratios.sort()
-    print(f"greedy / exhaustive loss: median {ratios[len(ratios) // 2]:.4f}, worst {ratios[-1]:.4f}")
+    within = sum(r <= 1.05 for r in ratios)
+    exact = sum(r <= 1 + 1e-9 for r in ratios)
+    print(f"greedy / exhaustive loss over {len(ratios)} cases: median {ratios[len(ratios) // 2]:.4f}, "
+          f"worst {ratios[-1]:.4f}, within 5%: {within}, optimal: {exact}; full rank: within 5% "
+          f"{sum(r <= 1.05 for r in full_rank)} of {len(full_rank)}, worst {max(full_rank):.4f}")
     assert all(r >= 1 - 1e-9 for r in ratios)  # nothing beats the exhaustive optimum
     assert ratios[len(ratios) // 2] == pytest.approx(1.0, abs=1e-9)
-    within = sum(r <= 1.05 for r in ratios)
-    assert within >= 0.75 * len(ratios), ratios
+    assert within >= 0.8 * len(ratios), ratios
 
 
-@settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), m=st.integers(2, 24), theta=st.sampled_from([0.0, 0.3, 1.0]))
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(2, 16), theta=st.sampled_from([0.0, 0.3, 1.0]))
 def test_loss_never_increases_with_k(seed, m, theta):
     sigma = random_psd(m, seed)
     z = random_z(m, seed)
@@ -92,9 +117,48 @@ def test_fast_path_selects_what_the_plain_greedy_selects_across_panel_boundaries
             assert default.tolist() == fast.tolist()
 
 
+def test_fast_path_matches_the_plain_greedy_with_dead_channels_and_gram_input():
+    m = 120
+    sigma = random_psd(m, 7, rank=40)
+    dead = [0, 17, 63, 119]
+    sigma[dead, :] = 0
+    sigma[:, dead] = 0
+    z = random_z(m, 7, rows=30)
+    for k in (50, 118):  # 118 > 116 live channels: two dead ones must come last, lowest index first
+        ref = _greedy_select_reference(sigma, k, theta=0.5, z=z)
+        fast, _ = greedy_select(sigma, k, theta=0.5, z_gram=z.T @ z, block=8)
+        assert fast.tolist() == sorted(ref)
+    assert ref[-2:] == [0, 17]
+
+
+def test_z_and_its_gram_give_the_same_selection_and_loss():
+    sigma = random_psd(30, 5)
+    z = random_z(30, 5, rows=70)
+    keep_z, a_z = greedy_select(sigma, 12, theta=0.7, z=z)
+    keep_g, a_g = greedy_select(sigma, 12, theta=0.7, z_gram=z.T @ z)
+    assert keep_z.tolist() == keep_g.tolist()
+    torch.testing.assert_close(a_z, a_g, rtol=0, atol=0)
+    assert selection_loss(sigma, keep_z, theta=0.7, z=z) == pytest.approx(
+        selection_loss(sigma, keep_g, theta=0.7, z_gram=z.T @ z), rel=1e-12)
+    with pytest.raises(ValueError, match=r"pass z or z_gram \(= z\^T z\), not both"):
+        greedy_select(sigma, 3, z=z, z_gram=z.T @ z)
+
+
+def test_loss_at_empty_and_full_selection_has_known_values():
+    sigma = random_psd(6, 2)
+    z = random_z(6, 2)
+    # nothing kept: each normalised term is exactly 1, so L = (1 - theta) + theta = 1
+    assert selection_loss(sigma, torch.tensor([], dtype=torch.long), theta=0.3, z=z) == pytest.approx(1.0)
+    # everything kept with a tiny ridge: nothing is left to reconstruct
+    assert selection_loss(sigma, torch.arange(6), ridge=1e-12, theta=0.3, z=z) < 1e-9
+
+
 def test_keep_all_with_vanishing_ridge_is_identity():
-    sigma = random_psd(12, 0)
-    keep, a = greedy_select(sigma, 12, ridge=1e-13)
+    # Full rank and well conditioned: A = I - lam (Sigma + lam I)^-1, off by lam / mu_min < 1e-8 here.
+    x = torch.randn(200, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma = x.T @ x / 200
+    assert float(torch.linalg.eigvalsh(sigma)[0]) > 0.2
+    keep, a = greedy_select(sigma, 12, ridge=1e-10)
     assert keep.tolist() == list(range(12))
     torch.testing.assert_close(a, torch.eye(12, dtype=torch.float64), atol=1e-6, rtol=0)
 
@@ -183,8 +247,11 @@ def test_second_moment_errors_say_what_to_do():
         SecondMoment().matrix
     x = torch.randn(4, 3)
     x[1, 2] = float("nan")
-    with pytest.raises(StatisticsError, match="1 activation values are NaN or Inf; check the input normalisation"):
+    with pytest.raises(StatisticsError) as err:
         SecondMoment().update(x)
+    assert str(err.value) == ("1 of 12 activation values are NaN or Inf; check the input normalisation "
+                              "(data.*.mean/std), that the checkpoint matches the architecture, and that the "
+                              "model runs in eval mode")
     acc = SecondMoment().update(torch.randn(2, 3))
     with pytest.raises(StatisticsError, match="expected 3 channels, got a batch with 4"):
         acc.update(torch.randn(2, 4))
