@@ -23,14 +23,15 @@ from specprune_cli.checkpoint import load_checkpoint, load_pruned, save_pruned
 from specprune_cli.config import Config, dump_resolved
 from specprune_cli.data import build_loader
 from specprune_cli.errors import ConfigError, ExportError, GateError, ModelError
+from specprune_cli.evaluate import evaluate_model, measure_latency, measure_onnx_latency
+from specprune_cli.export import export_model
+from specprune_cli.finetune import distillation_loss, finetune
+from specprune_cli.surgery import verify_forward
 
 Log = Callable[[str], None]
 REPORT_FORMAT = "specprune-report/1"
 OUTPUT_FILES = ("model.pt", "report.json", "config.resolved.yaml")
 
-# TODO(issue 4): flip when evaluate.py lands and the evaluation call site below is wired; until then
-# a gate cannot be checked, and asking for one is refused up front rather than silently passing.
-EVALUATION_WIRED = False
 
 
 def _stderr(message: str) -> None:
@@ -122,6 +123,39 @@ def _verify_saved(path: Path, model: nn.Module, example: torch.Tensor) -> None:
                           "please report it with the model architecture")
 
 
+def _with_formats(settings: Any, formats: list[str]) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(settings, formats=tuple(formats))
+
+
+def _latency(original: nn.Module, pruned: nn.Module, example: torch.Tensor, tmp: Path, config: Config,
+             log: Log) -> dict:
+    """Median CPU latency (ms) of both models, torch eager and, when ONNX is exported, onnxruntime.
+
+    The original is exported to ONNX in a scratch directory only to be timed; it is not an output.
+    """
+    sizes, repeats = list(config.evaluate.latency_batch_sizes), config.evaluate.latency_repeats
+    log(f"timing latency at batch sizes {sizes} ({repeats} runs each, medians)")
+    out: dict[str, Any] = {"batch_sizes": sizes, "repeats": repeats, "threads": torch.get_num_threads(),
+                           "torch": {"original": _medians(measure_latency(original, example, sizes, repeats)),
+                                     "pruned": _medians(measure_latency(pruned, example, sizes, repeats))}}
+    if (tmp / "model.onnx").is_file():
+        scratch = tmp.with_name(tmp.name + "-onnx-original")
+        try:
+            export_model(original, example, scratch, _with_formats(config.export, ["onnx"]))
+            out["onnxruntime"] = {
+                "original": _medians(measure_onnx_latency(str(scratch / "model.onnx"), example, sizes, repeats)),
+                "pruned": _medians(measure_onnx_latency(str(tmp / "model.onnx"), example, sizes, repeats))}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def _medians(result: dict) -> dict:
+    return {str(b): round(v["median_ms"], 4) for b, v in result.items()}
+
+
 def _commit(tmp: Path, output_dir: Path) -> None:
     """Move the finished temp dir into place; an old OUTDIR (allowed by overwrite) goes only after."""
     old = None
@@ -171,10 +205,9 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         raise ConfigError("data.calibration is not set; specprune needs calibration data to measure the "
                           "layers: set data.calibration.format (npz, imagefolder, torchvision, idx or "
                           "synthetic) and data.calibration.path")
-    gates_requested = max_accuracy_drop is not None or min_agreement is not None
-    if gates_requested and not EVALUATION_WIRED:
-        raise ConfigError("--max-accuracy-drop and --min-agreement need the evaluation step, which this "
-                          "version of specprune does not run yet; drop the gate options")
+    if max_accuracy_drop is not None and (config.data.eval is None or config.data.eval.format == "synthetic"):
+        raise ConfigError("--max-accuracy-drop needs accuracy before and after pruning: set data.eval to a "
+                          "labelled dataset")
     input_shape = tuple(config.model.input_shape)
 
     log(f"loading checkpoint {checkpoint_path}")
@@ -188,19 +221,33 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
     result = _prune(original, calibration, example_input=example, cfg=config.prune, progress=progress)
     pruned = result.model
 
+    # Without data.eval the calibration loader is reused (same samples, warnings already shown).
+    eval_loader = calibration if config.data.eval is None else build_loader(config.data.eval, input_shape,
+                                                                            where="eval", log=log)
+    max_eval = config.evaluate.max_eval_samples
+    log(f"evaluating on {eval_loader.num_samples} samples" + ("" if config.data.eval else " (the calibration data)"))
+    after_pruning = evaluate_model(pruned, original, eval_loader, max_samples=max_eval)
     finetune_report = None
+    final = after_pruning
     if config.finetune.epochs > 0:
-        # TODO(issue 4, finetune.py): pruned, finetune_report = finetune(original, pruned, loader,
-        #   cfg=config.finetune, progress=progress) with `from specprune_cli.finetune import finetune`
-        #   and loader = build_loader(config.data.finetune_data(), input_shape, shuffle=True,
-        #   where="finetune").
-        log("warning: finetune.epochs > 0 but fine-tuning is not wired into compress yet; skipped")
-
-    evaluation = None
-    # TODO(issue 4, evaluate.py): evaluation = evaluate_model(original, pruned, eval_loader,
-    #   cfg=config.evaluate, ...) with `from specprune_cli.evaluate import evaluate_model`; it must provide
-    #   accuracy_before/accuracy_after (labelled data.eval) and agreement for check_gates; then set
-    #   EVALUATION_WIRED = True.
+        quiet = (lambda _m: None) if config.data.finetune is None else log  # calibration warnings shown once
+        ft_loader = build_loader(config.data.finetune_data(), input_shape, shuffle=True, where="finetune", log=quiet)
+        kd_before = distillation_loss(pruned, original, eval_loader, config.finetune.temperature)
+        log(f"fine-tuning for {config.finetune.epochs} epoch(s) on {ft_loader.num_samples} samples")
+        finetune_report = finetune(pruned, original, ft_loader, config.finetune, progress=progress, log=log)
+        finetune_report["distillation_loss_before"] = kd_before
+        finetune_report["distillation_loss_after"] = distillation_loss(pruned, original, eval_loader,
+                                                                      config.finetune.temperature)
+        final = evaluate_model(pruned, original, eval_loader, max_samples=max_eval)
+        verify_forward(pruned, example, check_input_shape(original, input_shape))
+    evaluation = {
+        "samples": final["samples"], "labelled": final["labelled_samples"] > 0,
+        "accuracy_before": final["reference_top1"], "top5_before": final["reference_top5"],
+        "accuracy_after_pruning": after_pruning["top1"], "agreement_after_pruning": after_pruning["agreement"],
+        "relative_error_after_pruning": after_pruning["relative_error"],
+        "accuracy_after": final["top1"], "top5_after": final["top5"], "agreement": final["agreement"],
+        "relative_error": final["relative_error"], "finetuned": finetune_report is not None,
+    }
 
     tmp = output_dir.with_name(f"{output_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -214,10 +261,13 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         else:
             log("warning: model.arch is not set (the checkpoint was a pickled module), so model.pt cannot be "
                 "rebuilt with load_pruned; export formats: [module] to get a loadable file")
-        exports = {"pt": "model.pt"}
-        # TODO(issue 4, export.py): exports.update(export_model(pruned, tmp, formats=config.export.formats,
-        #   example_input=example, cfg=config.export)) with `from specprune_cli.export import export_model`;
-        #   each format is verified by loading it back before the run counts as a success.
+        exports = {"pt": {"path": "model.pt", "bytes": (tmp / "model.pt").stat().st_size, "verified": True}}
+        others = [f for f in config.export.formats if f != "pt"]
+        if others:
+            log(f"exporting {', '.join(others)} (each loaded back and compared)")
+            for fmt, info in export_model(pruned, example, tmp, _with_formats(config.export, others)).items():
+                exports[fmt] = {**info, "path": Path(info["path"]).name}
+        latency = _latency(original, pruned, example, tmp, config, log) if config.evaluate.latency else None
         gates = check_gates(evaluation, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
         report = {
             "format": REPORT_FORMAT,
@@ -227,10 +277,12 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
             "input_shape": list(input_shape),
             "target": {config.prune.target_kind: config.prune.target_value},
             "calibration_samples": calibration.num_samples,
+            "checkpoint_bytes": Path(checkpoint_path).stat().st_size,
             "prune": result.report,
             "plan": result.plan,
             "finetune": finetune_report,
             "evaluation": evaluation,
+            "latency": latency,
             "exports": exports,
             "gates": gates,
             "seconds": round(time.perf_counter() - started, 3),
@@ -258,6 +310,24 @@ def summary_table(report: dict) -> str:
     for name, key in (("params", "params"), ("FLOPs", "flops")):
         before, after = p[f"{key}_before"], p[f"{key}_after"]
         rows.append([name, human(before), human(after), f"{after / before:.3f}" if before else "-"])
+    ev = report.get("evaluation") or {}
+    if ev.get("accuracy_before") is not None:
+        rows.append(["top-1 accuracy", f"{100 * ev['accuracy_before']:.2f}%", f"{100 * ev['accuracy_after']:.2f}%",
+                     f"{100 * (ev['accuracy_after'] - ev['accuracy_before']):+.2f} pts"])
+        if ev.get("finetuned"):
+            rows.append(["  (before fine-tune)", "", f"{100 * ev['accuracy_after_pruning']:.2f}%", ""])
+    if ev:
+        rows.append(["top-1 agreement", "", f"{100 * ev['agreement']:.2f}%", ""])
+        rows.append(["output rel. error", "", f"{ev['relative_error']:.4f}", ""])
+    before_size = report.get("checkpoint_bytes")
+    for fmt, info in (report.get("exports") or {}).items():
+        rows.append([f"file {info.get('path', fmt)}", human(before_size) + "B" if before_size and fmt == "pt" else "",
+                     human(info["bytes"]) + "B", ""])
+    lat = report.get("latency") or {}
+    for runtime in ("torch", "onnxruntime"):
+        for b in (lat.get(runtime) or {}).get("original", {}):
+            o, q = lat[runtime]["original"][b], lat[runtime]["pruned"][b]
+            rows.append([f"{runtime} ms @ batch {b}", f"{o:.3f}", f"{q:.3f}", f"{o / q:.2f}x faster" if q else "-"])
     text = [format_table(["", "before", "after", "kept"], rows), ""]
     units = p.get("units", [])
     if units:
@@ -267,7 +337,8 @@ def summary_table(report: dict) -> str:
     skipped = p.get("skipped", [])
     if skipped:
         text += ["", "not pruned:"] + [f"  {s['name']}: {s['reason']}" for s in skipped]
-    text += ["", f"wrote {', '.join(OUTPUT_FILES)} to {report['output_dir']}"]
+    files = list(OUTPUT_FILES) + [i["path"] for f, i in (report.get("exports") or {}).items() if f != "pt"]
+    text += ["", f"wrote {', '.join(files)} to {report['output_dir']}"]
     return "\n".join(text)
 
 
