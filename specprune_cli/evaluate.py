@@ -108,8 +108,8 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
                 out = _logits(model(x), "evaluated").double()
                 ref = _logits(reference(x), "reference").double()
                 if out.shape != ref.shape:
-                    raise ModelError(f"the evaluated model returns {tuple(out.shape)} but the reference returns "
-                                     f"{tuple(ref.shape)}; both must predict the same classes")
+                    raise ModelError(f"the evaluated model returns {tuple(out.shape)} but the reference "
+                                     f"returns {tuple(ref.shape)}; both must predict the same classes")
                 classes = out.shape[1]
                 n += x.shape[0]
                 agree += int((out.argmax(1) == ref.argmax(1)).sum())

@@ -189,7 +189,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, loader: Iterable, se
                     raise ConfigError(NEEDS_LABELS)
                 seconds = time.perf_counter() - epoch_start
                 mean = epoch_loss / epoch_steps if epoch_steps else float("nan")
-                history.append({"epoch": epoch, "loss": mean, "steps": epoch_steps, "seconds": round(seconds, 3)})
+                history.append({"epoch": epoch, "loss": mean, "steps": epoch_steps,
+                                "seconds": round(seconds, 3)})
                 if log is not None:
                     log(f"finetune epoch {epoch}: loss {mean:.4f} over {epoch_steps} steps ({seconds:.1f} s)")
         finally:
