@@ -6,12 +6,13 @@ step succeeded, so a failed run leaves OUTDIR absent (or, with ``overwrite``, as
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,24 @@ def _medians(result: dict) -> dict:
     return {str(b): round(v["median_ms"], 4) for b, v in result.items()}
 
 
+@contextlib.contextmanager
+def staged_output(output_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside ``output_dir`` that replaces it when the block succeeds.
+
+    On any error (or interrupt) the temporary folder is removed and ``output_dir`` is left as it was.
+    """
+    tmp = output_dir.with_name(f"{output_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a killed run with our pid: nothing in it is ours to keep
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        _commit(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _commit(tmp: Path, output_dir: Path) -> None:
     """Move the finished temp dir into place; an old OUTDIR (allowed by overwrite) goes only after."""
     old = None
@@ -249,11 +268,7 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         "relative_error": final["relative_error"], "finetuned": finetune_report is not None,
     }
 
-    tmp = output_dir.with_name(f"{output_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a killed run with our pid: nothing in it is ours to keep
-    try:
-        tmp.mkdir(parents=True)
+    with staged_output(output_dir) as tmp:
         save_pruned(tmp / "model.pt", pruned, result.plan, arch=config.model.arch, kwargs=config.model.kwargs,
                     input_shape=input_shape)
         if config.model.arch is not None:
@@ -289,10 +304,6 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         dump_resolved(config, tmp / "config.resolved.yaml")
-        _commit(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     failed = [g for g in gates if not g["passed"]]
     if failed:
         detail = "; ".join(f"{g['name']} {g['value']:g} vs limit {g['limit']:g}" for g in failed)
@@ -386,18 +397,11 @@ def analyze(config: Config, checkpoint_path: str | os.PathLike, output_dir: str 
                                               tolerance=prunability_tolerance)
     analysis["plots"] = []
     if out is not None:
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir(parents=True)
+        with staged_output(out) as tmp:
             if plot_spectrum(analysis, tmp / "spectrum.png") and plot_dof(analysis, tmp / "dof.png"):
                 analysis["plots"] = ["spectrum.png", "dof.png"]
             else:
                 log(f"warning: {PLOT_HINT}; wrote analysis.json only")
             (tmp / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n", encoding="utf-8")
             dump_resolved(config, tmp / "config.resolved.yaml")
-            _commit(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return analysis
