@@ -51,18 +51,23 @@ def keep_memory_mapped() -> bool:
     return _memory_kept
 
 
-def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, y) from a loader item: a tensor, or an (x, y) pair (y < 0 marks an unlabelled sample)."""
     if isinstance(batch, (tuple, list)):
         return batch[0], (batch[1] if len(batch) > 1 else None)
     return batch, None
 
 
-def _logits(out: Any, who: str) -> torch.Tensor:
+def logits_of(out: Any, who: str, purpose: str = "evaluated") -> torch.Tensor:
+    """``out`` if it is a (batch, classes) tensor, else a ModelError saying how to wrap the model."""
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"the {who} model must return logits of shape (batch, classes) to be evaluated, "
+        raise ModelError(f"the {who} model must return logits of shape (batch, classes) to be {purpose}, "
                          f"got {shape}; wrap the model so that forward returns one logits tensor")
     return out
+
+
+_split, _logits = split_batch, logits_of
 
 
 def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from specprune_cli.errors import ConfigError, ModelError
+from specprune_cli.evaluate import logits_of, split_batch
 
 Log = Callable[[str], None]
 
@@ -26,18 +27,11 @@ NEEDS_LABELS = ("fine-tuning needs labels or distill: true; the fine-tune data h
                 "set finetune.distill: true or give data.finetune a labelled dataset")
 
 
-def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, (tuple, list)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    return batch, None
+_split = split_batch
 
 
 def _logits(out: Any, who: str) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"the {who} model must return logits of shape (batch, classes) to be fine-tuned or "
-                         f"compared, got {shape}; wrap the model so that forward returns one logits tensor")
-    return out
+    return logits_of(out, who, "fine-tuned or compared")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

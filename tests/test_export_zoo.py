@@ -1,0 +1,32 @@
+"""Every architecture of the surgery tests, pruned to half its FLOPs, exports to ONNX with parity.
+
+Slow (about a minute per large model with the dynamo exporter on 2 cores): `make test-slow`. The
+default suite exports resnet18, a trimmed MobileNetV2, a ViT, an MLP and a CNN (tests/test_export.py)
+and the pruned demo model (tests/test_demo.py).
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from specprune_cli.export import export_model
+from specprune_cli.prune import prune_model
+from helpers import prune_cfg
+from zoo import ZOO, build
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZOO))
+def test_pruned_model_exports_to_onnx_with_parity(name, tmp_path):
+    model, shape = build(name)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, *shape, generator=g) for _ in range(2)]
+    pruned = prune_model(model, batches, example_input=batches[0][:1],
+                         cfg=prune_cfg(target={"flops": 0.5}, max_positions=16), progress=False).model
+    settings = types.SimpleNamespace(formats=("onnx",), opset=18, onnx_tolerance=1e-4)
+    info = export_model(pruned, batches[0][:2], tmp_path, settings)["onnx"]
+    assert info["verified"] and info["batch_sizes"] == [2, 3]
+    assert info["max_abs_diff"] <= 1e-4 * max(1.0, float(pruned(batches[0][:2]).abs().max()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
