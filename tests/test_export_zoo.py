@@ -1,8 +1,6 @@
 """Every architecture of the surgery tests, pruned to half its FLOPs, exports to ONNX with parity.
 
-Slow (about a minute per large model with the dynamo exporter on 2 cores): `make test-slow`. The
-default suite exports resnet18, a trimmed MobileNetV2, a ViT, an MLP and a CNN (tests/test_export.py)
-and the pruned demo model (tests/test_demo.py).
+About two minutes on 2 cores in all (vgg11_bn and convnext_tiny take ~30 s each with the dynamo exporter).
 """
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ from helpers import prune_cfg
 from zoo import ZOO, build
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZOO))
 def test_pruned_model_exports_to_onnx_with_parity(name, tmp_path):
     model, shape = build(name)
