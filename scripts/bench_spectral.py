@@ -22,17 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import cpu_name, format_table  # noqa: E402
 from specprune_cli.spectral import _greedy_select_reference, greedy_select  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def problem(m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,13 +33,6 @@ def problem(m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(2 * m, m // 2, generator=g) @ torch.randn(m // 2, m, generator=g) + 0.1 * torch.randn(2 * m, m, generator=g)
     sigma = (x.T @ x).double() / x.shape[0]
     return sigma, torch.randn(2 * m, m, generator=g, dtype=torch.float64)
-
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-    """A Markdown table (kept here so that the benchmark depends on the spectral core alone)."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -1,0 +1,46 @@
+"""What every benchmark script shares: machine facts, Markdown tables, and writing its own section of
+docs/benchmarks.md without touching the others'."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+HEADER = ("# Benchmarks\n\nEvery table below is written by the script named in its heading; nothing is typed "
+          "by hand. Re-run a script to refresh its section (`pip install -e '.[bench]'` first).\n")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put ``text`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path`` (creating the
+    file, or appending the section, when absent); other sections stay as they are. Written to a
+    temporary name, then renamed."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    current = path.read_text() if path.exists() else HEADER
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = current.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(new)
+    tmp.replace(path)
