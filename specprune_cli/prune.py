@@ -22,7 +22,8 @@ from specprune_cli.graph import Unit, UnitGraph, find_units
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
 from specprune_cli.spectral import (SecondMoment, degrees_of_freedom, greedy_select, reconstruction_matrix,
                                     relative_lambda)
-from specprune_cli.stats import SegmentRunner, TapKey, collect_oneshot, new_moments, no_inplace_modules, observe
+from specprune_cli.stats import (SegmentRunner, TapKey, collect_oneshot, new_moments, no_inplace_modules,
+                                 tap_reader)
 from specprune_cli.surgery import prune_unit, selection_matrix, verify_forward
 
 
@@ -165,10 +166,12 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
             rows = {u.name: moments[(u.name, u.taps[0])].count for u in units}
         elif cfg.order == "sequential":
             runner = SegmentRunner(gm, inputs)
+            node_index = {n.name: i for i, n in enumerate(runner.nodes)}
             for u in units:
                 local = new_moments([u], max_positions=cfg.max_positions, seed=cfg.seed)
-                with observe(gm, [u], local), no_inplace_modules(gm):
-                    runner.run(u.end_position + 1, snapshot_at=u.position)
+                readers = {tap: tap_reader(u, tap, local[(u.name, tap)]) for tap in u.taps}
+                with no_inplace_modules(gm):
+                    runner.run(max(node_index[t] for t in u.taps) + 1, snapshot_at=u.position, visit=readers)
                 if u.name not in dof:
                     dof[u.name] = _dof(u, local, model, cfg.ridge)
                 keep, a_by_tap = _choose(model, u, widths[u.name], local, cfg)

@@ -6,7 +6,8 @@ Two ways to gather them:
   the calibration data through the unmodified network.
 * ``SegmentRunner``: the sequential order. The traced graph is executed node by node over the cached
   calibration batches; the values alive at the current cut are kept, so after a unit is pruned the run
-  resumes at its producer instead of starting from the input again. Each stretch of the network is
+  resumes at its producer instead of starting from the input again, and it stops at the unit's taps
+  (the consumers' inputs, read as they are computed) instead of running the consumers. Each layer is
   computed about twice in all (once to gather a unit's statistics, once more after its surgery), not
   once per unit.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,6 +64,19 @@ def tap_rows(x: torch.Tensor, unit: Unit, spatial: int) -> torch.Tensor:
     return x
 
 
+def tap_reader(unit: Unit, tap: str, acc: SecondMoment) -> Callable[[torch.Tensor], None]:
+    """A function that adds the value of ``unit``'s ``tap`` (a consumer's input) to ``acc``."""
+    consumer = next(c for c in unit.consumers if c.tap == tap)
+
+    def read(x: torch.Tensor) -> None:
+        try:
+            acc.update(tap_rows(x, unit, consumer.spatial))
+        except StatisticsError as exc:
+            raise StatisticsError(f"at the input of {consumer.module} (unit {unit.name}): {exc}") from None
+
+    return read
+
+
 def new_moments(units: Sequence[Unit], *, max_positions: int | None, seed: int) -> dict[TapKey, SecondMoment]:
     """One empty accumulator per (unit, tap)."""
     out: dict[TapKey, SecondMoment] = {}
@@ -83,18 +97,9 @@ def observe(gm: fx.GraphModule, units: Sequence[Unit], moments: dict[TapKey, Sec
         for u in units:
             for tap in u.taps:
                 consumer = next(c for c in u.consumers if c.tap == tap)
-                acc = moments[(u.name, tap)]
-                module = gm.get_submodule(consumer.module)
-
-                def hook(_mod: nn.Module, args: tuple[Any, ...], acc: SecondMoment = acc, unit: Unit = u,
-                         spatial: int = consumer.spatial, name: str = consumer.module) -> None:
-                    x = args[0]
-                    try:
-                        acc.update(tap_rows(x, unit, spatial))
-                    except StatisticsError as exc:
-                        raise StatisticsError(f"at the input of {name} (unit {unit.name}): {exc}") from None
-
-                handles.append(module.register_forward_pre_hook(hook))
+                read = tap_reader(u, tap, moments[(u.name, tap)])
+                handles.append(gm.get_submodule(consumer.module).register_forward_pre_hook(
+                    lambda _mod, args, read=read: read(args[0])))
         yield
     finally:
         for h in handles:
@@ -129,7 +134,8 @@ class SegmentRunner:
         self.cache: list[dict[fx.Node, Any]] = [{} for _ in batches]
         self.inputs = list(batches)
 
-    def run(self, stop: int, *, snapshot_at: int | None = None) -> None:
+    def run(self, stop: int, *, snapshot_at: int | None = None,
+            visit: Mapping[str, Callable[[Any], None]] | None = None) -> None:
         """Compute nodes ``[position, stop)`` for every batch (hooks on modules fire as usual).
 
         Args:
@@ -137,6 +143,8 @@ class SegmentRunner:
             snapshot_at: if given (``position <= snapshot_at <= stop``), the values alive just before
                 node ``snapshot_at`` become the new cache and ``position`` moves there; otherwise
                 the state is left where it was (the run only served the hooks).
+            visit: node name -> function called with that node's value for each batch, as it is
+                computed (how the sequential order reads a tap without running its consumers).
         """
         start = self.position
         if snapshot_at is not None and not start <= snapshot_at <= stop:
@@ -151,6 +159,8 @@ class SegmentRunner:
                         snap = {n: v for n, v in env.items() if self.last_use[n] >= i}
                     node = self.nodes[i]
                     env[node] = self._run_node(node, env, b)
+                    if visit and node.name in visit:
+                        visit[node.name](env[node])
                     for arg in node.all_input_nodes:
                         if self.last_use[arg] <= i:
                             env.pop(arg, None)
