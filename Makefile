@@ -25,9 +25,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# Every benchmark (about 1.5 hours on 2 cores the first time; models and results are cached in bench_cache/).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python scripts/bench_spectral.py
+	$(BIN)/python scripts/bench_quality.py
+	$(BIN)/python scripts/bench_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -97,6 +97,12 @@ def classifier_layer(model: nn.Module) -> nn.Module:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every conv and Linear layer (to see where each method put its budget)."""
+    return {name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
 def tp_prune(model: nn.Module, method: str, ratio: float, data: Data) -> nn.Module:
     """A copy of ``model`` pruned by Torch-Pruning's ``method`` at ``ratio``."""
     import torch_pruning as tp
@@ -185,7 +191,7 @@ def run_model(name: str, budgets: tuple[float, ...], data: Data, progress: bool)
             flops = count_flops(pruned, EXAMPLE)
             row = {"budget": budget, "method": method, "flops_kept": flops / flops0,
                    "flops_vs_specprune": flops / target - 1, "params": count_params(pruned),
-                   "prune_seconds": round(prune_seconds, 2),
+                   "prune_seconds": round(prune_seconds, 2), "widths": layer_widths(pruned),
                    "accuracy": accuracy(pruned, data.test_x, data.test_y), **extra}
             row["accuracy_finetuned"] = accuracy(finetuned(pruned, model, data, progress), data.test_x, data.test_y)
             base["rows"].append(row)
