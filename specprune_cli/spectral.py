@@ -94,8 +94,12 @@ class SecondMoment:
         if channels != self.channels:
             raise StatisticsError(f"expected {self.channels} channels, got a batch with {channels}; "
                                   "the same accumulator must see the same layer")
-        # Checked on the whole batch, before subsampling: a broken model must not pass by luck.
-        bad = int(x.numel() - torch.isfinite(x).sum()) if x.is_floating_point() else 0
+        # Checked on the whole batch, before subsampling: a broken model must not pass by luck. A sum
+        # reads x once without a mask the size of x; only a non-finite sum (NaN/Inf, or an overflow)
+        # pays for the exact count.
+        bad = 0
+        if x.is_floating_point() and not math.isfinite(float(x.sum())):
+            bad = int(x.numel() - torch.isfinite(x).sum())
         if bad:
             raise StatisticsError(f"{bad} of {x.numel()} activation values are NaN or Inf; check the input "
                                   "normalisation (data.*.mean/std), that the checkpoint matches the "
