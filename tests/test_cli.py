@@ -47,15 +47,20 @@ def invoke(*args: str) -> click.testing.Result:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def _no_leftovers(out: Path) -> None:
-    assert not list(out.parent.glob(f"{out.name}.tmp-*")) and not list(out.parent.glob(f"{out.name}.old-*"))
+def _leftovers(out: Path) -> list[str]:
+    """Temporary or backup siblings of OUTDIR that a finished run (failed or not) left behind."""
+    return sorted(p.name for pattern in (".tmp-*", ".old-*") for p in out.parent.glob(f"{out.name}{pattern}"))
 
 
-def _fails(result, code: int, message: str, out: Path) -> None:
-    assert result.exit_code == code, result.output
-    assert result.stderr.strip().splitlines()[-1] == f"Error: {message}"
-    assert not out.exists()
-    _no_leftovers(out)
+def _failure(result, out: Path) -> tuple[int, str, list[str]]:
+    """What a failed run shows: (exit code, last line on stderr, what it left beside OUTDIR).
+
+    A failed run must leave nothing: not OUTDIR itself, nor a temporary or backup sibling of it, so the
+    last item of a correct failure is [].
+    """
+    lines = result.stderr.strip().splitlines()
+    left = ([out.name] if out.exists() else []) + _leftovers(out)
+    return result.exit_code, lines[-1] if lines else "", left
 
 
 # --------------------------------------------------------------------------------------- happy paths
@@ -76,7 +81,7 @@ def test_compress_synthetic_json(tmp_path, cnn_checkpoint, write_config):
     assert load_config(out / "config.resolved.yaml").prune.theta == 0.25
     pruned = load_pruned(out / "model.pt")
     assert pruned.features[0].out_channels == report["plan"]["units"][0]["kept"] < 16
-    _no_leftovers(out)
+    assert _leftovers(out) == []
 
 
 def test_compress_npz_table_on_stdout(tmp_path, cnn_checkpoint, npz_data, write_config):
@@ -107,13 +112,15 @@ def test_fake_run_writes_outputs_and_logs_progress(tmp_path, cnn_checkpoint, wri
 def test_missing_checkpoint(tmp_path, write_config):
     out = tmp_path / "out"
     result = invoke("compress", tmp_path / "nope.pt", "-c", write_config(), "-o", out)
-    _fails(result, 2, f"Invalid value for 'CHECKPOINT': File '{tmp_path / 'nope.pt'}' does not exist.", out)
+    assert _failure(result, out) == (
+        2, f"Error: Invalid value for 'CHECKPOINT': File '{tmp_path / 'nope.pt'}' does not exist.", [])
 
 
 def test_unreadable_config(tmp_path, cnn_checkpoint):
     out, cfg = tmp_path / "out", tmp_path / "missing.yaml"
-    _fails(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), 2,
-           f"cannot read config file {cfg}: No such file or directory; check the --config path", out)
+    result = invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out)
+    assert _failure(result, out) == (
+        2, f"Error: cannot read config file {cfg}: No such file or directory; check the --config path", [])
 
 
 def test_non_yaml_config(tmp_path, cnn_checkpoint):
@@ -130,32 +137,35 @@ def test_non_yaml_config(tmp_path, cnn_checkpoint):
 
 def test_unknown_key_suggests(tmp_path, cnn_checkpoint, write_config):
     out = tmp_path / "out"
-    _fails(invoke("compress", cnn_checkpoint, "-c", write_config(prune={"ridg": 0.1}), "-o", out), 2,
-           "unknown config key prune.ridg; did you mean prune.ridge?", out)
+    result = invoke("compress", cnn_checkpoint, "-c", write_config(prune={"ridg": 0.1}), "-o", out)
+    assert _failure(result, out) == (2, "Error: unknown config key prune.ridg; did you mean prune.ridge?", [])
 
 
 def test_wrong_type(tmp_path, cnn_checkpoint, write_config):
     out = tmp_path / "out"
     result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out,
                     "--set", "prune.round_to=eight")
-    _fails(result, 2, "config key prune.round_to must be an integer, got 'eight' (str)", out)
+    assert _failure(result, out) == (
+        2, "Error: config key prune.round_to must be an integer, got 'eight' (str)", [])
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
 def test_flops_target_outside_unit_interval(tmp_path, cnn_checkpoint, write_config, value):
     out = tmp_path / "out"
-    _fails(invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--set",
-                  f"prune.target.flops={value}"),
-           2, f"config key prune.target.flops must be in (0, 1], got {float(value)!r}", out)
+    result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--set",
+                    f"prune.target.flops={value}")
+    assert _failure(result, out) == (
+        2, f"Error: config key prune.target.flops must be in (0, 1], got {float(value)!r}", [])
 
 
 def test_arch_does_not_import(tmp_path, cnn_checkpoint, write_config):
     out = tmp_path / "out"
     cfg = write_config(model={"arch": "no_such_pkg_abc:Net"})
-    _fails(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), 2,
-           "model.arch 'no_such_pkg_abc:Net' could not be imported (ModuleNotFoundError: No module named "
-           "'no_such_pkg_abc'); check that the module is installed (or the file exists, relative to the "
-           "working directory) and that it defines the callable after the ':'", out)
+    result = invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out)
+    assert _failure(result, out) == (
+        2, "Error: model.arch 'no_such_pkg_abc:Net' could not be imported (ModuleNotFoundError: No module "
+           "named 'no_such_pkg_abc'); check that the module is installed (or the file exists, relative to "
+           "the working directory) and that it defines the callable after the ':'", [])
 
 
 def test_checkpoint_arch_mismatch(tmp_path, write_config):
@@ -191,9 +201,10 @@ def test_npz_without_x(tmp_path, cnn_checkpoint, write_config):
 
     np.savez(npz, images=np.zeros((4, 3, 8, 8), dtype=np.float32))
     cfg = write_config({"format": "npz", "path": str(npz)})
-    _fails(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), 1,
-           f"data.calibration: {npz} has no array 'x' (found: images); save the inputs as x and the labels "
-           "(optional) as y, e.g. numpy.savez(path, x=images, y=labels)", out)
+    result = invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out)
+    assert _failure(result, out) == (
+        1, f"Error: data.calibration: {npz} has no array 'x' (found: images); save the inputs as x and the "
+           "labels (optional) as y, e.g. numpy.savez(path, x=images, y=labels)", [])
 
 
 def test_fewer_samples_warns_and_goes_on(tmp_path, cnn_checkpoint, write_config, fake_prune):
@@ -209,20 +220,22 @@ def test_fewer_samples_warns_and_goes_on(tmp_path, cnn_checkpoint, write_config,
 def test_zero_samples_is_an_error(tmp_path, cnn_checkpoint, write_config, fake_prune):
     out, npz = tmp_path / "out", write_npz(tmp_path / "empty.npz", n=0)
     cfg = write_config({"format": "npz", "path": str(npz)})
-    _fails(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), 1,
-           f"data.calibration: {npz} holds no samples; point data.calibration.path at a non-empty dataset",
-           out)
+    result = invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out)
+    assert _failure(result, out) == (
+        1, f"Error: data.calibration: {npz} holds no samples; point data.calibration.path at a non-empty "
+           "dataset", [])
     assert fake_prune == []
 
 
 def test_pickled_module_needs_trust(tmp_path, write_config, fake_prune):
     out, ckpt = tmp_path / "out", tmp_path / "whole.pt"
     torch.save(make_cnn(), ckpt)
-    _fails(invoke("compress", ckpt, "-c", write_config(), "-o", out), 1,
-           f"checkpoint {ckpt} holds pickled Python objects (a whole model, not only tensors), which "
+    result = invoke("compress", ckpt, "-c", write_config(), "-o", out)
+    assert _failure(result, out) == (
+        1, f"Error: checkpoint {ckpt} holds pickled Python objects (a whole model, not only tensors), which "
            "specprune will not unpickle by default because unpickling can run arbitrary code. If you trust "
            "this file, pass --trust-checkpoint; better, re-save it with "
-           "torch.save(model.state_dict(), path).", out)
+           "torch.save(model.state_dict(), path).", [])
     trusted = invoke("compress", ckpt, "-c", write_config(model={"arch": None}), "-o", out,
                      "--trust-checkpoint", "--quiet")
     assert trusted.exit_code == 0, trusted.output
@@ -242,7 +255,7 @@ def test_outdir_not_empty_needs_overwrite(tmp_path, cnn_checkpoint, write_config
     ok = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--overwrite", "--quiet")
     assert ok.exit_code == 0, ok.output
     assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml", "model.pt", "report.json"]
-    _no_leftovers(out)
+    assert _leftovers(out) == []
 
 
 def test_empty_outdir_is_used(tmp_path, cnn_checkpoint, write_config, fake_prune):
@@ -265,16 +278,17 @@ def test_failure_leaves_existing_outdir_untouched(tmp_path, cnn_checkpoint, writ
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == "Error: prune.target.flops=0.01 cannot be met"
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    _no_leftovers(out)
+    assert _leftovers(out) == []
 
 
 def test_missing_calibration_section(tmp_path, cnn_checkpoint):
     out, cfg = tmp_path / "out", tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"arch": ARCH, "input_shape": [3, 8, 8]}}))
-    _fails(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), 2,
-           "data.calibration is not set; specprune needs calibration data to measure the layers: set "
+    result = invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out)
+    assert _failure(result, out) == (
+        2, "Error: data.calibration is not set; specprune needs calibration data to measure the layers: set "
            "data.calibration.format (npz, imagefolder, torchvision, idx or synthetic) and "
-           "data.calibration.path", out)
+           "data.calibration.path", [])
 
 
 def test_gate_range_and_accuracy_gate_without_labels(tmp_path, cnn_checkpoint, write_config):
@@ -282,8 +296,9 @@ def test_gate_range_and_accuracy_gate_without_labels(tmp_path, cnn_checkpoint, w
     bad = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--min-agreement", "1.5")
     assert bad.exit_code == 2 and "1.5 is not in the range 0<=x<=1" in bad.stderr
     result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--max-accuracy-drop", "1")
-    _fails(result, 2, "--max-accuracy-drop needs accuracy before and after pruning: set data.eval to a "
-                      "labelled dataset", out)
+    assert _failure(result, out) == (
+        2, "Error: --max-accuracy-drop needs accuracy before and after pruning: set data.eval to a "
+           "labelled dataset", [])
 
 
 def test_impossible_gate_exits_3_with_outputs_written(tmp_path):
@@ -291,8 +306,9 @@ def test_impossible_gate_exits_3_with_outputs_written(tmp_path):
     example loses accuracy (measured: 93.5% -> 92.8% on 1,000 images), so the gate fails."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    result = invoke("compress", root / "examples/fashion_cnn.pt", "-c", root / "configs/example.yaml", "-o", out,
-                    "--set", "prune.target.flops=0.3", "--set", "finetune.epochs=0", "--set", "export.formats=[pt]",
+    result = invoke("compress", root / "examples/fashion_cnn.pt", "-c", root / "configs/example.yaml",
+                    "-o", out, "--set", "prune.target.flops=0.3", "--set", "finetune.epochs=0",
+                    "--set", "export.formats=[pt]",
                     "--set", "evaluate.latency=false", "--set", "data.eval.num_samples=1000",
                     "--max-accuracy-drop", "0", "--min-agreement", "0.5", "--json")
     assert result.exit_code == 3, result.output
