@@ -179,8 +179,8 @@ def run_model(name: str, budgets: tuple[float, ...], data: Data, progress: bool)
                 result = prune_model(model, [data.calib_x[i:i + 64] for i in range(0, len(data.calib_x), 64)],
                                      example_input=EXAMPLE, cfg=cfg, progress=progress)
                 pruned = result.model
-                if method == "specprune":
-                    target = count_flops(pruned, EXAMPLE)
+                if method == "specprune":  # the budget every other method is matched to
+                    target = result.report["flops_after"]
                     widths = {u["name"]: u["kept"] for u in result.report["units"]}
             elif method == "L1 (Li 2017)":
                 pruned = prune_by_criterion(model, EXAMPLE, widths, criterion="l1")
