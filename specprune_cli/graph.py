@@ -106,7 +106,16 @@ class Follower:
 
 @dataclass
 class Unit:
-    """One prunable unit: a producer, the layers that follow its channels, and its consumers."""
+    """One prunable unit: a producer, the layers that follow its channels, and its consumers.
+
+    Attributes:
+        position: index of the producer's node in the traced graph.
+        end_position: index of the last consumer's node.
+        channel_nodes: fx node name -> (channel dim, features per channel after a flatten, else None)
+            for every node that carries the unit's channels, the producer included: slicing such a
+            value to the kept channels gives what the pruned network computes, as long as its inputs
+            were unchanged or sliced alike (``SegmentRunner`` relies on this).
+    """
 
     name: str
     kind: str
@@ -116,6 +125,7 @@ class Unit:
     consumers: list[Consumer] = field(default_factory=list)
     position: int = 0
     end_position: int = 0
+    channel_nodes: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
     @property
     def taps(self) -> list[str]:
@@ -288,7 +298,8 @@ def find_units(model: nn.Module, example_input: torch.Tensor,
         units.append(Unit(
             name=name, kind=sp.kind, width=sp.width, channel_dim=cdim,
             followers=list(sp.followers), consumers=[c for c, _ in sp.consumers],
-            position=index[sp.producer], end_position=max(index[cn] for _, cn in sp.consumers)))
+            position=index[sp.producer], end_position=max(index[cn] for _, cn in sp.consumers),
+            channel_nodes={n.name: where for n, where in sp.nodes.items()}))
     return UnitGraph(gm, units, skipped)
 
 

@@ -167,16 +167,21 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
         elif cfg.order == "sequential":
             runner = SegmentRunner(gm, inputs)
             node_index = {n.name: i for i, n in enumerate(runner.nodes)}
-            for u in units:
+            for i, u in enumerate(units):
                 local = new_moments([u], max_positions=cfg.max_positions, seed=cfg.seed)
                 readers = {tap: tap_reader(u, tap, local[(u.name, tap)]) for tap in u.taps}
+                stop = max(node_index[t] for t in u.taps) + 1
+                # Keep what this stretch computed, up to where the next unit starts, if slicing can
+                # bring it up to date after the surgery; see SegmentRunner.resume_point.
+                limit = min(stop, units[i + 1].position) if i + 1 < len(units) else stop
                 with no_inplace_modules(gm):
-                    runner.run(max(node_index[t] for t in u.taps) + 1, snapshot_at=u.position, visit=readers)
+                    runner.run(stop, snapshot_at=runner.resume_point(u, limit), visit=readers)
                 if u.name not in dof:
                     dof[u.name] = _dof(u, local, model, cfg.ridge)
                 keep, a_by_tap = _choose(model, u, widths[u.name], local, cfg)
                 if keep is not None:
                     prune_unit(model, u, keep, a_by_tap)
+                    runner.narrow(u, keep)
                 kept[u.name] = keep if keep is not None else torch.arange(u.width)
                 rows[u.name] = local[(u.name, u.taps[0])].count
                 bar.update(1)

@@ -5,11 +5,14 @@ Two ways to gather them:
 * ``observe`` + ``collect_oneshot``: forward pre-hooks on the consumers of every unit, one pass over
   the calibration data through the unmodified network.
 * ``SegmentRunner``: the sequential order. The traced graph is executed node by node over the cached
-  calibration batches; the values alive at the current cut are kept, so after a unit is pruned the run
-  resumes at its producer instead of starting from the input again, and it stops at the unit's taps
-  (the consumers' inputs, read as they are computed) instead of running the consumers. Each layer is
-  computed about twice in all (once to gather a unit's statistics, once more after its surgery), not
-  once per unit.
+  calibration batches, keeping the values alive at the current cut. A unit's stretch runs from its
+  producer to its taps (the consumers' inputs, read as they are computed; the consumers do not run).
+  After the unit is pruned, the cached values that carry its channels are sliced to the kept ones,
+  which is exactly what the pruned producer and its per-channel followers would compute, so the run
+  goes on from there and each layer is computed once in all. Where a value alive at the cut was
+  changed by the pruning in another way (a consumer's output read before the taps, a gate fed by a
+  consumer, a shape read off the channels), the cut moves back to where nothing changed yet, at worst
+  to the producer, which then runs again.
 
 Hooks always live in a context manager and are removed in ``finally``.
 """
@@ -128,8 +131,8 @@ class SegmentRunner:
     def __init__(self, gm: fx.GraphModule, batches: Sequence[torch.Tensor]):
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
-        index = {n: i for i, n in enumerate(self.nodes)}
-        self.last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in self.nodes}
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = {n: max((self.index[u] for u in n.users), default=self.index[n]) for n in self.nodes}
         self.position = 0
         self.cache: list[dict[fx.Node, Any]] = [{} for _ in batches]
         self.inputs = list(batches)
@@ -171,6 +174,42 @@ class SegmentRunner:
             self.cache = new_cache
             self.position = snapshot_at
 
+    def resume_point(self, unit: Unit, limit: int) -> int:
+        """The latest cut in ``[unit.position, limit]`` at which ``narrow(unit, keep)`` makes the cache
+        exactly what the pruned network computes.
+
+        A value computed from the producer on is *sliced* if it carries the unit's channels and its
+        inputs are unchanged or sliced themselves; anything else computed from the producer's output is
+        *changed* (a consumer's output, a gate fed by one, a shape read off the channels). A cut works
+        if no changed value is alive across it.
+        """
+        sliced: set[fx.Node] = set()
+        changed: set[fx.Node] = set()
+        for i in range(unit.position, limit):
+            node = self.nodes[i]
+            if i == unit.position:
+                sliced.add(node)
+                continue
+            inputs = node.all_input_nodes
+            if not any(n in sliced or n in changed for n in inputs):
+                continue  # does not depend on the producer
+            if node.name in unit.channel_nodes and not any(n in changed for n in inputs):
+                sliced.add(node)
+            else:
+                changed.add(node)
+        for cut in range(limit, unit.position, -1):
+            if not any(self.index[n] < cut <= self.last_use[n] for n in changed):
+                return cut
+        return unit.position
+
+    def narrow(self, unit: Unit, keep: torch.Tensor) -> None:
+        """Slice the cached values that carry ``unit``'s channels to ``keep`` (after its surgery)."""
+        for env in self.cache:
+            for node, value in env.items():
+                where = unit.channel_nodes.get(node.name)
+                if where is not None:
+                    env[node] = _keep_channels(value, keep, *where)
+
     def _run_node(self, node: fx.Node, env: dict[fx.Node, Any], b: int) -> Any:
         if node.op == "placeholder":
             return self.inputs[b]
@@ -196,3 +235,12 @@ class SegmentRunner:
         if node.op == "call_module":
             return self.gm.get_submodule(str(node.target))(*args, **kwargs)
         raise RuntimeError(f"unknown fx node kind {node.op}")
+
+
+def _keep_channels(x: torch.Tensor, keep: torch.Tensor, dim: int, per_channel: int | None) -> torch.Tensor:
+    """``x`` with only the channels ``keep`` along ``dim``; after a flatten, channel c owns the
+    ``per_channel`` consecutive features starting at c * per_channel."""
+    if per_channel is None:
+        return x.index_select(dim, keep)
+    n = x.shape[0]
+    return x.reshape(n, -1, per_channel).index_select(1, keep).reshape(n, -1)

@@ -107,3 +107,77 @@ def test_sequential_statistics_equal_a_fresh_forward_despite_inplace_ops():
         for tap in u.taps:
             torch.testing.assert_close(local[(u.name, tap)].matrix, oneshot[(u.name, tap)].matrix)
     assert model.act.inplace is True  # restored
+
+
+def _sequential_by_definition(model, batches, cfg):
+    """SPEC §6 ``sequential`` read literally: for each unit in turn, a full forward pass of the network
+    whose earlier units are already pruned gathers its statistics; no cache, no replay, no slicing."""
+    import copy
+
+    from specprune_cli.plan import CostModel, allocate_widths
+    from specprune_cli.prune import _choose
+
+    model = copy.deepcopy(model).eval()
+    graph = find_units(model, batches[0][:1])
+    widths = allocate_widths(graph.units, CostModel(model, graph.units, batches[0][:1]), allocation="ratio",
+                             target_kind=cfg.target_kind, target_value=cfg.target_value, dof={},
+                             ratio=cfg.ratio, overrides={}, round_to=cfg.round_to,
+                             min_channels=cfg.min_channels)
+    kept = {}
+    for u in graph.units:
+        moments = collect_oneshot(graph.gm, [u], batches, max_positions=cfg.max_positions, seed=cfg.seed)
+        keep, a_by_tap = _choose(model, u, widths[u.name], moments, cfg)
+        if keep is not None:
+            prune_unit(model, u, keep, a_by_tap)
+        kept[u.name] = list(range(u.width)) if keep is None else keep.tolist()
+    return model, kept
+
+
+# Every structure the runner must get right, in the default run: flatten -> Linear, LayerNorm and Linear
+# on tokens, residual adds, concat, depthwise chains with SE gates. The rest of the zoo (wide Linear
+# layers make the reference slow) runs with `make test-slow`.
+_RUNNER_FAST = ("flatten_cnn", "vit_small", "resnet18", "squeezenet1_1", "mobilenet_v3_small")
+
+
+@pytest.mark.parametrize("name", [n if n in _RUNNER_FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in MODELS])
+def test_sequential_runner_matches_the_definition(name):
+    """The runner slices cached activations after each surgery instead of recomputing them (each layer
+    runs about once). It must choose the same channels as one full forward pass per unit would, and give
+    the same network. Covers flatten -> Linear, residual adds, depthwise chains, SE gates, LayerNorm."""
+    model, shape = build(name)
+    batches = _batches(shape, n=3, bs=6)
+    cfg = prune_cfg(allocation="ratio", ratio=0.5, round_to=1, min_channels=1, max_positions=8)
+    expected_model, expected = _sequential_by_definition(model, batches, cfg)
+    result = prune_model(model, batches, example_input=batches[0][:1], cfg=cfg, progress=False)
+    got = {u["name"]: u["indices"] for u in result.plan["units"]}
+    assert got == expected
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = expected_model(x)
+        torch.testing.assert_close(result.model(x), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_runner_resumes_where_slicing_is_exact():
+    """After a unit's surgery the runner slices what it cached instead of recomputing it. On a chain
+    every value alive at the next producer carries only the unit's channels, so the run resumes there
+    and each layer is computed once. A squeeze-excitation gate mixes the channels (its first conv reads
+    them and changes with the fold), so the cut falls back to just before that conv."""
+    from specprune_cli.stats import SegmentRunner
+
+    model, shape = build("flatten_cnn")
+    graph = find_units(model, torch.randn(1, *shape))
+    runner = SegmentRunner(graph.gm, [])
+    units = graph.units
+    assert [runner.resume_point(u, nxt.position) for u, nxt in zip(units, units[1:])] == \
+        [nxt.position for nxt in units[1:]]
+
+    model, shape = build("mobilenet_v3_small")
+    graph = find_units(model, torch.randn(1, *shape))
+    runner = SegmentRunner(graph.gm, [])
+    unit = graph.unit("features.4.block.0.0")  # expand conv; its channels pass an SE gate on the way
+    assert [c.module for c in unit.consumers] == ["features.4.block.2.fc1", "features.4.block.3.0"]
+    end = max(runner.index[n] for n in runner.nodes if n.name in unit.taps) + 1
+    fc1 = next(i for i, n in enumerate(runner.nodes) if n.target == "features.4.block.2.fc1")
+    assert unit.position < fc1 < end
+    assert runner.resume_point(unit, end) == fc1
