@@ -21,9 +21,10 @@ from tqdm import tqdm
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import find_units
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher
-from specprune_cli.prune import _as_inputs, consumer_gram, primary_tap, prune_model
+from specprune_cli.prune import (_as_inputs, allocation_prefix, consumer_gram, primary_tap, prune_model,
+                                 unit_dof)
 from specprune_cli.spectral import degrees_of_freedom, greedy_select, relative_lambda, selection_loss
-from specprune_cli.stats import collect_oneshot
+from specprune_cli.stats import collect_prefix
 from specprune_cli.surgery import prune_unit, selection_matrix
 
 KEEP_FRACTIONS = (0.75, 0.5, 0.25)
@@ -61,16 +62,18 @@ def analyze_model(model: nn.Module, batches: Iterable[Any], *, example_input: to
     inputs = _as_inputs(batches)
     with tqdm(total=len(inputs), desc="statistics", unit="batch", file=sys.stderr, disable=not progress,
               leave=False) as bar:
-        moments = collect_oneshot(graph.gm, graph.units, inputs, max_positions=cfg.max_positions,
-                                  seed=cfg.seed, progress=bar)
+        # compress takes each unit's dof from a prefix of the batches (prune.dof_rows); the same
+        # prefixes here, so the suggested widths are the ones compress picks. The figures use all.
+        prefix, moments, dof_samples = collect_prefix(
+            graph.gm, graph.units, inputs, max_positions=cfg.max_positions, seed=cfg.seed,
+            enough=allocation_prefix(cfg), full=True, progress=bar)
     rows = []
-    dof_at_cfg: dict[str, float] = {}
+    dof_at_cfg = {u.name: unit_dof(u, prefix, model, cfg.ridge) for u in graph.units}
     for u in tqdm(graph.units, desc="analyze", unit="unit", file=sys.stderr, disable=not progress, leave=False):
         tap = primary_tap(model, u)
         sigma = moments[(u.name, tap)].matrix
         mu = torch.linalg.eigvalsh(sigma).clamp_min(0).flip(0)
         dofs = {f"{r:g}": degrees_of_freedom(sigma, relative_lambda(sigma, r)) for r in ridges}
-        dof_at_cfg[u.name] = degrees_of_freedom(sigma, relative_lambda(sigma, cfg.ridge))
         gram = consumer_gram(model, u, tap) if cfg.theta > 0 else None
         losses = {}
         for frac in KEEP_FRACTIONS:
@@ -87,6 +90,8 @@ def analyze_model(model: nn.Module, batches: Iterable[Any], *, example_input: to
             "spectrum": [float(v) / trace if trace > 0 else 0.0 for v in mu.tolist()],
         })
     suggested = suggest_widths(model, graph, dof_at_cfg, example1, cfg) if graph.units else {}
+    if suggested:
+        suggested["dof_samples"] = dof_samples if cfg.allocation == "dof" else None
     return {"samples": sum(x.shape[0] for x in inputs), "ridges": [float(r) for r in ridges],
             "ridge": cfg.ridge, "theta": cfg.theta, "units": rows,
             "skipped": [{"name": s.name, "reason": s.reason} for s in graph.skipped],

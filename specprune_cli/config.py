@@ -348,6 +348,10 @@ class PruneConfig(_Section):
         round_to: kept widths are multiples of this.
         min_channels: no unit keeps fewer.
         max_positions: spatial positions sampled per image for the statistics (null: all).
+        dof_rows: the ``dof`` widths need only N(lambda) per unit, so their statistics come from the
+            fewest leading calibration batches that give every unit at least this many rows per
+            channel (null: every batch). Fewer rows than channels would cap N at the row count.
+        dof_min_samples: and from at least this many samples (or all there are).
         seed: seed of the position sampling.
         reconstruct: fold the reconstruction matrix into the consumers (false: plain slicing, an
             ablation that shows what the reconstruction is worth).
@@ -366,6 +370,8 @@ class PruneConfig(_Section):
     round_to: int = 8
     min_channels: int = 8
     max_positions: int | None = 256
+    dof_rows: float | None = 1.0
+    dof_min_samples: int = 64
     seed: int = 0
     reconstruct: bool = True
 
@@ -380,7 +386,9 @@ class PruneConfig(_Section):
             _in_range(f"{path}.overrides.{name}", r, 0.0, 1.0, lo_open=True)
         _positive(f"{path}.ridge", self.ridge)
         _in_range(f"{path}.theta", self.theta, 0.0, 1.0)
-        for key in ("round_to", "min_channels", "max_positions"):
+        if self.dof_rows is not None:
+            _positive(f"{path}.dof_rows", self.dof_rows)
+        for key in ("round_to", "min_channels", "max_positions", "dof_min_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"config key {path}.{key} must be 1 or more, got {value!r}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from specprune_cli.graph import Unit, UnitGraph, find_units
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
 from specprune_cli.spectral import (SecondMoment, degrees_of_freedom, greedy_select, reconstruction_matrix,
                                     relative_lambda)
-from specprune_cli.stats import (SegmentRunner, TapKey, collect_oneshot, new_moments, no_inplace_modules,
+from specprune_cli.stats import (SegmentRunner, TapKey, collect_prefix, new_moments, no_inplace_modules,
                                  tap_reader)
 from specprune_cli.surgery import prune_unit, selection_matrix, verify_forward
 
@@ -83,9 +83,29 @@ def _select(model: nn.Module, unit: Unit, k: int, moments: Mapping[TapKey, Secon
     return keep, a_by_tap
 
 
-def _dof(unit: Unit, moments: Mapping[TapKey, SecondMoment], model: nn.Module, ridge: float) -> float:
+def unit_dof(unit: Unit, moments: Mapping[TapKey, SecondMoment], model: nn.Module, ridge: float) -> float:
+    """N(lambda) of ``unit`` at its primary tap, lambda = ``ridge`` * Tr(Sigma) / m (SPEC §2)."""
     sigma = moments[(unit.name, primary_tap(model, unit))].matrix
     return degrees_of_freedom(sigma, relative_lambda(sigma, ridge))
+
+
+def allocation_prefix(cfg: Any) -> Callable[[Unit, Mapping[TapKey, SecondMoment], int], bool]:
+    """When the ``dof`` allocation has read enough of a unit: each of its taps holds ``cfg.dof_rows``
+    rows per channel and ``cfg.dof_min_samples`` samples went by (never, if ``dof_rows`` is None).
+
+    N(lambda) only sets how the budget is shared, and reading every batch for it would cost a whole
+    extra pass over the calibration data. Rows, not samples, are what an estimate of N needs: it can
+    be no larger than the rows it saw, so a unit read once per sample (a Linear, or a conv behind
+    global pooling) waits for as many samples as it has channels, while a conv at 28x28 is settled
+    after one batch.
+    """
+    rows, min_samples = cfg.dof_rows, cfg.dof_min_samples
+
+    def enough(unit: Unit, moments: Mapping[TapKey, SecondMoment], samples: int) -> bool:
+        return rows is not None and samples >= min_samples and all(
+            moments[(unit.name, t)].count >= rows * unit.width for t in unit.taps)
+
+    return enough
 
 
 def _as_inputs(batches: Iterable[Any]) -> list[torch.Tensor]:
@@ -131,15 +151,22 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
     dof: dict[str, float] = {}
     moments: dict[TapKey, SecondMoment] = {}
     samples = sum(x.shape[0] for x in inputs)
+    dof_samples = None
     if units:
         t = time.perf_counter()
         cost = CostModel(model, units, example1)
         if cfg.allocation == "dof" or cfg.order == "oneshot":
+            # One pass: the prefix the dof widths need; in oneshot order it goes on over every batch.
+            enough = allocation_prefix(cfg) if cfg.allocation == "dof" else (lambda _u, _m, _n: False)
             with tqdm(total=len(inputs), desc="statistics", unit="batch", file=sys.stderr,
                       disable=not progress, leave=False) as bar:
-                moments = collect_oneshot(gm, units, inputs, max_positions=cfg.max_positions, seed=cfg.seed,
-                                          progress=bar)
-            dof = {u.name: _dof(u, moments, model, cfg.ridge) for u in units}
+                prefix, full, dof_samples = collect_prefix(
+                    gm, units, inputs, max_positions=cfg.max_positions, seed=cfg.seed, enough=enough,
+                    full=cfg.order == "oneshot", progress=bar)
+            moments = full if full is not None else prefix
+            # Reported N comes from the statistics the widths were chosen on, or else from all batches.
+            dof = {u.name: unit_dof(u, prefix if cfg.allocation == "dof" else moments, model, cfg.ridge)
+                   for u in units}
         timings["statistics"] = time.perf_counter() - t
         t = time.perf_counter()
         widths = allocate_widths(units, cost, allocation=cfg.allocation, target_kind=cfg.target_kind,
@@ -177,7 +204,7 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
                 with no_inplace_modules(gm):
                     runner.run(stop, snapshot_at=runner.resume_point(u, limit), visit=readers)
                 if u.name not in dof:
-                    dof[u.name] = _dof(u, local, model, cfg.ridge)
+                    dof[u.name] = unit_dof(u, local, model, cfg.ridge)
                 keep, a_by_tap = _choose(model, u, widths[u.name], local, cfg)
                 if keep is not None:
                     prune_unit(model, u, keep, a_by_tap)
@@ -196,6 +223,7 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
     plan = make_plan(units, kept, dof)
     report = {
         "samples": samples,
+        "dof_samples": dof_samples if cfg.allocation == "dof" else None,
         "flops_before": flops_before, "flops_after": flops_after,
         "params_before": params_before, "params_after": params_after,
         "units": [{"name": u.name, "kind": u.kind, "width": u.width, "kept": int(kept[u.name].numel()),

@@ -23,6 +23,7 @@ SPEC §3 (``_greedy_select_reference``) and against brute force.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -31,6 +32,7 @@ from specprune_cli.errors import StatisticsError
 _BLOCK = 128  # rank-one terms per flush: fastest of 32/64/128 at m = 2048 on 2 shared cores
 _SYM_TILE = 512  # rows per tile in the half-triangle products; below two tiles a plain GEMM is faster
 _ROW_CHUNK = 1 << 16  # rows converted to float64 at a time in SecondMoment.update (bounds the copy)
+_GRAM_TILES = 8  # most column tiles in SecondMoment's half-triangle accumulation
 
 
 class SecondMoment:
@@ -60,17 +62,31 @@ class SecondMoment:
         self._sum: torch.Tensor | None = None
         self._generator = torch.Generator().manual_seed(seed)
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _row_chunks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The rows of ``x`` as float64 (rows, C) pieces of at most about _ROW_CHUNK rows.
+
+        Each piece is made by one copy that changes layout and dtype together: float64 before the
+        product, not after (SPEC §2).
+        """
         if self.channel_dim == -1 or x.dim() == 2:
-            return x.reshape(-1, x.shape[-1])
+            flat = x.reshape(-1, x.shape[-1])
+            for lo in range(0, flat.shape[0], _ROW_CHUNK):
+                yield flat[lo:lo + _ROW_CHUNK].to(torch.float64)
+            return
         n, c = x.shape[0], x.shape[1]
         x = x.reshape(n, c, -1)
         positions = x.shape[2]
         if self.max_positions is not None and positions > self.max_positions:
             # Distinct positions (no duplicated rows): the first max_positions of a random permutation.
             idx = torch.rand(n, positions, generator=self._generator).argsort(1)[:, :self.max_positions]
-            x = torch.gather(x, 2, idx.unsqueeze(1).expand(n, c, self.max_positions))
-        return x.permute(0, 2, 1).reshape(-1, c)
+            positions = self.max_positions
+            x = torch.gather(x, 2, idx.unsqueeze(1).expand(n, c, positions))
+        per = max(1, _ROW_CHUNK // positions)  # samples per piece
+        for lo in range(0, n, per):
+            part = x[lo:lo + per]
+            rows = torch.empty(part.shape[0], positions, c, dtype=torch.float64)
+            rows.copy_(part.permute(0, 2, 1))
+            yield rows.view(-1, c)
 
     def update(self, x: torch.Tensor) -> "SecondMoment":
         """Add a batch of activations.
@@ -104,14 +120,21 @@ class SecondMoment:
             raise StatisticsError(f"{bad} of {x.numel()} activation values are NaN or Inf; check the input "
                                   "normalisation (data.*.mean/std), that the checkpoint matches the "
                                   "architecture, and that the model runs in eval mode")
-        rows = self._rows(x)
-        s = torch.zeros(self.channels, self.channels, dtype=torch.float64)
-        for lo in range(0, rows.shape[0], _ROW_CHUNK):
-            chunk = rows[lo:lo + _ROW_CHUNK].to(torch.float64)  # float64 before the product, not after
-            s.addmm_(chunk.T, chunk)
-        self._sum = s if self._sum is None else self._sum.add_(s)
-        self.count += rows.shape[0]
+        if self._sum is None:
+            self._sum = torch.zeros(self.channels, self.channels, dtype=torch.float64)
+        for rows in self._row_chunks(x):
+            _add_upper_gram(self._sum, rows)
+            self.count += rows.shape[0]
         return self
+
+    def copy(self) -> "SecondMoment":
+        """An independent accumulator holding the same rows so far; later updates to either do not
+        reach the other, and its generator goes on from the same state (same updates, same matrix)."""
+        out = SecondMoment(self.channels, max_positions=self.max_positions, channel_dim=self.channel_dim)
+        out._generator.set_state(self._generator.get_state())
+        out.count = self.count
+        out._sum = None if self._sum is None else self._sum.clone()
+        return out
 
     def merge(self, other: "SecondMoment") -> "SecondMoment":
         """Add another accumulator's rows (the result is count-weighted). Returns self."""
@@ -131,8 +154,23 @@ class SecondMoment:
         if self._sum is None or self.count == 0:
             raise StatisticsError("the second moment was read before any update: run the 'observe' step "
                                   "(a forward pass over calibration data) first")
-        m = self._sum / self.count
-        return 0.5 * (m + m.T)
+        upper = self._sum.triu()  # the tiles below the diagonal are never computed (_add_upper_gram)
+        return (upper + upper.triu(1).T) / self.count
+
+
+def _add_upper_gram(out: torch.Tensor, rows: torch.Tensor) -> None:
+    """``out`` += rows^T rows on and above the diagonal only, in tiles of 64 or more channels (at most
+    8), which saves up to 44% of the flops: at m = 288 and 12,544 rows, 18 ms instead of 29 ms.
+    What lies below the diagonal tiles is left as it was; ``SecondMoment.matrix`` mirrors the upper
+    triangle."""
+    m = rows.shape[1]
+    tiles = max(1, min(_GRAM_TILES, m // 64))
+    if tiles == 1:
+        out.addmm_(rows.T, rows)
+        return
+    edges = [m * i // tiles for i in range(tiles + 1)]
+    for lo, hi in zip(edges, edges[1:]):
+        out[lo:hi, lo:].addmm_(rows[:, lo:hi].T, rows[:, lo:])
 
 
 def relative_lambda(sigma: torch.Tensor, ridge: float) -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -90,10 +90,12 @@ def new_moments(units: Sequence[Unit], *, max_positions: int | None, seed: int) 
 
 
 @contextlib.contextmanager
-def observe(gm: fx.GraphModule, units: Sequence[Unit], moments: dict[TapKey, SecondMoment]) -> Iterator[None]:
+def observe(gm: fx.GraphModule, units: Sequence[Unit], moments: dict[TapKey, SecondMoment],
+            skip: Container[str] = ()) -> Iterator[None]:
     """Accumulate each unit's taps while the block is active, with pre-hooks on one consumer per tap.
 
-    The hooks are removed when the block exits, also on error.
+    Units whose name is in ``skip`` (read at each call, so a set may grow meanwhile) are not
+    accumulated. The hooks are removed when the block exits, also on error.
     """
     handles = []
     try:
@@ -102,7 +104,7 @@ def observe(gm: fx.GraphModule, units: Sequence[Unit], moments: dict[TapKey, Sec
                 consumer = next(c for c in u.consumers if c.tap == tap)
                 read = tap_reader(u, tap, moments[(u.name, tap)])
                 handles.append(gm.get_submodule(consumer.module).register_forward_pre_hook(
-                    lambda _mod, args, read=read: read(args[0])))
+                    lambda _mod, args, read=read, name=u.name: None if name in skip else read(args[0])))
         yield
     finally:
         for h in handles:
@@ -112,13 +114,51 @@ def observe(gm: fx.GraphModule, units: Sequence[Unit], moments: dict[TapKey, Sec
 def collect_oneshot(gm: fx.GraphModule, units: Sequence[Unit], batches: Iterable[torch.Tensor], *,
                     max_positions: int | None, seed: int, progress: Any = None) -> dict[TapKey, SecondMoment]:
     """All units' statistics from the unmodified network in one pass (SPEC §6 ``oneshot``)."""
+    moments, _, _ = collect_prefix(gm, units, batches, max_positions=max_positions, seed=seed,
+                                   enough=lambda _u, _m, _n: False, progress=progress)
+    return moments
+
+
+def collect_prefix(gm: fx.GraphModule, units: Sequence[Unit], batches: Iterable[torch.Tensor], *,
+                   max_positions: int | None, seed: int,
+                   enough: Callable[[Unit, Mapping[TapKey, SecondMoment], int], bool], full: bool = False,
+                   progress: Any = None
+                   ) -> tuple[dict[TapKey, SecondMoment], dict[TapKey, SecondMoment] | None, int]:
+    """Each unit's statistics over the fewest leading batches after which ``enough(unit, moments,
+    samples)`` holds (all batches if it never does), from the unmodified network.
+
+    A unit's prefix statistics are exactly what ``collect_oneshot`` gives on those batches alone (same
+    seed, same order of updates). Without ``full``, a unit that has enough is no longer accumulated and
+    the pass stops once every unit has enough. With ``full`` it goes on over every batch and also
+    returns the statistics of all of them, so a caller that needs both pays for one pass.
+
+    Returns:
+        (prefix moments, all-batch moments or None without ``full``, samples read until every unit
+        had enough, or all of them).
+    """
     moments = new_moments(units, max_positions=max_positions, seed=seed)
-    with observe(gm, units, moments), torch.no_grad():
+    prefix: dict[TapKey, SecondMoment] = {}
+    done: set[str] = set()
+    samples, needed = 0, None
+    with observe(gm, units, moments, skip=() if full else done), torch.no_grad():
         for x in batches:
             gm(x)
+            samples += x.shape[0]
             if progress is not None:
                 progress.update(1)
-    return moments
+            for u in units:
+                if u.name not in done and enough(u, moments, samples):
+                    done.add(u.name)
+                    # Without `full` the unit is skipped from now on: its accumulators stay as they are.
+                    prefix.update({(u.name, t): moments[(u.name, t)].copy() if full else moments[(u.name, t)]
+                                   for t in u.taps})
+            if needed is None and len(done) == len(units):
+                needed = samples
+                if not full:
+                    break
+    for key, m in moments.items():
+        prefix.setdefault(key, m)  # a unit that never had enough: every batch there was
+    return prefix, (moments if full else None), samples if needed is None else needed
 
 
 class SegmentRunner:

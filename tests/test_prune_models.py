@@ -181,3 +181,30 @@ def test_runner_resumes_where_slicing_is_exact():
     fc1 = next(i for i, n in enumerate(runner.nodes) if n.target == "features.4.block.2.fc1")
     assert unit.position < fc1 < end
     assert runner.resume_point(unit, end) == fc1
+
+
+def test_dof_widths_read_the_fewest_batches_that_give_every_unit_a_row_per_channel():
+    """flatten_cnn's fc1 (64 wide) sees one row per sample, its convs 8 sampled positions each: with
+    dof_rows 1 the convs' N come from the first batch of 8 and fc1's from the first 8 batches (64
+    samples), where the allocation pass stops."""
+    from specprune_cli.prune import unit_dof
+
+    model, shape = build("flatten_cnn")
+    batches = _batches(shape, n=12, bs=8)
+    cfg = prune_cfg(dof_rows=1.0, dof_min_samples=1, max_positions=8, round_to=1, min_channels=1)
+    report = prune_model(model, batches, example_input=batches[0][:1], cfg=cfg, progress=False).report
+    assert report["dof_samples"] == 64
+    graph = find_units(model, batches[0][:1])
+    assert [(u.name, u.width) for u in graph.units] == [("features.0", 16), ("features.4", 32),
+                                                        ("features.8", 32), ("fc1", 64)]
+    first1 = collect_oneshot(graph.gm, graph.units, batches[:1], max_positions=8, seed=0)
+    first8 = collect_oneshot(graph.gm, graph.units, batches[:8], max_positions=8, seed=0)
+    expected = [unit_dof(u, first8 if u.name == "fc1" else first1, model, cfg.ridge) for u in graph.units]
+    assert [u["dof"] for u in report["units"]] == [round(d, 3) for d in expected]
+    # A minimum of samples holds every unit back, and null reads everything.
+    both = prune_cfg(dof_rows=1.0, dof_min_samples=80, max_positions=8)
+    assert prune_model(model, batches, example_input=batches[0][:1], cfg=both, progress=False
+                       ).report["dof_samples"] == 80
+    every = prune_cfg(dof_rows=None, max_positions=8)
+    assert prune_model(model, batches, example_input=batches[0][:1], cfg=every, progress=False
+                       ).report["dof_samples"] == 96

@@ -220,6 +220,30 @@ def test_second_moment_streams_uneven_batches_exactly():
     assert torch.linalg.norm(acc.matrix - expected) / torch.linalg.norm(expected) < 1e-12
 
 
+@pytest.mark.parametrize("m", [63, 130, 200, 600])  # 1, 2, 3 and 8 column tiles
+def test_second_moment_half_triangle_tiles_give_the_whole_symmetric_matrix(m):
+    """Only the tiles on and above the diagonal are multiplied; the matrix must still be X^T X / n."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(2, m, 9, 11, generator=g)  # conv layout: 198 rows
+    rows = x.permute(0, 2, 3, 1).reshape(-1, m).double()
+    acc = SecondMoment().update(x[:1]).update(x[1:])
+    sigma = acc.matrix
+    assert acc.count == 198 and torch.equal(sigma, sigma.T)
+    expected = rows.T @ rows / 198
+    assert torch.linalg.norm(sigma - expected) / torch.linalg.norm(expected) < 1e-13
+    copy = acc.copy()
+    acc.update(x)
+    assert copy.count == 198 and torch.equal(copy.matrix, sigma)  # a copy does not see later updates
+
+
+def test_second_moment_copy_goes_on_like_the_original():
+    """Same rows so far and the same generator state: the same further updates give the same matrix."""
+    x = torch.randn(4, 3, 6, 6)
+    acc = SecondMoment(max_positions=5, seed=2).update(x)
+    twin = acc.copy()
+    assert torch.equal(acc.update(x).matrix, twin.update(x).matrix)
+
+
 def test_second_moment_merge_of_halves_equals_whole():
     x = torch.randn(50, 6, dtype=torch.float64)
     whole = SecondMoment().update(x)
