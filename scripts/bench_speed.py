@@ -64,7 +64,7 @@ from specprune_cli.flops import count_flops, count_params  # noqa: E402
 REFERENCE = ("vgg_small", "resnet_small", "mobilenetv2_small")
 SCALING_MODEL = "resnet_small"
 BATCH = 64
-STAGES = ("trace", "statistics", "allocation", "selection", "verify")
+STAGES = ("trace", "statistics", "allocation", "replay", "selection", "verify")
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,7 @@ def prune_case(case: dict) -> dict:
     return {"floor_s": floor, "total_s": total, "first_s": runs[0][0], "timings": timings,
             "rss_before_mib": before, "peak_forward_mib": forward_peak,
             "peak_prune_mib": memory_mib("VmHWM"), "peak_reset": reset, "samples": report["samples"],
+            "dof_samples": report.get("dof_samples"),
             "kept": {u["name"]: [u["width"], u["kept"]] for u in report["units"]}}
 
 
@@ -313,7 +314,7 @@ def tool_speed(results: dict[str, dict], s: Settings, isolate: bool) -> str:
                         "yes" if seq["total_s"] < 2 * seq["floor_s"] else "no"])
         for order, r in (("sequential", seq), ("oneshot", one)):
             t, floor = r["timings"], r["floor_s"]
-            stages.append([arch, order, *(f"{t.get(k, 0.0) / floor:.2f}" for k in STAGES),
+            stages.append([arch, order, r.get("dof_samples") or "-", *(f"{t.get(k, 0.0) / floor:.2f}" for k in STAGES),
                            f"{(r['total_s'] - sum(t.values())) / floor:.2f}", f"{r['total_s'] / floor:.2f}",
                            mib(r["rss_before_mib"]), mib(r["peak_forward_mib"]), mib(r["peak_prune_mib"])])
     met = sum(row[-1] == "yes" for row in summary)
@@ -323,7 +324,8 @@ def tool_speed(results: dict[str, dict], s: Settings, isolate: bool) -> str:
     growth = [results[f"prune/{SCALING_MODEL}/sequential" if n == s.samples else f"samples/{n}"]
               for n in s.sample_counts]
     growth_rows = [[r["samples"], f"{r['floor_s']:.2f}", f"{r['total_s']:.2f}",
-                    f"{r['total_s'] / r['floor_s']:.2f}", f"{r['timings']['statistics']:.2f}",
+                    f"{r['total_s'] / r['floor_s']:.2f}", r.get("dof_samples") or "-",
+                    f"{r['timings']['statistics']:.2f}", f"{r['timings'].get('replay', 0.0):.2f}",
                     f"{r['timings']['selection']:.2f}", mib(r["peak_forward_mib"]), mib(r["peak_prune_mib"])]
                    for r in growth]
     n_exp = loglog_slope(s.sample_counts, [r["total_s"] for r in growth])
@@ -357,14 +359,20 @@ def tool_speed(results: dict[str, dict], s: Settings, isolate: bool) -> str:
                       "x floor", "sequential / oneshot", "sequential, first run (s)",
                       "sequential < 2x floor"], summary), "",
         f"Target (sequential under 2x the floor): met on {met} of {len(summary)} models.", "",
-        "Stages in multiples of the floor (`report[\"timings\"]`; *other* is the rest of the call). Memory: "
+        "Stages in multiples of the floor (`report[\"timings\"]`; *other* is the rest of the call). "
+        "*statistics* is the one-shot pass: in sequential order only the prefix of the calibration set "
+        "that the `dof` widths need (*dof samples*: until every unit has `prune.dof_rows` = 1 row per "
+        "channel, and 64 samples), in oneshot order every batch. *replay* is the sequential pass over "
+        "the network (each layer once, its values sliced after each surgery), *selection* the greedy "
+        "selection and the fold. Memory: "
         "RSS once the model and data are loaded, and the peak RSS (VmHWM, reset just before; "
         f"{reset}) during the floor's passes and during pruning. Not ru_maxrss, which a subprocess "
         "inherits from its parent at exec; not tracemalloc, which does not see torch's tensor storage.", "",
-        format_table(["model", "order", *STAGES, "other", "total", "RSS after setup (MiB)",
+        format_table(["model", "order", "dof samples", *STAGES, "other", "total", "RSS after setup (MiB)",
                       "peak, forward (MiB)", "peak, pruning (MiB)"], stages), "",
         f"Growth with the number of calibration images ({SCALING_MODEL}, sequential):", "",
-        format_table(["images", "floor (s)", "prune (s)", "x floor", "statistics (s)", "selection (s)",
+        format_table(["images", "floor (s)", "prune (s)", "x floor", "dof samples", "statistics (s)",
+                      "replay (s)", "selection (s)",
                       "peak, forward (MiB)", "peak, pruning (MiB)"], growth_rows), "",
         f"Least-squares exponents: prune time ~ n^{n_exp:.2f}, floor ~ n^{floor_exp:.2f}.", "",
         f"Growth with layer width: Linear(m, m) -> ReLU -> Linear(m, 10) on {s.width_samples} random inputs, "

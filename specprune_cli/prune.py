@@ -176,6 +176,7 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
         timings["allocation"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    replay = 0.0  # of which: running stretches of the network in sequential order (and slicing them)
     kept: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
     with tqdm(total=len(units), desc=f"select ({cfg.order})", unit="unit", file=sys.stderr,
@@ -201,20 +202,25 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
                 # Keep what this stretch computed, up to where the next unit starts, if slicing can
                 # bring it up to date after the surgery; see SegmentRunner.resume_point.
                 limit = min(stop, units[i + 1].position) if i + 1 < len(units) else stop
+                t_run = time.perf_counter()
                 with no_inplace_modules(gm):
                     runner.run(stop, snapshot_at=runner.resume_point(u, limit), visit=readers)
+                replay += time.perf_counter() - t_run
                 if u.name not in dof:
                     dof[u.name] = unit_dof(u, local, model, cfg.ridge)
                 keep, a_by_tap = _choose(model, u, widths[u.name], local, cfg)
                 if keep is not None:
                     prune_unit(model, u, keep, a_by_tap)
+                    t_run = time.perf_counter()
                     runner.narrow(u, keep)
+                    replay += time.perf_counter() - t_run
                 kept[u.name] = keep if keep is not None else torch.arange(u.width)
                 rows[u.name] = local[(u.name, u.taps[0])].count
                 bar.update(1)
         else:
             raise ConfigError(f"prune.order must be 'sequential' or 'oneshot', got {cfg.order!r}")
-    timings["selection"] = time.perf_counter() - t
+    timings["replay"] = replay
+    timings["selection"] = time.perf_counter() - t - replay
 
     t = time.perf_counter()
     verify_forward(model, example1, expected_shape)
