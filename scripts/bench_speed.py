@@ -187,7 +187,8 @@ def latency_case(case: dict) -> dict:
         for _ in range(case["rounds"]):
             for name, m in variants.items():
                 runs = {"eager": measure_latency(m, example, case["batches"], case["repeats"]),
-                        "onnx": measure_onnx_latency(onnx[name], example, case["batches"], case["repeats"])}
+                        "onnx": measure_onnx_latency(onnx[name], example, case["batches"], case["repeats"],
+                                                     threads=torch.get_num_threads())}
                 for runtime, by_batch in runs.items():
                     for b, r in by_batch.items():
                         timed[name][runtime].setdefault(str(b), []).append(r["median_ms"])
@@ -408,7 +409,8 @@ def result_speed(results: dict[str, dict], s: Settings) -> str:
         "original / pruned FLOPs, the theoretical speed-up:", "",
         format_table(["model", "variant", "MFLOPs (1 image)", "params", "FLOPs ratio"], size_rows), "",
         "CPU latency: `specprune_cli.evaluate.measure_latency` (torch eager, `inference_mode`) and "
-        "`measure_onnx_latency` (ONNX Runtime CPUExecutionProvider, default threads, files from "
+        "`measure_onnx_latency` (ONNX Runtime CPUExecutionProvider with as many intra-op threads as "
+        f"torch ({torch.get_num_threads()}), files from "
         f"`export_model`): medians of {s.latency_repeats} passes after warm-up, freed memory kept mapped. "
         f"The variants are measured in turn, {s.latency_rounds} round(s); the median over rounds is shown. "
         "Speed-up = original / pruned latency; share = speed-up / FLOPs ratio, how much of the theoretical "

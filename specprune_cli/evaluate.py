@@ -206,14 +206,16 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, batch_sizes: 
 
 
 def measure_onnx_latency(path: str, example_input: torch.Tensor, batch_sizes: Sequence[int],
-                         repeats: int) -> dict[int, dict]:
-    """Median time of one ONNX Runtime run (CPUExecutionProvider, default thread settings) per batch size.
+                         repeats: int, threads: int | None = None) -> dict[int, dict]:
+    """Median time of one ONNX Runtime run (CPUExecutionProvider) per batch size.
 
     Args:
         path: an ONNX file with one input whose first dimension is dynamic.
         example_input: one batch; only its shape after dim 0 and dtype are used.
         batch_sizes: batch sizes to time.
         repeats: timed runs per batch size.
+        threads: ONNX Runtime's intra-op threads (None: its default, one per core), e.g. the same
+            count torch uses, to compare the two runtimes like for like.
 
     Returns:
         ``{batch_size: {"median_ms", "min_ms", "samples"}}``, as ``measure_latency``.
@@ -221,8 +223,10 @@ def measure_onnx_latency(path: str, example_input: torch.Tensor, batch_sizes: Se
     import onnxruntime as ort  # optional at import time: only needed when ONNX latency is asked for
 
     keep_memory_mapped()
-    session = ort.InferenceSession(str(path), sess_options=ort.SessionOptions(),
-                                   providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     results: dict[int, dict] = {}
     for b in batch_sizes:

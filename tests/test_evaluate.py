@@ -119,5 +119,25 @@ def test_onnx_latency(mlp, tmp_path):
     assert all(s["median_ms"] > 0 and s["samples"] == 4 for s in result.values())
 
 
+def test_onnx_latency_runs_with_the_threads_asked_for(mlp, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from specprune_cli.export import export_model
+
+    settings = SimpleNamespace(formats=["onnx"], opset=18, onnx_tolerance=1e-4)
+    path = export_model(mlp, torch.zeros(1, 6), tmp_path, settings)["onnx"]["path"]
+    seen = []
+    real = ort.InferenceSession
+
+    def session(file, sess_options=None, **kwargs):
+        seen.append(sess_options.intra_op_num_threads)
+        return real(file, sess_options=sess_options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    measure_onnx_latency(path, torch.zeros(1, 6), [2], repeats=2, threads=1)
+    measure_onnx_latency(path, torch.zeros(1, 6), [2], repeats=2)
+    assert seen == [1, 0]  # 0 is ONNX Runtime's "choose for me"
+
+
 def test_keep_memory_mapped_is_idempotent():
     assert keep_memory_mapped() is keep_memory_mapped()
