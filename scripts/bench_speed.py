@@ -315,7 +315,8 @@ def tool_speed(results: dict[str, dict], s: Settings, isolate: bool) -> str:
                         "yes" if seq["total_s"] < 2 * seq["floor_s"] else "no"])
         for order, r in (("sequential", seq), ("oneshot", one)):
             t, floor = r["timings"], r["floor_s"]
-            stages.append([arch, order, r.get("dof_samples") or "-", *(f"{t.get(k, 0.0) / floor:.2f}" for k in STAGES),
+            stages.append([arch, order, r.get("dof_samples") or "-",
+                           *(f"{t.get(k, 0.0) / floor:.2f}" for k in STAGES),
                            f"{(r['total_s'] - sum(t.values())) / floor:.2f}", f"{r['total_s'] / floor:.2f}",
                            mib(r["rss_before_mib"]), mib(r["peak_forward_mib"]), mib(r["peak_prune_mib"])])
     met = sum(row[-1] == "yes" for row in summary)

@@ -80,8 +80,8 @@ def test_prune_config_direct_construction_is_validated_and_replaceable():
     ("data:\n  calibration:\n    format: npz\n    path: a.npz\n    nm_samples: 3\n",
      "unknown config key data.calibration.nm_samples; did you mean data.calibration.num_samples?"),
     ("prune:\n  zzz: 1\n", "unknown config key prune.zzz; valid keys under prune: target, allocation, ratio, "
-     "overrides, ridge, theta, order, exclude, round_to, min_channels, max_positions, dof_rows, dof_min_samples, "
-     "seed, reconstruct"),
+     "overrides, ridge, theta, order, exclude, round_to, min_channels, max_positions, dof_rows, "
+     "dof_min_samples, seed, reconstruct"),
     ("prune:\n  dof_rows: 0\n", "config key prune.dof_rows must be positive, got 0.0"),
     ("prune:\n  dof_min_samples: 0\n", "config key prune.dof_min_samples must be 1 or more, got 0"),
     ("prune:\n  ridge: abc\n", "config key prune.ridge must be a number, got 'abc' (str)"),
