@@ -164,9 +164,8 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
                     gm, units, inputs, max_positions=cfg.max_positions, seed=cfg.seed, enough=enough,
                     full=cfg.order == "oneshot", progress=bar)
             moments = full if full is not None else prefix
-            # Reported N comes from the statistics the widths were chosen on, or else from all batches.
-            dof = {u.name: unit_dof(u, prefix if cfg.allocation == "dof" else moments, model, cfg.ridge)
-                   for u in units}
+            # Without dof allocation nothing ever has enough: the prefix is every batch.
+            dof = {u.name: unit_dof(u, prefix, model, cfg.ridge) for u in units}
         timings["statistics"] = time.perf_counter() - t
         t = time.perf_counter()
         widths = allocate_widths(units, cost, allocation=cfg.allocation, target_kind=cfg.target_kind,

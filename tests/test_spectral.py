@@ -222,7 +222,8 @@ def test_second_moment_streams_uneven_batches_exactly():
 
 @pytest.mark.parametrize("m", [63, 130, 200, 600])  # 1, 2, 3 and 8 column tiles
 def test_second_moment_half_triangle_tiles_give_the_whole_symmetric_matrix(m):
-    """Only the tiles on and above the diagonal are multiplied; the matrix must still be X^T X / n."""
+    """Only the tiles on and below the diagonal are multiplied, the rest mirrored; the matrix must
+    still be X^T X / n."""
     g = torch.Generator().manual_seed(m)
     x = torch.randn(2, m, 9, 11, generator=g)  # conv layout: 198 rows
     rows = x.permute(0, 2, 3, 1).reshape(-1, m).double()
