@@ -58,13 +58,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
+        for inner in (a for a in args if a is not type(None)):  # the first type that fits, in order
             try:
-                return _coerce(key, value, inner[0])
+                return _coerce(key, value, inner)
             except ConfigError:
-                raise _bad(key, tp, value) from None
-        raise TypeError(f"unsupported union {tp}")  # a schema bug, not a user error
+                continue
+        raise _bad(key, tp, value)
     if origin is Literal:
         if value not in typing.get_args(tp) or isinstance(value, bool):
             raise _bad(key, tp, value)
@@ -242,7 +241,9 @@ class ModelConfig(_Section):
         arch: "package.module:callable" or "path/to/file.py:callable" (a path relative to the working
             directory); may be null only for a trusted checkpoint that pickles the whole module.
         kwargs: keyword arguments for the callable.
-        input_shape: one sample's shape without the batch dimension, e.g. [3, 32, 32] or [784].
+        input_shape: one sample's shape without the batch dimension, e.g. [3, 32, 32], [40, 100] or [784].
+        forward_kwargs: non-tensor keyword arguments every call of the model's forward gets (e.g.
+            {embed: false}), in checks, pruning, evaluation, fine-tuning and export alike.
     """
 
     _path: typing.ClassVar[str] = "model"
@@ -250,6 +251,7 @@ class ModelConfig(_Section):
     arch: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] = (3, 32, 32)
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def _check(self, path: str) -> None:
         if self.arch is not None and ":" not in self.arch:
@@ -258,6 +260,10 @@ class ModelConfig(_Section):
         if not self.input_shape or any(d < 1 for d in self.input_shape):
             raise ConfigError(f"config key {path}.input_shape must be a non-empty list of positive integers "
                               f"(one sample, no batch dimension), got {list(self.input_shape)!r}")
+        for name in self.forward_kwargs:
+            if not name.isidentifier():
+                raise ConfigError(f"config key {path}.forward_kwargs has the key {name!r}, which is not a "
+                                  "Python argument name; use the name of a keyword argument of forward")
 
 
 @dataclass(frozen=True)
@@ -333,12 +339,13 @@ class DataSection(_Section):
 
 @dataclass(frozen=True)
 class PruneConfig(_Section):
-    """``prune``: the attributes ``prune.prune_model`` reads (SPEC §3, §5, §6).
+    """``prune``: the attributes ``prune.prune_model`` reads (docs/method.md §3, §5, §6).
 
     Attributes:
         target: exactly one of {flops: f} or {params: f}, the fraction to keep, in (0, 1].
         allocation: dof (widths proportional to degrees of freedom, meeting ``target``), uniform (one
-            keep ratio for every unit, found to meet ``target``) or ratio (fixed ``ratio``, no target).
+            keep ratio for every unit, found to meet ``target``), loss (widths that minimise the summed
+            reconstruction loss, meeting ``target``) or ratio (fixed ``ratio``, no target).
         ratio: keep fraction per unit under ``allocation: ratio``, in (0, 1].
         overrides: module name or "re:regex" -> keep ratio; first match wins.
         ridge: lambda relative to the layer scale (lambda = ridge * Tr(Sigma) / m).
@@ -355,12 +362,16 @@ class PruneConfig(_Section):
         seed: seed of the position sampling.
         reconstruct: fold the reconstruction matrix into the consumers (false: plain slicing, an
             ablation that shows what the reconstruction is worth).
+        target_signal: what a unit's reconstruction aims at in sequential order: the original
+            network's activations (original) or those of the network pruned so far (pruned).
+        intercept: also fit a per-channel intercept (the reconstruction becomes affine).
+        allow_partial: a result more than 5% above ``target`` is a warning instead of an error.
     """
 
     _path: typing.ClassVar[str] = "prune"
 
     target: dict[str, float] = field(default_factory=lambda: {"flops": 0.5})
-    allocation: Literal["dof", "uniform", "ratio"] = "dof"
+    allocation: Literal["dof", "uniform", "loss", "ratio"] = "dof"
     ratio: float = 0.5
     overrides: dict[str, float] = field(default_factory=dict)
     ridge: float = 1.0e-3
@@ -374,6 +385,9 @@ class PruneConfig(_Section):
     dof_min_samples: int = 64
     seed: int = 0
     reconstruct: bool = True
+    target_signal: Literal["original", "pruned"] = "original"
+    intercept: bool = False
+    allow_partial: bool = False
 
     def _check(self, path: str) -> None:
         if len(self.target) != 1 or next(iter(self.target)) not in TARGET_KINDS:
@@ -408,7 +422,7 @@ class PruneConfig(_Section):
 
 @dataclass(frozen=True)
 class FinetuneConfig(_Section):
-    """``finetune``: short distillation / cross-entropy after surgery (SPEC §7); epochs 0 skips it.
+    """``finetune``: short distillation / cross-entropy after surgery (docs/method.md §7); epochs 0 skips it.
 
     Attributes:
         epochs, max_steps: length (max_steps, when set, stops earlier).
@@ -443,13 +457,18 @@ class FinetuneConfig(_Section):
 
 @dataclass(frozen=True)
 class EvaluateConfig(_Section):
-    """``evaluate``: before/after comparison (SPEC §7).
+    """``evaluate``: before/after comparison (docs/method.md §7).
 
     Attributes:
         latency: measure CPU latency.
         latency_batch_sizes: batch sizes to time.
-        latency_repeats: timed repeats per batch size.
+        latency_repeats: at most this many timed rounds per batch size (original and pruned alternate).
+        latency_seconds: and at most about this many seconds of timing per (model, batch size).
         max_eval_samples: cap on evaluated samples (null: all of data.eval).
+        output: which tensor of a tuple / list / dict / namedtuple output is evaluated and distilled:
+            an index or a key (null: the first tensor).
+        gate_on: which model the quality gates judge: float (the pruned model) or int8 (its int8 ONNX
+            export); null: int8 when onnx-int8 is exported, else float.
     """
 
     _path: typing.ClassVar[str] = "evaluate"
@@ -457,30 +476,78 @@ class EvaluateConfig(_Section):
     latency: bool = True
     latency_batch_sizes: tuple[int, ...] = (1, 32)
     latency_repeats: int = 30
+    latency_seconds: float = 3.0
     max_eval_samples: int | None = None
+    output: int | str | None = None
+    gate_on: Literal["float", "int8"] | None = None
 
     def _check(self, path: str) -> None:
         for i, b in enumerate(self.latency_batch_sizes):
             _positive(f"{path}.latency_batch_sizes[{i}]", b)
         _positive(f"{path}.latency_repeats", self.latency_repeats)
+        _positive(f"{path}.latency_seconds", self.latency_seconds)
         _positive(f"{path}.max_eval_samples", self.max_eval_samples)
+        if isinstance(self.output, int):
+            _positive(f"{path}.output", self.output, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class Int8Config(_Section):
+    """``export.int8``: ONNX Runtime static quantization of the pruned model (format onnx-int8).
+
+    Attributes:
+        num_samples: calibration samples read for the activation ranges (the first ones).
+        method: minmax, entropy or percentile calibration.
+        exclude: node or module names (or "re:" patterns) kept in float.
+    """
+
+    _path: typing.ClassVar[str] = "export.int8"
+
+    num_samples: int = 256
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    exclude: tuple[str, ...] = ()
+
+    def _check(self, path: str) -> None:
+        _positive(f"{path}.num_samples", self.num_samples)
+        _check_patterns(f"{path}.exclude", self.exclude)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(_Section):
+    """``runtime``: where and how the run executes.
+
+    Attributes:
+        device: auto (CUDA when present, else CPU), cpu or cuda.
+        timeout_s: how long a collective operation waits for the other processes under torchrun.
+    """
+
+    _path: typing.ClassVar[str] = "runtime"
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    timeout_s: float = 1800.0
+
+    def _check(self, path: str) -> None:
+        _positive(f"{path}.timeout_s", self.timeout_s)
 
 
 @dataclass(frozen=True)
 class ExportConfig(_Section):
-    """``export``: extra files beside model.pt, each verified by loading it back (SPEC §7).
+    """``export``: extra files beside model.pt, each verified by loading it back (docs/method.md §7).
 
     Attributes:
-        formats: subset of pt (state_dict + plan), onnx, torchscript, module (pickled whole module).
+        formats: subset of pt (state_dict + plan), onnx, onnx-int8 (ONNX Runtime static int8),
+            torchscript, module (pickled whole module).
         opset: ONNX opset.
         onnx_tolerance: max abs difference between ONNX Runtime and PyTorch outputs.
+        int8: settings of the onnx-int8 format.
     """
 
     _path: typing.ClassVar[str] = "export"
 
-    formats: tuple[Literal["pt", "onnx", "torchscript", "module"], ...] = ("pt", "onnx")
+    formats: tuple[Literal["pt", "onnx", "onnx-int8", "torchscript", "module"], ...] = ("pt", "onnx")
     opset: int = 18
     onnx_tolerance: float = 1.0e-4
+    int8: Int8Config = field(default_factory=Int8Config)
 
     def _check(self, path: str) -> None:
         if len(set(self.formats)) != len(self.formats):
@@ -491,7 +558,7 @@ class ExportConfig(_Section):
 
 @dataclass(frozen=True)
 class Config(_Section):
-    """The whole config: model, data, prune, finetune, evaluate, export."""
+    """The whole config: model, data, prune, finetune, evaluate, export, runtime."""
 
     _path: typing.ClassVar[str] = ""
 
@@ -501,6 +568,7 @@ class Config(_Section):
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, path: str | None = None) -> "Config":
@@ -508,7 +576,7 @@ class Config(_Section):
             data = {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"the config must be a mapping of sections (model, data, prune, finetune, "
-                              f"evaluate, export), got {type(data).__name__}")
+                              f"evaluate, export, runtime), got {type(data).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         values = {}
         for key, value in data.items():
@@ -527,6 +595,9 @@ class Config(_Section):
                     raise ConfigError(f"config key data.{split}.{key} has {len(values)} values but "
                                       f"model.input_shape {list(self.model.input_shape)} has {channels} "
                                       "channels; give one value or one per channel")
+        if self.evaluate.gate_on == "int8" and "onnx-int8" not in self.export.formats:
+            raise ConfigError("config key evaluate.gate_on is int8 but export.formats does not list onnx-int8; "
+                              "add onnx-int8 to export.formats, or set evaluate.gate_on to float or null")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,6 +39,29 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+# Settings the schema accepts whose behaviour this version does not have yet: refused, never ignored.
+# (key, is the setting in use?, the value that works today)
+_NOT_BUILT: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
+    ("prune.allocation: loss", lambda c: c.prune.allocation == "loss", "dof, uniform or ratio"),
+    ("prune.target_signal: pruned", lambda c: c.prune.target_signal == "pruned", "original"),
+    ("prune.intercept: true", lambda c: c.prune.intercept, "false"),
+    ("model.forward_kwargs", lambda c: bool(c.model.forward_kwargs), "{}"),
+    ("export.formats: onnx-int8", lambda c: "onnx-int8" in c.export.formats, "pt, onnx, torchscript, module"),
+    ("runtime.device: cuda", lambda c: c.runtime.device == "cuda", "auto or cpu"),
+)
+
+
+def refuse_unbuilt(config: Config) -> None:
+    """Refuse a setting this version accepts in the config but cannot honour yet.
+
+    Raises:
+        ConfigError: naming the setting and what works instead.
+    """
+    for key, used, instead in _NOT_BUILT:
+        if used(config):
+            raise ConfigError(f"{key} is not available in specprune {__version__} yet; use {instead}")
+
+
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse to clobber results: OUTDIR may be absent or empty; non-empty needs ``overwrite``.
 
@@ -219,6 +242,7 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
     log = log or _stderr
     started = time.perf_counter()
     output_dir = Path(output_dir)
+    refuse_unbuilt(config)
     check_output_dir(output_dir, overwrite)
     if config.data.calibration is None:
         raise ConfigError("data.calibration is not set; specprune needs calibration data to measure the "
@@ -374,6 +398,7 @@ def analyze(config: Config, checkpoint_path: str | os.PathLike, output_dir: str 
     from specprune_cli.report import PLOT_HINT, plot_dof, plot_spectrum
 
     log = log or _stderr
+    refuse_unbuilt(config)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
         check_output_dir(out, overwrite)

@@ -291,6 +291,19 @@ def test_missing_calibration_section(tmp_path, cnn_checkpoint):
            "data.calibration.path", [])
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("prune.intercept=true", "prune.intercept: true is not available in specprune {v} yet; use false"),
+    ("model.forward_kwargs={embed: false}", "model.forward_kwargs is not available in specprune {v} yet; use {{}}"),
+    ("runtime.device=cuda", "runtime.device: cuda is not available in specprune {v} yet; use auto or cpu"),
+])
+def test_settings_not_built_yet_are_refused_not_ignored(tmp_path, cnn_checkpoint, write_config, fake_prune,
+                                                       setting, message):
+    out = tmp_path / "out"
+    result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--set", setting)
+    assert _failure(result, out) == (2, "Error: " + message.format(v=__version__), [])
+    assert fake_prune == []
+
+
 def test_gate_range_and_accuracy_gate_without_labels(tmp_path, cnn_checkpoint, write_config):
     out = tmp_path / "out"
     bad = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--min-agreement", "1.5")

@@ -29,7 +29,7 @@ def test_defaults_round_trip_through_dict():
 def test_default_yaml_matches_dataclass_defaults():
     """configs/default.yaml documents the defaults: the sections without user choices must equal them."""
     cfg = load_config(REPO / "configs" / "default.yaml")
-    for section in ("prune", "finetune", "evaluate", "export"):
+    for section in ("prune", "finetune", "evaluate", "export", "runtime"):
         assert getattr(cfg, section) == getattr(Config(), section), section
     assert cfg.data.calibration == DataConfig(format="npz", path="calibration.npz")
 
@@ -81,7 +81,7 @@ def test_prune_config_direct_construction_is_validated_and_replaceable():
      "unknown config key data.calibration.nm_samples; did you mean data.calibration.num_samples?"),
     ("prune:\n  zzz: 1\n", "unknown config key prune.zzz; valid keys under prune: target, allocation, ratio, "
      "overrides, ridge, theta, order, exclude, round_to, min_channels, max_positions, dof_rows, "
-     "dof_min_samples, seed, reconstruct"),
+     "dof_min_samples, seed, reconstruct, target_signal, intercept, allow_partial"),
     ("prune:\n  dof_rows: 0\n", "config key prune.dof_rows must be positive, got 0.0"),
     ("prune:\n  dof_min_samples: 0\n", "config key prune.dof_min_samples must be 1 or more, got 0"),
     ("prune:\n  ridge: abc\n", "config key prune.ridge must be a number, got 'abc' (str)"),
@@ -100,14 +100,59 @@ def test_prune_config_direct_construction_is_validated_and_replaceable():
     ("data:\n  calibration: {format: synthetic, mean: [0.5, 0.5], std: [1, 1]}\n",
      "config key data.calibration.mean has 2 values but model.input_shape [3, 32, 32] has 3 channels; "
      "give one value or one per channel"),
+    ("model:\n  forward_kwargs: {a-b: 1}\n", "config key model.forward_kwargs has the key 'a-b', which is not "
+     "a Python argument name; use the name of a keyword argument of forward"),
+    ("prune:\n  target_signal: both\n",
+     "config key prune.target_signal must be one of original, pruned, got 'both' (str)"),
+    ("prune:\n  intercept: 1\n", "config key prune.intercept must be true or false, got 1 (int)"),
+    ("prune:\n  allow_partial: yes please\n",
+     "config key prune.allow_partial must be true or false, got 'yes please' (str)"),
+    ("prune:\n  allocation: greedy\n",
+     "config key prune.allocation must be one of dof, uniform, loss, ratio, got 'greedy' (str)"),
+    ("evaluate:\n  output: true\n",
+     "config key evaluate.output must be an integer or a string or null, got True (bool)"),
+    ("evaluate:\n  output: -1\n", "config key evaluate.output must be 0 or more, got -1"),
+    ("evaluate:\n  latency_seconds: 0\n", "config key evaluate.latency_seconds must be positive, got 0.0"),
+    ("evaluate:\n  gate_on: fp16\n", "config key evaluate.gate_on must be one of float, int8 or null, got 'fp16' (str)"),
+    ("evaluate:\n  gate_on: int8\n", "config key evaluate.gate_on is int8 but export.formats does not list "
+     "onnx-int8; add onnx-int8 to export.formats, or set evaluate.gate_on to float or null"),
+    ("export:\n  int8: {method: kl}\n",
+     "config key export.int8.method must be one of minmax, entropy, percentile, got 'kl' (str)"),
+    ("export:\n  int8: {nm_samples: 3}\n",
+     "unknown config key export.int8.nm_samples; did you mean export.int8.num_samples?"),
+    ("export:\n  int8: {num_samples: 0}\n", "config key export.int8.num_samples must be positive, got 0"),
+    ("export:\n  int8: {exclude: ['re:(']}\n", "config key export.int8.exclude has an invalid regex 're:(' "
+     "(missing ), unterminated subpattern at position 0); patterns are module names or 're:' followed by a "
+     "Python regular expression"),
+    ("runtime:\n  device: tpu\n", "config key runtime.device must be one of auto, cpu, cuda, got 'tpu' (str)"),
+    ("runtime:\n  timeout_s: -5\n", "config key runtime.timeout_s must be positive, got -5.0"),
+    ("runtim: {}\n", "unknown config key runtim; did you mean runtime?"),
     ("export:\n  formats: [pt, tflite]\n",
-     "config key export.formats[1] must be one of pt, onnx, torchscript, module, got 'tflite' (str)"),
+     "config key export.formats[1] must be one of pt, onnx, onnx-int8, torchscript, module, got 'tflite' (str)"),
 ])
 def test_bad_config_messages(tmp_path, text, message):
     with pytest.raises(ConfigError) as exc:
         load_config(_write(tmp_path, text))
     assert str(exc.value) == message
     assert exc.value.exit_code == 2
+
+
+def test_new_keys_are_read_into_their_attributes(tmp_path):
+    text = ("model:\n  forward_kwargs: {embed: false, mode: eval}\n"
+            "prune:\n  target_signal: pruned\n  intercept: true\n  allocation: loss\n  allow_partial: true\n"
+            "evaluate:\n  output: logits\n  latency_seconds: 0.5\n  gate_on: int8\n"
+            "export:\n  formats: [pt, onnx-int8]\n  int8: {num_samples: 64, method: entropy, exclude: [conv1]}\n"
+            "runtime:\n  device: cpu\n  timeout_s: 60\n")
+    cfg = load_config(_write(tmp_path, text), ["evaluate.output=2"])
+    assert cfg.model.forward_kwargs == {"embed": False, "mode": "eval"}
+    assert (cfg.prune.target_signal, cfg.prune.intercept, cfg.prune.allocation, cfg.prune.allow_partial) == (
+        "pruned", True, "loss", True)
+    assert (cfg.evaluate.output, cfg.evaluate.latency_seconds, cfg.evaluate.gate_on) == (2, 0.5, "int8")
+    assert cfg.export.formats == ("pt", "onnx-int8")
+    assert (cfg.export.int8.num_samples, cfg.export.int8.method, cfg.export.int8.exclude) == (64, "entropy",
+                                                                                              ("conv1",))
+    assert (cfg.runtime.device, cfg.runtime.timeout_s) == ("cpu", 60.0)
+    assert Config.from_dict(cfg.to_dict()) == cfg
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):

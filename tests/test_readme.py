@@ -36,7 +36,7 @@ def test_readme_config_keys_match_the_schema():
 
 def test_readme_defaults_match_the_schema_defaults():
     documented = _readme_config()
-    for section in ("prune", "finetune", "evaluate", "export"):
+    for section in ("prune", "finetune", "evaluate", "export", "runtime"):
         defaults = Config().to_dict()[section]
         assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()} == \
             {k: v for k, v in documented[section].items()}, section
