@@ -7,20 +7,16 @@ are stored as plain dicts: the dataclasses are frozen against rebinding, and ``t
 """
 from __future__ import annotations
 
-import contextvars
-import dataclasses
-import difflib
 import os
-import re
-import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from specprune_cli.coerce import Section, check_patterns, in_range, positive
 from specprune_cli.errors import ConfigError
 
 DATA_FORMATS = ("npz", "imagefolder", "torchvision", "idx", "synthetic")
@@ -28,213 +24,11 @@ TARGET_KINDS = ("flops", "params")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Generic validation: one place that turns a YAML value into the declared type, or says why it cannot.
-# ---------------------------------------------------------------------------------------------------
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
-    if origin is dict:
-        return "a mapping"
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _bad(key: str, tp: Any, value: Any) -> ConfigError:
-    return ConfigError(f"config key {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """``value`` converted to ``tp`` (lists become tuples, ints become floats), or a ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for inner in (a for a in args if a is not type(None)):  # the first type that fits, in order
-            try:
-                return _coerce(key, value, inner)
-            except ConfigError:
-                continue
-        raise _bad(key, tp, value)
-    if origin is Literal:
-        if value not in typing.get_args(tp) or isinstance(value, bool):
-            raise _bad(key, tp, value)
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _bad(key, tp, value)
-        return tuple(_coerce(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise _bad(key, tp, value)
-        k_tp, v_tp = typing.get_args(tp)
-        return {_coerce(key, k, k_tp): (v if v_tp is Any else _coerce(f"{key}.{k}", v, v_tp))
-                for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _bad(key, tp, value)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(key, tp, value)
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise _bad(key, tp, value)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string: accept what float() accepts.
-            try:
-                return float(value)
-            except ValueError:
-                raise _bad(key, tp, value) from None
-        raise _bad(key, tp, value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _bad(key, tp, value)
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported type {tp}")
-
-
-def _unknown_key(prefix: str, key: Any, valid: Sequence[str]) -> ConfigError:
-    full = f"{prefix}.{key}" if prefix else str(key)
-    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.6)
-    if close:
-        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?"
-    else:
-        hint = f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(valid)}"
-    return ConfigError(f"unknown config key {full}; {hint}")
-
-
-# The dotted path of the section being built by from_dict, so that checks run in __post_init__ name
-# data.eval.path rather than the class's usual place (data.calibration.path).
-_BUILDING: contextvars.ContextVar[str | None] = contextvars.ContextVar("_BUILDING", default=None)
-
-
-class _Section:
-    """Mixin: build from a dict with key checks, validate types on construction, dump to a dict."""
-
-    _path: typing.ClassVar[str] = ""
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, path: str | None = None):
-        """Build the section from a (YAML) mapping; missing keys take their defaults.
-
-        Args:
-            data: the mapping; None means all defaults.
-            path: dotted name of the section in the file, for messages (defaults to the usual one).
-
-        Raises:
-            ConfigError: an unknown key (naming the closest valid one) or a value of the wrong type.
-        """
-        path = cls._path if path is None else path
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"config key {path} must be a mapping, got {data!r} ({type(data).__name__})")
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls) if f.init]
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            if key not in names:
-                raise _unknown_key(path, key, names)
-            tp = hints[key]
-            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-                values[key] = tp.from_dict(value, f"{path}.{key}")
-            elif key in cls._nested_optional():
-                values[key] = None if value is None else cls._nested_optional()[key].from_dict(
-                    value, f"{path}.{key}")
-            else:
-                values[key] = _coerce(f"{path}.{key}", value, tp)
-        token = _BUILDING.set(path)
-        try:
-            return cls(**values)
-        finally:
-            _BUILDING.reset(token)
-
-    @classmethod
-    def _nested_optional(cls) -> dict[str, type]:
-        return {}
-
-    def __post_init__(self) -> None:
-        # Direct construction (PruneConfig(ridge=...)) gets the same checks as from_dict.
-        path = _BUILDING.get()
-        _BUILDING.set(None)  # nested sections built below must not inherit this path
-        path = self._path if path is None else path
-        hints = typing.get_type_hints(type(self))
-        nested = type(self)._nested_optional()
-        for f in dataclasses.fields(self):
-            tp = hints[f.name]
-            value = getattr(self, f.name)
-            if (isinstance(tp, type) and dataclasses.is_dataclass(tp)) or f.name in nested:
-                if isinstance(value, Mapping):
-                    sub = tp if f.name not in nested else nested[f.name]
-                    object.__setattr__(self, f.name, sub.from_dict(value, f"{path}.{f.name}".lstrip(".")))
-                continue
-            object.__setattr__(self, f.name, _coerce(f"{path}.{f.name}", value, tp))
-        self._check(path)
-
-    def _check(self, path: str) -> None:
-        """Cross-field and range checks; ``path`` names the section in messages."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python (lists, dicts, scalars) that ``from_dict`` turns back into an equal object."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, _Section):
-        return value.to_dict()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _in_range(key: str, value: float | None, lo: float, hi: float, *, lo_open: bool = False,
-              hi_open: bool = False) -> None:
-    if value is None:
-        return
-    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ConfigError(f"config key {key} must be in {interval}, got {value!r}")
-
-
-def _positive(key: str, value: float | None, *, allow_zero: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        what = "0 or more" if allow_zero else "positive"
-        raise ConfigError(f"config key {key} must be {what}, got {value!r}")
-
-
-def _check_patterns(key: str, patterns: Sequence[str]) -> None:
-    for p in patterns:
-        if p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as exc:
-                raise ConfigError(f"config key {key} has an invalid regex {p!r} ({exc}); patterns are "
-                                  "module names or 're:' followed by a Python regular expression") from None
-
-
-# ---------------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """``model``: how to build the architecture the checkpoint belongs to.
 
     Attributes:
@@ -267,7 +61,7 @@ class ModelConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """``data.calibration`` / ``data.finetune`` / ``data.eval``: one dataset.
 
     Attributes:
@@ -317,7 +111,7 @@ class DataConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DataSection(_Section):
+class DataSection(Section):
     """``data``: calibration is required by ``compress`` (a config without it still loads, so defaults
     and partial configs stay usable from Python); finetune defaults to the calibration data, and
     evaluation without an eval set reports agreement only."""
@@ -328,17 +122,13 @@ class DataSection(_Section):
     finetune: DataConfig | None = None
     eval: DataConfig | None = None
 
-    @classmethod
-    def _nested_optional(cls) -> dict[str, type]:
-        return {"calibration": DataConfig, "finetune": DataConfig, "eval": DataConfig}
-
     def finetune_data(self) -> DataConfig | None:
         """The fine-tuning data: ``data.finetune`` when set, else the calibration data."""
         return self.finetune if self.finetune is not None else self.calibration
 
 
 @dataclass(frozen=True)
-class PruneConfig(_Section):
+class PruneConfig(Section):
     """``prune``: the attributes ``prune.prune_model`` reads (docs/method.md §3, §5, §6).
 
     Attributes:
@@ -394,20 +184,20 @@ class PruneConfig(_Section):
             raise ConfigError(f"config key {path}.target must hold exactly one of flops or params "
                               f"(the fraction to keep), e.g. {{flops: 0.5}}; got {self.target!r}")
         kind, value = next(iter(self.target.items()))
-        _in_range(f"{path}.target.{kind}", value, 0.0, 1.0, lo_open=True)
-        _in_range(f"{path}.ratio", self.ratio, 0.0, 1.0, lo_open=True)
+        in_range(f"{path}.target.{kind}", value, 0.0, 1.0, lo_open=True)
+        in_range(f"{path}.ratio", self.ratio, 0.0, 1.0, lo_open=True)
         for name, r in self.overrides.items():
-            _in_range(f"{path}.overrides.{name}", r, 0.0, 1.0, lo_open=True)
-        _positive(f"{path}.ridge", self.ridge)
-        _in_range(f"{path}.theta", self.theta, 0.0, 1.0)
+            in_range(f"{path}.overrides.{name}", r, 0.0, 1.0, lo_open=True)
+        positive(f"{path}.ridge", self.ridge)
+        in_range(f"{path}.theta", self.theta, 0.0, 1.0)
         if self.dof_rows is not None:
-            _positive(f"{path}.dof_rows", self.dof_rows)
+            positive(f"{path}.dof_rows", self.dof_rows)
         for key in ("round_to", "min_channels", "max_positions", "dof_min_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"config key {path}.{key} must be 1 or more, got {value!r}")
-        _check_patterns(f"{path}.exclude", self.exclude)
-        _check_patterns(f"{path}.overrides", list(self.overrides))
+        check_patterns(f"{path}.exclude", self.exclude)
+        check_patterns(f"{path}.overrides", list(self.overrides))
 
     @property
     def target_kind(self) -> str:
@@ -421,7 +211,7 @@ class PruneConfig(_Section):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(_Section):
+class FinetuneConfig(Section):
     """``finetune``: short distillation / cross-entropy after surgery (docs/method.md §7); epochs 0 skips it.
 
     Attributes:
@@ -446,17 +236,17 @@ class FinetuneConfig(_Section):
     max_steps: int | None = None
 
     def _check(self, path: str) -> None:
-        _positive(f"{path}.epochs", self.epochs, allow_zero=True)
-        _positive(f"{path}.lr", self.lr)
-        _in_range(f"{path}.momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        _positive(f"{path}.weight_decay", self.weight_decay, allow_zero=True)
-        _positive(f"{path}.batch_size", self.batch_size)
-        _positive(f"{path}.temperature", self.temperature)
-        _positive(f"{path}.max_steps", self.max_steps)
+        positive(f"{path}.epochs", self.epochs, allow_zero=True)
+        positive(f"{path}.lr", self.lr)
+        in_range(f"{path}.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        positive(f"{path}.weight_decay", self.weight_decay, allow_zero=True)
+        positive(f"{path}.batch_size", self.batch_size)
+        positive(f"{path}.temperature", self.temperature)
+        positive(f"{path}.max_steps", self.max_steps)
 
 
 @dataclass(frozen=True)
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     """``evaluate``: before/after comparison (docs/method.md §7).
 
     Attributes:
@@ -483,16 +273,16 @@ class EvaluateConfig(_Section):
 
     def _check(self, path: str) -> None:
         for i, b in enumerate(self.latency_batch_sizes):
-            _positive(f"{path}.latency_batch_sizes[{i}]", b)
-        _positive(f"{path}.latency_repeats", self.latency_repeats)
-        _positive(f"{path}.latency_seconds", self.latency_seconds)
-        _positive(f"{path}.max_eval_samples", self.max_eval_samples)
+            positive(f"{path}.latency_batch_sizes[{i}]", b)
+        positive(f"{path}.latency_repeats", self.latency_repeats)
+        positive(f"{path}.latency_seconds", self.latency_seconds)
+        positive(f"{path}.max_eval_samples", self.max_eval_samples)
         if isinstance(self.output, int):
-            _positive(f"{path}.output", self.output, allow_zero=True)
+            positive(f"{path}.output", self.output, allow_zero=True)
 
 
 @dataclass(frozen=True)
-class Int8Config(_Section):
+class Int8Config(Section):
     """``export.int8``: ONNX Runtime static quantization of the pruned model (format onnx-int8).
 
     Attributes:
@@ -508,12 +298,12 @@ class Int8Config(_Section):
     exclude: tuple[str, ...] = ()
 
     def _check(self, path: str) -> None:
-        _positive(f"{path}.num_samples", self.num_samples)
-        _check_patterns(f"{path}.exclude", self.exclude)
+        positive(f"{path}.num_samples", self.num_samples)
+        check_patterns(f"{path}.exclude", self.exclude)
 
 
 @dataclass(frozen=True)
-class RuntimeConfig(_Section):
+class RuntimeConfig(Section):
     """``runtime``: where and how the run executes.
 
     Attributes:
@@ -527,11 +317,11 @@ class RuntimeConfig(_Section):
     timeout_s: float = 1800.0
 
     def _check(self, path: str) -> None:
-        _positive(f"{path}.timeout_s", self.timeout_s)
+        positive(f"{path}.timeout_s", self.timeout_s)
 
 
 @dataclass(frozen=True)
-class ExportConfig(_Section):
+class ExportConfig(Section):
     """``export``: extra files beside model.pt, each verified by loading it back (docs/method.md §7).
 
     Attributes:
@@ -552,12 +342,12 @@ class ExportConfig(_Section):
     def _check(self, path: str) -> None:
         if len(set(self.formats)) != len(self.formats):
             raise ConfigError(f"config key {path}.formats lists a format twice: {list(self.formats)!r}")
-        _positive(f"{path}.opset", self.opset)
-        _positive(f"{path}.onnx_tolerance", self.onnx_tolerance)
+        positive(f"{path}.opset", self.opset)
+        positive(f"{path}.onnx_tolerance", self.onnx_tolerance)
 
 
 @dataclass(frozen=True)
-class Config(_Section):
+class Config(Section):
     """The whole config: model, data, prune, finetune, evaluate, export, runtime."""
 
     _path: typing.ClassVar[str] = ""
@@ -569,21 +359,6 @@ class Config(_Section):
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, path: str | None = None) -> "Config":
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"the config must be a mapping of sections (model, data, prune, finetune, "
-                              f"evaluate, export, runtime), got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        values = {}
-        for key, value in data.items():
-            if key not in names:
-                raise _unknown_key("", key, names)
-            values[key] = typing.get_type_hints(cls)[key].from_dict(value)
-        return cls(**values)
 
     def _check(self, path: str) -> None:
         channels = self.model.input_shape[0]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from specprune_cli.config import (Config, DataConfig, PruneConfig, apply_overrides, dump_resolved,
-                                  load_config)
+from specprune_cli.config import (Config, DataConfig, DataSection, ExportConfig, Int8Config, PruneConfig,
+                                  apply_overrides, dump_resolved, load_config)
 from specprune_cli.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +135,21 @@ def test_bad_config_messages(tmp_path, text, message):
         load_config(_write(tmp_path, text))
     assert str(exc.value) == message
     assert exc.value.exit_code == 2
+
+
+def test_direct_construction_converts_nested_mappings_and_names_their_path():
+    assert ExportConfig(int8={"method": "entropy"}).int8 == Int8Config(method="entropy")
+    assert Config.from_dict({"model": None, "data": {"eval": None}}) == Config()  # null section: defaults
+    with pytest.raises(ConfigError) as exc:
+        DataSection(eval={"format": "npz"})
+    assert str(exc.value) == "config key data.eval.path is required for format npz"
+    with pytest.raises(ConfigError) as exc:
+        Config(model=None)
+    assert str(exc.value) == "config key model must be a mapping, got None (NoneType)"
+    with pytest.raises(ConfigError) as exc:
+        Config.from_dict([1])
+    assert str(exc.value) == ("the config must be a mapping of sections (model, data, prune, finetune, evaluate, "
+                              "export, runtime), got list")
 
 
 def test_new_keys_are_read_into_their_attributes(tmp_path):
