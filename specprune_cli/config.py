@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from specprune_cli import yamlio
 from specprune_cli.coerce import Section, check_patterns, in_range, positive
 from specprune_cli.errors import ConfigError
 
@@ -387,9 +388,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set expects KEY=VALUE with a dotted key, e.g. --set prune.target.flops=0.3; "
                           f"got {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yamlio.load_text(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); "
+        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({yamlio.problem(exc)}); "
                           "quote strings that contain ':' or '#'") from None
     return key.split("."), value
 
@@ -420,37 +421,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    if mark is not None:
-        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-    return problem
-
-
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw mapping in a YAML file (an empty file is an empty mapping).
-
-    Raises:
-        ConfigError: unreadable file, malformed YAML, or a top level that is not a mapping.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"cannot read config file {path}: {reason}; check the --config path") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML ({_yaml_problem(exc)}); fix the syntax "
-                          "there: check the indentation and that every key is followed by ': '") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, prune, ...) "
-                          f"at the top level, got {type(data).__name__}; see configs/default.yaml")
-    return data
+    """The raw mapping in a YAML config file (see ``yamlio.read_mapping`` for what is refused)."""
+    return yamlio.read_mapping(path)
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:

@@ -174,9 +174,62 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     p = _write(tmp_path, "prune:\n  ridge: 1\n   theta: 2\n")
     with pytest.raises(ConfigError) as exc:
         load_config(p)
+    where = "in this context" if yaml.__with_libyaml__ else "here"  # libyaml's wording, when it is used
     assert str(exc.value) == (f"config file {p} is not valid YAML (line 3, column 9: mapping values are not "
-                              "allowed here); fix the syntax there: check the indentation and that every key "
+                              f"allowed {where}); fix the syntax there: check the indentation and that every key "
                               "is followed by ': '")
+
+
+_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcd", "bcde"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  kwargs: !!python/object/apply:os.system [echo hi]\n",
+     "line 2, column 11: the tag !!python/object/apply:os.system is not allowed; a config holds plain mappings, "
+     "lists, strings, numbers, booleans and null: remove the tag"),
+    ("prune: !custom {ridge: 1}\n", "line 1, column 8: the tag !custom is not allowed; a config holds plain "
+     "mappings, lists, strings, numbers, booleans and null: remove the tag"),
+    ("prune:\n  ridge: 0.1\n  theta: 0.2\n  ridge: 0.3\n", "line 4, column 3: the key 'ridge' is given twice "
+     "in one mapping (first on line 2); YAML would keep only the last: delete one"),
+    ("model:\n  kwargs: {a: " + "[" * 40 + "]" * 40 + "}\n",
+     "line 2, column 44: values are nested more than 32 levels deep; a config needs a few"),
+    (_LAUGHS, "line 5, column 4: the document expands to more than 100,000 values (through aliases?); a config "
+     "holds a few hundred"),
+])
+def test_hostile_yaml_is_refused_with_the_line(tmp_path, text, message):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert str(exc.value) == f"config file {p}: {message}"
+
+
+def test_aliases_and_merge_keys_still_work(tmp_path):
+    text = ("data:\n  calibration: &d {format: synthetic, num_samples: 8}\n  eval: *d\n"
+            "  finetune: {<<: *d, num_samples: 4}\n")
+    cfg = load_config(_write(tmp_path, text))
+    assert cfg.data.eval == cfg.data.calibration == DataConfig(format="synthetic", num_samples=8)
+    assert cfg.data.finetune == DataConfig(format="synthetic", num_samples=4)
+
+
+def test_files_that_are_not_configs(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 200_000)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\x80\x81\x00")
+    for path, message in [
+        (big, f"config file {big} is 2,000,000 bytes; a config is a few kilobytes and at most 1,048,576 are "
+              "read: check the --config path"),
+        (binary, f"config file {binary} is not UTF-8 text (is it the checkpoint?); --config takes a YAML file"),
+        (tmp_path, f"config file {tmp_path} is not a regular file; --config takes a YAML file"),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        assert str(exc.value) == message
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["model.kwargs=!!python/name:os.system"])
+    assert str(exc.value).startswith("--set model.kwargs: the value '!!python/name:os.system' is not valid YAML "
+                                     "(line 1, column 1: the tag !!python/name:os.system is not allowed")
 
 
 def test_not_a_mapping_and_unreadable(tmp_path):
