@@ -57,7 +57,7 @@ from bench_common import cpu_name, format_table, write_section  # noqa: E402
 from fashion_common import ROOT, load_split, normalise, reference_model  # noqa: E402
 from specprune_cli import models, prune_model  # noqa: E402
 from specprune_cli.config import ExportConfig, PruneConfig  # noqa: E402
-from specprune_cli.evaluate import measure_latency, measure_onnx_latency  # noqa: E402
+from specprune_cli.latency import measure_latency, measure_onnx_latency  # noqa: E402
 from specprune_cli.export import export_model  # noqa: E402
 from specprune_cli.flops import count_flops, count_params  # noqa: E402
 
@@ -409,7 +409,7 @@ def result_speed(results: dict[str, dict], s: Settings) -> str:
         "The reference models pruned to 50% of FLOPs (sequential, `dof`) at each `round_to`. FLOPs ratio = "
         "original / pruned FLOPs, the theoretical speed-up:", "",
         format_table(["model", "variant", "MFLOPs (1 image)", "params", "FLOPs ratio"], size_rows), "",
-        "CPU latency: `specprune_cli.evaluate.measure_latency` (torch eager, `inference_mode`) and "
+        "CPU latency: `specprune_cli.latency.measure_latency` (torch eager, `inference_mode`) and "
         "`measure_onnx_latency` (ONNX Runtime CPUExecutionProvider with as many intra-op threads as "
         f"torch ({torch.get_num_threads()}), files from "
         f"`export_model`): medians of {s.latency_repeats} passes after warm-up, freed memory kept mapped. "

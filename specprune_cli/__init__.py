@@ -6,13 +6,12 @@ Every step the CLI runs is a library call::
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from specprune_cli.checkpoint import load_pruned  # noqa: E402
-from specprune_cli.config import load_config  # noqa: E402
-from specprune_cli.errors import SpecpruneError  # noqa: E402
-from specprune_cli.pipeline import analyze, compress  # noqa: E402
-from specprune_cli.prune import PruneResult, prune_model  # noqa: E402
+from specprune_cli._version import __version__
+from specprune_cli.config import load_config
+from specprune_cli.errors import SpecpruneError
+from specprune_cli.pipeline import analyze, compress
+from specprune_cli.prune import PruneResult, prune_model
+from specprune_cli.pruned_file import load_pruned
 
 __all__ = ["__version__", "SpecpruneError", "analyze", "compress", "load_config", "load_pruned", "prune_model",
            "PruneResult"]

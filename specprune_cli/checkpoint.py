@@ -1,8 +1,9 @@
-"""Building architectures, loading trained checkpoints, saving and loading pruned models.
+"""Building architectures and loading trained checkpoints.
 
 Loading uses ``torch.load(weights_only=True)`` unless the user vouches for the file
-(``--trust-checkpoint``): unpickling arbitrary objects can run arbitrary code. The pruned-model file
-holds only tensors and plain Python values, so it always loads with ``weights_only=True``.
+(``--trust-checkpoint``): unpickling arbitrary objects can run arbitrary code. Importing and building
+the architecture runs the user's code too: whatever it raises, ``SystemExit`` included, becomes an
+error that says where it happened (see ``errors.user_code``).
 """
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from specprune_cli.errors import CheckpointError, ConfigError
+from specprune_cli.errors import CheckpointError, ConfigError, reason, user_code
 
-PRUNED_FORMAT = "specprune-pruned/1"
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 _SHOW = 5
@@ -32,7 +32,13 @@ def _import_callable(arch: str) -> Any:
     if not module_part or not attr:
         raise ConfigError(f"model.arch {arch!r} must have the form 'package.module:callable' or "
                           "'path/to/file.py:callable'")
-    try:
+
+    def failed(exc: BaseException) -> ConfigError:
+        return ConfigError(f"model.arch {arch!r} could not be imported ({reason(exc)}); check "
+                           "that the module is installed (or the file exists, relative to the working "
+                           "directory) and that it defines the callable after the ':'")
+
+    with user_code(failed):
         if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
             path = Path(module_part).resolve()
             if not path.is_file():
@@ -55,10 +61,6 @@ def _import_callable(arch: str) -> Any:
         for part in attr.split("."):
             obj = getattr(obj, part)
         return obj
-    except Exception as exc:  # any failure while importing user code is the user's to fix
-        raise ConfigError(f"model.arch {arch!r} could not be imported ({type(exc).__name__}: {exc}); check "
-                          "that the module is installed (or the file exists, relative to the working "
-                          "directory) and that it defines the callable after the ':'") from exc
 
 
 def build_model(arch: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
@@ -76,11 +78,10 @@ def build_model(arch: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module
         ConfigError: the arch does not import, its call fails, or it does not return an nn.Module.
     """
     fn = _import_callable(arch)
-    try:
+    with user_code(lambda exc: ConfigError(f"model.arch {arch!r} failed to build with model.kwargs "
+                                           f"{dict(kwargs or {})!r} ({reason(exc)}); check "
+                                           "model.kwargs")):
         model = fn(**dict(kwargs or {}))
-    except Exception as exc:
-        raise ConfigError(f"model.arch {arch!r} failed to build with model.kwargs {dict(kwargs or {})!r} "
-                          f"({type(exc).__name__}: {exc}); check model.kwargs") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.arch {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
@@ -109,11 +110,22 @@ def _few(items: list[str]) -> str:
     return shown + (f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else "")
 
 
-def _torch_load(path: Path, *, trust: bool) -> Any:
+def torch_load(path: Path, *, trust: bool) -> Any:
+    """``torch.load`` on CPU; any failure to read the file is a CheckpointError that says what to do.
+
+    Args:
+        path: the file.
+        trust: allow unpickling arbitrary objects (this runs code from the file).
+    """
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file; check the path")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the file was not written completely: "
+                              "save it again with torch.save(model.state_dict(), path)")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
+    except KeyboardInterrupt:
+        raise
     except pickle.UnpicklingError as exc:
         # torch names the class it refused ("Unsupported global"); anything else is not a checkpoint.
         if not trust and "Unsupported global" in str(exc):
@@ -125,14 +137,16 @@ def _torch_load(path: Path, *, trust: bool) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path} (it does not unpickle as a torch.save file: it "
                               "is damaged or in another format); check the path, or re-save the weights with "
                               "torch.save(model.state_dict(), path)") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); is it a file "
-                              "written by torch.save?") from None
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
         # A trusted whole-module pickle needs its class importable under the name it was saved with.
         raise CheckpointError(f"cannot unpickle checkpoint {path} ({type(exc).__name__}: {exc}); the code "
                               "that defines the saved model must be importable; or save a state_dict and "
                               "set model.arch") from None
+    except PermissionError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}; check its permissions") from None
+    except BaseException as exc:  # noqa: B036 - random bytes fail anywhere in torch.load; a trusted pickle may exit
+        raise CheckpointError(f"cannot read checkpoint {path} ({reason(exc)}); is it a file written by "
+                              "torch.save? Re-save the weights with torch.save(model.state_dict(), path)") from None
 
 
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mapping[str, Any] | None = None,
@@ -158,7 +172,7 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
         ConfigError: ``arch`` is missing or does not build.
     """
     path = Path(path)
-    obj = _torch_load(path, trust=trust)
+    obj = torch_load(path, trust=trust)
     if isinstance(obj, nn.Module):
         return obj.eval()
     state = None
@@ -172,8 +186,12 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
                 state = obj[key]
                 break
     if state is None:
-        found = f"a dict with keys {_few([str(k) for k in obj])}" if isinstance(obj, Mapping) \
-            else type(obj).__name__
+        if isinstance(obj, Mapping):
+            found = f"a dict with keys {_few([str(k) for k in obj])}" if obj else "an empty dict"
+        elif isinstance(obj, torch.Tensor):
+            found = f"a single tensor of shape {tuple(obj.shape)}"
+        else:
+            found = f"a {type(obj).__name__}"
         raise CheckpointError(f"checkpoint {path} holds {found}, not a state_dict; save "
                               "model.state_dict(), or a dict with it under 'state_dict' or 'model'")
     if arch is None:
@@ -182,13 +200,16 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
                           "'path/to/file.py:callable'")
     state = _strip_prefixes(state)
     model = build_model(arch, kwargs)
-    _check_keys(model, state, f"checkpoint {path} does not match model.arch {arch!r}",
+    check_keys(model, state, f"checkpoint {path} does not match model.arch {arch!r}",
                 "check that model.arch and model.kwargs are the ones the checkpoint was trained with")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # keys and shapes match; what is left is e.g. a tensor subclass or dtype
+        raise CheckpointError(f"checkpoint {path} does not load into model.arch {arch!r} ({reason(exc)})") from None
     return model.eval()
 
 
-def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
+def check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -204,66 +225,3 @@ def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, 
     if shapes:
         parts.append(f"{len(shapes)} shape mismatch{'es' * (len(shapes) != 1)} ({_few(shapes)})")
     raise CheckpointError(f"{what}: {'; '.join(parts)}; {fix}")
-
-
-def save_pruned(path: str | os.PathLike, model: nn.Module, plan: dict, *, arch: str | None,
-                kwargs: Mapping[str, Any] | None, input_shape: tuple[int, ...] | list[int]) -> None:
-    """Write a pruned model as one file of tensors and plain values (loads with weights_only=True).
-
-    The file holds the state_dict, the plan (kept widths and indices per unit), arch, kwargs,
-    input_shape and a format version. It is written under a temporary name and renamed, so a failure
-    never leaves a half-written file.
-
-    Args:
-        path: destination (conventionally ``model.pt``).
-        model: the pruned network.
-        plan: the JSON-serialisable plan from ``prune_model``.
-        arch, kwargs: how to build the original architecture (``load_pruned`` resizes it to the plan).
-        input_shape: one sample's shape, to trace the fresh model when applying the plan.
-    """
-    path = Path(path)
-    payload = {
-        "format": PRUNED_FORMAT,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "plan": plan,
-        "arch": arch,
-        "kwargs": dict(kwargs or {}),
-        "input_shape": [int(d) for d in input_shape],
-    }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def load_pruned(path: str | os.PathLike) -> nn.Module:
-    """Load a file written by ``save_pruned``: build the original arch, resize it to the plan, load.
-
-    Args:
-        path: the pruned-model file.
-
-    Returns:
-        The pruned model in eval mode.
-
-    Raises:
-        CheckpointError: not a specprune file, or the plan/weights do not fit the architecture.
-    """
-    from specprune_cli.surgery import apply_plan_shapes
-
-    path = Path(path)
-    payload = _torch_load(path, trust=False)
-    if not isinstance(payload, Mapping) or payload.get("format") != PRUNED_FORMAT:
-        raise CheckpointError(f"{path} is not a pruned model written by specprune (expected format "
-                              f"{PRUNED_FORMAT!r}); to load an original checkpoint use load_checkpoint")
-    if payload["arch"] is None:
-        raise CheckpointError(f"{path} records no model.arch (the original was a pickled module), so it "
-                              "cannot be rebuilt from the plan; export with formats: [module] instead")
-    model = build_model(payload["arch"], payload["kwargs"])
-    apply_plan_shapes(model, payload["plan"], torch.zeros(1, *payload["input_shape"]))
-    _check_keys(model, payload["state_dict"], f"{path} does not fit its own plan",
-                "the file is damaged or was written by a different specprune version")
-    model.load_state_dict(payload["state_dict"], strict=True)
-    return model.eval()

@@ -1,19 +1,23 @@
 """The ``specprune`` command line: parse, call the library, echo, exit codes.
 
 Exit codes: 0 success; 1 the run failed; 2 bad usage or bad config; 3 a quality gate failed.
-Errors from the library (``SpecpruneError``) are translated here, and only here, into click
-exceptions carrying the error's ``exit_code``; messages go to stderr, the ``--json`` report to stdout.
+Errors from the library (``SpecpruneError``) are translated here, and only here
+(:func:`translate_errors`), into click exceptions carrying the error's ``exit_code``. Messages and
+progress go to stderr; stdout carries only the result (the table, or the ``--json`` report), so
+anything the user's model prints while it runs goes to stderr too.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
-from specprune_cli import __version__
-from specprune_cli.errors import SpecpruneError
+from specprune_cli._version import __version__
+from specprune_cli.errors import GateError, SpecpruneError, reason
 
 
 class SpecpruneClickError(click.ClickException):
@@ -23,16 +27,59 @@ class SpecpruneClickError(click.ClickException):
     usage block, which is noise when the problem is a key inside a YAML file.
     """
 
-    def __init__(self, error: SpecpruneError):
-        super().__init__(str(error))
-        self.exit_code = error.exit_code
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def _run(fn: Callable[[], Any]) -> Any:
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Run library code: its errors become click errors with their exit codes, and nothing else escapes.
+
+    ``SystemExit`` from the user's model code and any exception specprune did not expect become exit 1
+    with a message; ``KeyboardInterrupt`` still interrupts (click prints "Aborted!"). The library's
+    prints to stdout go to stderr, so stdout holds only what the command echoes afterwards.
+    """
     try:
-        return fn()
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     except SpecpruneError as exc:
-        raise SpecpruneClickError(exc) from exc
+        raise SpecpruneClickError(str(exc), exc.exit_code) from exc
+    except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        raise
+    except SystemExit as exc:  # the library never exits: this came from the model's code
+        raise SpecpruneClickError(f"the model's code called sys.exit({exc.code!r}) while specprune ran it; "
+                                  "remove the exit from the model's module or forward") from exc
+    except Exception as exc:
+        raise SpecpruneClickError(f"unexpected error ({reason(exc)}); this is a bug in specprune: please "
+                                  "report it with the command, the config and the model architecture") from exc
+
+
+def _logger(quiet: bool) -> Callable[[str], None]:
+    """Progress lines to stderr; with ``--quiet`` only warnings."""
+    def log(message: str) -> None:
+        if not quiet or message.startswith("warning:"):
+            click.echo(message, err=True)
+
+    return log
+
+
+def _shared_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options compress and analyze share (their meaning is the same in both)."""
+    for option in reversed([
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config key by dotted path, value parsed as YAML, e.g. "
+                          "--set prune.target.flops=0.3 (repeatable; wins over the YAML)."),
+        click.option("--trust-checkpoint", is_flag=True,
+                     help="Allow a checkpoint that pickles Python objects (e.g. a whole model); unpickling "
+                          "can run arbitrary code, so only for files you trust."),
+        click.option("--quiet", "-q", is_flag=True,
+                     help="Hide progress bars and progress messages (warnings still show)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace a non-empty OUTDIR (only after the new results are complete)."),
+    ]):
+        fn = option(fn)
+    return fn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,20 +97,11 @@ def main() -> None:
 @click.option("--config", "-c", "config_path", required=True, metavar="CFG.yaml",
               help="YAML config (see configs/default.yaml); missing keys take their defaults.")
 @click.option("--output", "-o", required=True, metavar="OUTDIR",
-              help="Directory for model.pt, report.json and config.resolved.yaml; must be absent or empty "
-                   "unless --overwrite.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key by dotted path, value parsed as YAML, e.g. "
-                   "--set prune.target.flops=0.3 (repeatable; wins over the YAML).")
+              help="Directory for the exports (model.pt, model.onnx, ...), report.json and "
+                   "config.resolved.yaml; must be absent or empty unless --overwrite.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report as JSON on stdout (the summary table and logs go to stderr).")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow a checkpoint that pickles Python objects (e.g. a whole model); unpickling can "
-                   "run arbitrary code, so only for files you trust.")
-@click.option("--quiet", "-q", is_flag=True,
-              help="Hide progress bars and progress messages (warnings still show).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace a non-empty OUTDIR (only after the new results are complete).")
+@_shared_options
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="PTS", default=None,
               help="Quality gate: exit 3 if top-1 accuracy drops by more than PTS percentage points "
                    "(needs labelled data.eval).")
@@ -76,27 +114,28 @@ def compress(checkpoint: str, config_path: str, output: str, overrides: tuple[st
     """Prune CHECKPOINT (a state_dict file) to the configured FLOPs/params target.
 
     Config precedence: defaults < CFG.yaml < --set. Outputs are written to a temporary directory and
-    renamed to OUTDIR only when every step succeeded.
+    renamed to OUTDIR only when every step succeeded. A failed quality gate exits 3 after writing them.
     """
     from specprune_cli.config import load_config
-    from specprune_cli.pipeline import compress as run_compress, summary_table
+    from specprune_cli.pipeline import compress as run_compress
+    from specprune_cli.report import summary_table
 
-    def log(message: str) -> None:
-        if not quiet or message.startswith("warning:"):
-            click.echo(message, err=True)
+    def show(report: dict) -> None:
+        click.echo(summary_table(report), err=as_json)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
 
-    config = _run(lambda: load_config(config_path, overrides))
     try:
-        report = _run(lambda: run_compress(
-            config, checkpoint, output, trust_checkpoint=trust_checkpoint, overwrite=overwrite,
-            progress=not quiet, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, log=log))
+        with translate_errors():
+            config = load_config(config_path, overrides)
+            report = run_compress(config, checkpoint, output, trust_checkpoint=trust_checkpoint,
+                                  overwrite=overwrite, progress=not quiet, max_accuracy_drop=max_accuracy_drop,
+                                  min_agreement=min_agreement, log=_logger(quiet))
     except SpecpruneClickError as exc:
-        if exc.exit_code == 3:  # gate failed: the outputs exist, show what they say before failing
-            _show_written(output, as_json)
+        if isinstance(exc.__cause__, GateError) and exc.__cause__.report is not None:
+            show(exc.__cause__.report)  # the outputs exist: show what they say before failing
         raise
-    click.echo(summary_table(report), err=as_json)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+    show(report)
 
 
 def _ridge_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[float, ...]:
@@ -114,19 +153,15 @@ def _ridge_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
 @click.option("--config", "-c", "config_path", required=True, metavar="CFG.yaml",
               help="YAML config; data.calibration is measured, prune.* decides the suggested widths.")
 @click.option("--output", "-o", default=None, metavar="OUTDIR",
-              help="Also write analysis.json, spectrum.png and dof.png here (absent or empty unless --overwrite).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key by dotted path, value parsed as YAML (repeatable).")
+              help="Also write analysis.json, spectrum.png, dof.png and config.resolved.yaml here (absent or "
+                   "empty unless --overwrite).")
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON on stdout instead of a table.")
 @click.option("--ridge", "ridges", default="1e-4,1e-3,1e-2", show_default=True, callback=_ridge_list,
               metavar="R1,R2,...", help="Relative ridges at which to report the degrees of freedom N(lambda).")
 @click.option("--prunability", "tolerance", type=click.FloatRange(min=0), default=None, metavar="TOL",
               help="Also find the smallest uniform keep fraction whose calibration loss stays within TOL of "
                    "the original's (cross-entropy with labels, else KL to the original).")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow a checkpoint that pickles Python objects; only for files you trust.")
-@click.option("--quiet", "-q", is_flag=True, help="Hide progress bars and progress messages.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTDIR.")
+@_shared_options
 def analyze(checkpoint: str, config_path: str, output: str | None, overrides: tuple[str, ...], as_json: bool,
             ridges: tuple[float, ...], tolerance: float | None, trust_checkpoint: bool, quiet: bool,
             overwrite: bool) -> None:
@@ -136,31 +171,12 @@ def analyze(checkpoint: str, config_path: str, output: str | None, overrides: tu
     from specprune_cli.pipeline import analyze as run_analyze
     from specprune_cli.report import analysis_table
 
-    def log(message: str) -> None:
-        if not quiet or message.startswith("warning:"):
-            click.echo(message, err=True)
-
-    config = _run(lambda: load_config(config_path, overrides))
-    analysis = _run(lambda: run_analyze(config, checkpoint, output, ridges=ridges, prunability_tolerance=tolerance,
-                                        trust_checkpoint=trust_checkpoint, overwrite=overwrite,
-                                        progress=not quiet, log=log))
-    if as_json:
-        click.echo(json.dumps(analysis, indent=2))
-    else:
-        click.echo(analysis_table(analysis))
-
-
-def _show_written(output: str, as_json: bool) -> None:
-    from pathlib import Path
-
-    from specprune_cli.pipeline import summary_table
-
-    path = Path(output) / "report.json"
-    if path.is_file():
-        report = json.loads(path.read_text(encoding="utf-8"))
-        click.echo(summary_table(report), err=as_json)
-        if as_json:
-            click.echo(json.dumps(report, indent=2))
+    with translate_errors():
+        config = load_config(config_path, overrides)
+        analysis = run_analyze(config, checkpoint, output, ridges=ridges, prunability_tolerance=tolerance,
+                               trust_checkpoint=trust_checkpoint, overwrite=overwrite, progress=not quiet,
+                               log=_logger(quiet))
+    click.echo(json.dumps(analysis, indent=2) if as_json else analysis_table(analysis))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,10 @@ from specprune_cli.errors import ConfigError
 
 DATA_FORMATS = ("npz", "imagefolder", "torchvision", "idx", "synthetic")
 TARGET_KINDS = ("flops", "params")
+# Optional data settings and the formats that read them.
+_FORMAT_ONLY = {"path": ("npz", "imagefolder", "torchvision", "idx"), "labels_path": ("idx",),
+                "dataset": ("torchvision",), "resize": ("imagefolder", "torchvision"),
+                "crop": ("imagefolder", "torchvision")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,6 +102,11 @@ class DataConfig(Section):
     def _check(self, path: str) -> None:
         if self.format != "synthetic" and not self.path:
             raise ConfigError(f"config key {path}.path is required for format {self.format}")
+        # A setting the format does not read would be silently ignored: refuse it instead.
+        for key in _FORMAT_ONLY:
+            if getattr(self, key) is not None and self.format not in _FORMAT_ONLY[key]:
+                raise ConfigError(f"config key {path}.{key} is not used by format {self.format} (only by "
+                                  f"{' and '.join(_FORMAT_ONLY[key])}); remove it, or change the format")
         if self.format == "torchvision" and not self.dataset:
             raise ConfigError(f"config key {path}.dataset is required for format torchvision "
                               "(a class name in torchvision.datasets, e.g. FashionMNIST)")

@@ -1,20 +1,25 @@
-"""Calibration / fine-tune / eval data from a ``DataConfig``, as a DataLoader of (x, y) batches.
+"""Calibration / fine-tune / eval data from a ``DataConfig``, as :class:`Batches` of (x, y).
 
 Conventions, shared by every consumer:
 
 - every batch is a pair ``(x, y)``: x float32 of shape (B, *model.input_shape); y int64 of shape (B,),
-  filled with -1 when the data has no labels. The loader's ``has_labels`` attribute says which, so a
-  consumer never has to inspect y (fine-tuning then distils only; evaluation reports agreement only).
+  filled with -1 when the data has no labels. ``Batches.has_labels`` says which, so a consumer never
+  has to inspect y (fine-tuning then distils only; evaluation reports agreement only).
 - ``num_samples`` selects a seeded random subset (``seed``), kept in file order: the first N of an
   ImageFolder would be a single class, which would skew the statistics. Asking for more than there are
   is a warning (all are used); a dataset with none is a DataError.
-- uint8 data is scaled to [0, 1] first, then normalised with ``mean``/``std`` when given.
+- arrays (npz, idx) hold float16/32/64 inputs, used as they are, or uint8, scaled to [0, 1]; any other
+  dtype is refused rather than cast, and so are NaN and Inf. Labels are integers, one per sample.
+  Then ``mean``/``std`` normalise, when given.
+- a sample may have any shape: (C, H, W) images, (C, L) sequences, (L,) feature vectors. Arrays of
+  shape (N, *rest) gain a channel axis when ``model.input_shape`` is (1, *rest).
 """
 from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +28,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from specprune_cli.config import DataConfig
-from specprune_cli.errors import DataError
+from specprune_cli.errors import DataError, SpecpruneError, reason
 
 Log = Callable[[str], None]
 UNLABELED = -1
+_FLOATS = (np.float16, np.float32, np.float64)
 
 
 def _warn(message: str) -> None:
@@ -70,29 +76,61 @@ def _check_shape(shape: Sequence[int], input_shape: Sequence[int], where: str, p
                         "or resize the data (resize/crop for image folders)")
 
 
+def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str, path: Any) -> np.ndarray | None:
+    """Refuse what would have to be cast or guessed; returns y as one label per sample."""
+    if x.dtype != np.uint8 and x.dtype.type not in _FLOATS:
+        raise DataError(f"data.{where}: the inputs x in {path} have dtype {x.dtype}; specprune reads float "
+                        "arrays as they are and uint8 arrays scaled to [0, 1], and casts nothing else: "
+                        "convert x, e.g. x.astype(numpy.float32), scaled as the model expects")
+    if x.ndim < 2:
+        raise DataError(f"data.{where}: the inputs x in {path} have shape {list(x.shape)}; x needs a sample "
+                        "axis first and then one sample's shape, e.g. (N, 3, 32, 32) or (N, 784)")
+    if x.dtype.type in _FLOATS and x.size and not np.isfinite(x).all():
+        first = int(np.argwhere(~np.isfinite(x))[0][0])
+        raise DataError(f"data.{where}: the inputs x in {path} hold {int((~np.isfinite(x)).sum())} NaN or Inf "
+                        f"values (the first in sample {first}); remove or repair those samples")
+    if y is None:
+        return None
+    if y.dtype.kind not in "iu":
+        raise DataError(f"data.{where}: the labels y in {path} have dtype {y.dtype}; labels are integer class "
+                        "indices (-1 for unlabelled): convert y, e.g. y.astype(numpy.int64)")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"data.{where}: the labels y in {path} have shape {list(y.shape)}; give one class index "
+                        "per sample, shape (N,) (for one-hot labels: y.argmax(1))")
+    if len(y) != len(x):
+        raise DataError(f"data.{where}: {path} has {len(x)} inputs but {len(y)} labels; they must match")
+    return y
+
+
 def _array_dataset(x: np.ndarray, y: np.ndarray | None, cfg: DataConfig, input_shape: Sequence[int],
-                   where: str, log: Log) -> tuple[Dataset, bool]:
-    """Arrays -> TensorDataset of the selected subset; (N, H, W) gains a channel axis when the model
-    takes one channel."""
-    if x.ndim == len(input_shape) and len(input_shape) == 3 and input_shape[0] == 1:
-        x = x[:, None]
-    if y is not None and len(y) != len(x):
-        raise DataError(f"data.{where}: {cfg.path} has {len(x)} inputs but {len(y)} labels; they must match")
+                   where: str, log: Log) -> tuple[Dataset, int | None]:
+    """Arrays -> TensorDataset of the selected subset, and the largest label (None without labels)."""
+    y = _check_arrays(x, y, where, cfg.path)
+    if x.ndim == len(input_shape) and len(input_shape) >= 2 and input_shape[0] == 1:
+        x = x[:, None]  # (N, H, W) for a one-channel (1, H, W) model; (N, L) for (1, L)
     if len(x):
         _check_shape(x.shape[1:], input_shape, where, cfg.path)
     idx = _subset_indices(len(x), cfg, where, log)
     xs = _normalise(_to_float(x[idx]), cfg)
     if y is None:
-        ys = torch.full((len(idx),), UNLABELED, dtype=torch.long)
-    else:
-        ys = torch.from_numpy(np.asarray(y)[idx].astype(np.int64).reshape(-1))
-    return TensorDataset(xs, ys), y is not None
+        return TensorDataset(xs, torch.full((len(idx),), UNLABELED, dtype=torch.long)), None
+    ys = torch.from_numpy(y[idx].astype(np.int64))
+    return TensorDataset(xs, ys), int(ys.max()) if len(ys) else -1
 
 
-def _npz(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> tuple[Dataset, bool]:
+def _npz(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> tuple[Dataset, int | None]:
     path = Path(cfg.path)
+    if path.is_dir():
+        raise DataError(f"data.{where}: {path} is a directory; format npz reads one .npz file (for a folder "
+                        "of images per class use format: imagefolder)")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"data.{where}: {path} is a single .npy array, not an .npz archive; save it "
+                            "with numpy.savez(path, x=inputs, y=labels)")
+        with loaded as npz:
             keys = list(npz.files)
             if "x" not in keys:
                 found = ", ".join(keys) or "none"
@@ -101,13 +139,21 @@ def _npz(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> t
                                 "numpy.savez(path, x=images, y=labels)")
             x = npz["x"]
             y = npz["y"] if "y" in keys else None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"data.{where}: cannot read {path} as .npz ({exc}); "
-                        f"check data.{where}.path") from None
+    except DataError:
+        raise
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"data.{where}: {path} holds object arrays (pickled Python objects), which "
+                            "specprune does not load; save numeric arrays: x as float32 or uint8, y as "
+                            "int64") from None
+        raise DataError(f"data.{where}: cannot read {path} as .npz ({exc}); check data.{where}.path") from None
+    except Exception as exc:  # a damaged archive fails in zipfile, zlib or numpy, each its own way
+        raise DataError(f"data.{where}: cannot read {path} as .npz ({reason(exc)}); check "
+                        f"data.{where}.path") from None
     return _array_dataset(x, y, cfg, input_shape, where, log)
 
 
-def _idx(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> tuple[Dataset, bool]:
+def _idx(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> tuple[Dataset, int | None]:
     from specprune_cli.idx import read_idx
 
     def read(p: str, key: str) -> np.ndarray:
@@ -121,16 +167,20 @@ def _idx(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> t
     return _array_dataset(x, y, cfg, input_shape, where, log)
 
 
-def _synthetic(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> tuple[Dataset, bool]:
+def _synthetic(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log
+               ) -> tuple[Dataset, int | None]:
     n = cfg.num_samples if cfg.num_samples is not None else 1024
     g = torch.Generator().manual_seed(cfg.seed)
     x = _normalise(torch.randn(n, *input_shape, generator=g), cfg)
-    return TensorDataset(x, torch.full((n,), UNLABELED, dtype=torch.long)), False
+    return TensorDataset(x, torch.full((n,), UNLABELED, dtype=torch.long)), None
 
 
-def _image_transform(cfg: DataConfig, input_shape: Sequence[int]):
+def _image_transform(cfg: DataConfig, input_shape: Sequence[int], where: str):
     from torchvision import transforms
 
+    if len(input_shape) != 3 or input_shape[0] not in (1, 3):
+        raise DataError(f"data.{where}: format {cfg.format} gives images of shape (1 or 3, H, W), but "
+                        f"model.input_shape is {list(input_shape)}; use format npz for other inputs")
     channels = input_shape[0]
     steps: list[Any] = [transforms.Lambda(lambda im: im.convert("L" if channels == 1 else "RGB"))]
     if cfg.resize:
@@ -157,18 +207,20 @@ class _Labelled(Dataset):
         return x, torch.tensor(int(y), dtype=torch.long)
 
 
-def _imagefolder(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> tuple[Dataset, bool]:
+def _imagefolder(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log
+                 ) -> tuple[Dataset, int | None]:
     from torchvision.datasets import ImageFolder
 
     root = Path(cfg.path)
     if not root.is_dir():
         raise DataError(f"data.{where}: {root} is not a directory; imagefolder expects one folder per class")
+    transform = _image_transform(cfg, input_shape, where)
     try:
-        base = ImageFolder(str(root), transform=_image_transform(cfg, input_shape))
+        base = ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"data.{where}: {root} is not an image folder ({exc}); it must hold one "
                         "sub-folder per class with the images inside") from None
-    return _Labelled(base, _subset_indices(len(base), cfg, where, log)), True
+    return _Labelled(base, _subset_indices(len(base), cfg, where, log)), len(base.classes) - 1
 
 
 def _mnist_gz_only(root: Path, name: str) -> list[str]:
@@ -179,7 +231,8 @@ def _mnist_gz_only(root: Path, name: str) -> list[str]:
     return gz if gz and not any(raw.joinpath(g[:-3]).is_file() for g in gz) else []
 
 
-def _torchvision(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> tuple[Dataset, bool]:
+def _torchvision(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log
+                 ) -> tuple[Dataset, int | None]:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, cfg.dataset, None)
@@ -199,7 +252,7 @@ def _torchvision(cfg: DataConfig, input_shape: Sequence[int], where: str, log: L
             f"compressed ones ({', '.join(gz)}); gunzip them there, or use format: idx with "
             f"path: {raw / gz[0]} (and labels_path: the matching labels file), which reads .gz directly")
     params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {"root": str(root), "transform": _image_transform(cfg, input_shape)}
+    kwargs: dict[str, Any] = {"root": str(root), "transform": _image_transform(cfg, input_shape, where)}
     if "download" in params:
         kwargs["download"] = False  # never reach the network from a pruning run
     if "train" in params:
@@ -212,43 +265,88 @@ def _torchvision(cfg: DataConfig, input_shape: Sequence[int], where: str, log: L
         raise DataError(f"data.{where}: torchvision {cfg.dataset} could not be loaded from {root} ({exc}); "
                         "specprune never downloads: place the dataset files under that root, laid out as "
                         "torchvision expects") from None
-    return _Labelled(base, _subset_indices(len(base), cfg, where, log)), True
+    classes = getattr(base, "classes", None)
+    return _Labelled(base, _subset_indices(len(base), cfg, where, log)), len(classes) - 1 if classes else None
 
 
 _BUILDERS = {"npz": _npz, "idx": _idx, "synthetic": _synthetic, "imagefolder": _imagefolder,
              "torchvision": _torchvision}
 
 
-def build_loader(data_cfg: DataConfig, input_shape: Sequence[int], *, shuffle: bool = False,
-                 where: str = "calibration", log: Log | None = None) -> DataLoader:
-    """A DataLoader of ``(x, y)`` batches for ``data_cfg`` (see the module docstring for conventions).
+@dataclass
+class Batches:
+    """The ``(x, y)`` batches of one data section, and what is known about them.
+
+    Iterating reads the data; a sample that fails to load (a damaged image, say) is a DataError that
+    names the section, not an exception from deep inside a dataset class.
+
+    Attributes:
+        loader: the DataLoader the batches come from.
+        where: the section (calibration, finetune, eval), for messages.
+        num_samples: how many samples one pass yields.
+        has_labels: whether y holds labels (else every y is -1).
+        max_label: the largest label (None without labels), to check against the model's classes.
+    """
+
+    loader: DataLoader
+    where: str
+    num_samples: int
+    has_labels: bool
+    max_label: int | None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except SpecpruneError:
+                raise
+            except Exception as exc:  # reading user files: PIL, OSError, a dataset's own errors
+                raise DataError(f"data.{self.where}: reading a batch failed ({reason(exc)}); fix or remove "
+                                "the file it names") from exc
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def build_batches(data_cfg: DataConfig, input_shape: Sequence[int], *, shuffle: bool = False,
+                  where: str = "calibration", batch_size: int | None = None, log: Log | None = None) -> Batches:
+    """The batches of one data section (see the module docstring for the conventions).
 
     Args:
         data_cfg: one data section of the config.
         input_shape: ``model.input_shape``; every sample must have this shape.
         shuffle: reshuffle each epoch (fine-tuning), with a generator seeded from ``data_cfg.seed``.
         where: the section name (calibration, finetune, eval), for messages.
+        batch_size: overrides ``data_cfg.batch_size`` (``finetune.batch_size``).
         log: receives warnings (prefixed "warning: "); default: ``warnings.warn``.
 
     Returns:
-        A DataLoader with two extra attributes: ``has_labels`` (bool) and ``num_samples`` (int).
+        The Batches.
 
     Raises:
-        DataError: missing/malformed files, no samples, or samples whose shape is not ``input_shape``.
+        DataError: missing/malformed files, no samples, refused dtypes or values, or samples whose shape
+            is not ``input_shape``.
     """
     log = log or _warn
-    dataset, has_labels = _BUILDERS[data_cfg.format](data_cfg, input_shape, where, log)
+    dataset, max_label = _BUILDERS[data_cfg.format](data_cfg, input_shape, where, log)
     if len(dataset) == 0:
         raise DataError(f"data.{where}: {data_cfg.path} holds no samples")
     if not isinstance(dataset, TensorDataset):
-        x0 = dataset[0][0]  # transformed datasets: check one sample, the rest share the transform
+        try:
+            x0 = dataset[0][0]  # transformed datasets: check one sample, the rest share the transform
+        except Exception as exc:  # a damaged first image
+            raise DataError(f"data.{where}: reading the first sample of {data_cfg.path} failed "
+                            f"({reason(exc)}); fix or remove that file") from exc
         _check_shape(x0.shape, input_shape, where, data_cfg.path)
     generator = torch.Generator().manual_seed(data_cfg.seed) if shuffle else None
-    loader = DataLoader(dataset, batch_size=data_cfg.batch_size, shuffle=shuffle, generator=generator,
-                        num_workers=0)
-    loader.has_labels = has_labels
-    loader.num_samples = len(dataset)
-    return loader
+    loader = DataLoader(dataset, batch_size=batch_size or data_cfg.batch_size, shuffle=shuffle,
+                        generator=generator, num_workers=0)
+    return Batches(loader=loader, where=where, num_samples=len(dataset), has_labels=max_label is not None and max_label >= 0,
+                   max_label=max_label)
 
 
-__all__ = ["build_loader", "UNLABELED"]
+__all__ = ["Batches", "build_batches", "UNLABELED"]

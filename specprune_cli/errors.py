@@ -4,6 +4,10 @@ Every message says what went wrong *and what to do about it*: the user reads it 
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
 
 class SpecpruneError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with (1: the run failed)."""
@@ -41,7 +45,44 @@ class ExportError(SpecpruneError):
     """An export could not be written, or did not match the in-memory model when loaded back."""
 
 
+class OutputError(SpecpruneError):
+    """The output directory cannot be written (nothing was left there)."""
+
+
 class GateError(SpecpruneError):
-    """A CI quality gate failed (outputs are still written); exit 3."""
+    """A CI quality gate failed (outputs are still written); exit 3.
+
+    Attributes:
+        report: the report that was written, so a caller can show it without reading it back.
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+def reason(exc: BaseException) -> str:
+    """``Type: first line of the message``, to quote someone else's exception in one of ours."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def user_code(wrap: Callable[[BaseException], SpecpruneError]) -> Iterator[None]:
+    """Run the user's code (importing, building or calling the model): whatever it raises becomes ours.
+
+    ``SystemExit`` and other ``BaseException`` subclasses are caught too, since a model file that calls
+    ``sys.exit()`` must not end specprune silently; ``KeyboardInterrupt`` still interrupts, and
+    specprune's own errors pass through unchanged.
+
+    Args:
+        wrap: builds the error to raise from the caught exception.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, SpecpruneError):
+        raise
+    except BaseException as exc:  # noqa: B036 - see the docstring
+        raise wrap(exc) from exc

@@ -1,54 +1,16 @@
-"""Before/after evaluation: accuracy where labels exist, agreement and relative error always, CPU latency.
-
-Latency is noisy on a shared machine. For stable timings, run with glibc's allocator told to keep freed
-memory mapped, so that each forward pass does not page-fault its activations in again::
-
-    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647 specprune compress ...
-
-Environment variables are read when the process starts, so ``measure_latency`` applies the same two
-settings in-process through ``mallopt`` (``keep_memory_mapped``) where glibc is available.
+"""Before/after evaluation: accuracy where labels exist, agreement and relative error always, and the
+quality gates that judge them. Latency is timed in ``latency.py``.
 """
 from __future__ import annotations
 
-import ctypes
-import statistics
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from specprune_cli.errors import DataError, ModelError
-
-# glibc <malloc.h>: mallopt parameter numbers.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit (4 * 1024 * 1024 * sizeof(long))
-_TRIM_NEVER = 2**31 - 1  # mallopt takes a C int
-_memory_kept: bool | None = None
-
-
-def keep_memory_mapped() -> bool:
-    """Ask glibc to keep freed memory mapped (process-wide, once), for stable latency numbers.
-
-    Sets ``M_TRIM_THRESHOLD`` so the heap top is never returned to the OS and ``M_MMAP_THRESHOLD`` to
-    its maximum (32 MiB) so activation buffers come from the heap instead of fresh ``mmap`` calls that
-    page-fault on every forward pass. Equivalent to starting the process with ``MALLOC_TRIM_THRESHOLD_``
-    and ``MALLOC_MMAP_THRESHOLD_`` set.
-
-    Returns:
-        True when both settings were accepted; False without glibc (macOS, Windows, musl).
-    """
-    global _memory_kept
-    if _memory_kept is None:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            _memory_kept = bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER)) and bool(
-                libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX))
-        except (OSError, AttributeError):
-            _memory_kept = False
-    return _memory_kept
+from specprune_cli.errors import ConfigError, DataError, ModelError
+from specprune_cli.model_io import ModelCall
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -59,15 +21,20 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def logits_of(out: Any, who: str, purpose: str = "evaluated") -> torch.Tensor:
-    """``out`` if it is a (batch, classes) tensor, else a ModelError saying how to wrap the model."""
+    """``out`` if it is a (batch, classes) tensor, else a ModelError saying what to change."""
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"the {who} model must return logits of shape (batch, classes) to be {purpose}, "
-                         f"got {shape}; wrap the model so that forward returns one logits tensor")
+                         f"got {shape}; if it returns several tensors, set evaluate.output to the logits, or "
+                         "wrap the model so that forward returns them")
     return out
 
 
-_split, _logits = split_batch, logits_of
+def check_label_range(max_label: int | None, classes: int | None, what: str) -> None:
+    """A DataError when labels go beyond the classes the model predicts (None: nothing to check)."""
+    if max_label is not None and classes is not None and max_label >= classes:
+        raise DataError(f"{what} has label {max_label} but the model predicts {classes} classes (0 to "
+                        f"{classes - 1}); check that the labels belong to this model")
 
 
 def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> int:
@@ -76,7 +43,7 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> int:
 
 
 def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
-                   max_samples: int | None = None) -> dict:
+                   max_samples: int | None = None, call: ModelCall | None = None) -> dict:
     """Compare ``model`` with ``reference`` (usually pruned vs original) on a loader.
 
     Args:
@@ -84,6 +51,7 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
         reference: the model it is compared with; its own accuracy is reported too.
         loader: yields ``(x, y)``; ``y < 0`` marks an unlabelled sample.
         max_samples: stop after this many samples (None: the whole loader).
+        call: the forward keyword arguments and the evaluated output tensor (default: none, the first).
 
     Returns:
         ``samples``, ``labelled_samples``; ``top1``/``top5`` of ``model`` and ``reference_top1``/
@@ -91,7 +59,13 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
         with fewer than 5 classes); ``agreement``: fraction of samples where both argmaxes match;
         ``relative_error``: ||out - ref|| / ||ref|| over all outputs (0 when both are zero, inf when only
         the reference is).
+
+    Raises:
+        ModelError: an output that is not (batch, classes) logits, outputs of different shapes, or a
+            reference that already produces NaN/Inf (the original model, not the pruning, is at fault).
+        DataError: no samples, or labels beyond the model's classes.
     """
+    call = call or ModelCall()
     modes = (model.training, reference.training)
     model.eval()
     reference.eval()
@@ -105,13 +79,17 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
             for batch in loader:
                 if max_samples is not None and n >= max_samples:
                     break
-                x, y = _split(batch)
+                x, y = split_batch(batch)
                 if max_samples is not None:
                     x = x[:max_samples - n]
                     y = y[:max_samples - n] if y is not None else None
                 x = x.to(device)
-                out = _logits(model(x), "evaluated").double()
-                ref = _logits(reference(x), "reference").double()
+                out = logits_of(call.evaluated(model, x), "evaluated").double()
+                ref = logits_of(call.evaluated(reference, x), "reference").double()
+                if not bool(torch.isfinite(ref).all()):
+                    raise ModelError(f"the reference (original) model already produces NaN or Inf on the "
+                                     f"evaluation data (batch starting at sample {n}), before any pruning; fix "
+                                     "the model or the data (check data.*.mean and std) first")
                 if out.shape != ref.shape:
                     raise ModelError(f"the evaluated model returns {tuple(out.shape)} but the reference "
                                      f"returns {tuple(ref.shape)}; both must predict the same classes")
@@ -126,6 +104,7 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
                 if not bool(mask.any()):
                     continue
                 yl = y.to(device)[mask]
+                check_label_range(int(yl.max()), out.shape[1], "the evaluation data")
                 labelled += int(mask.sum())
                 for name, logits in (("top1", out), ("reference_top1", ref)):
                     correct[name] += _topk_correct(logits[mask], yl, 1)
@@ -153,90 +132,36 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
             "agreement": agree / n, "relative_error": rel}
 
 
-def _batch(example_input: torch.Tensor, batch_size: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((batch_size, *example_input.shape[1:]), generator=gen, dtype=example_input.dtype)
-    return x.to(example_input.device)
-
-
-def _summary(samples_ms: list[float]) -> dict:
-    return {"median_ms": statistics.median(samples_ms), "min_ms": min(samples_ms), "samples": len(samples_ms)}
-
-
-def _warmups(repeats: int) -> int:
-    return max(2, min(10, repeats // 5))
-
-
-def measure_latency(model: nn.Module, example_input: torch.Tensor, batch_sizes: Sequence[int],
-                    repeats: int) -> dict[int, dict]:
-    """Median wall-clock time of one eager forward pass on CPU, per batch size.
-
-    Runs under ``torch.inference_mode`` with the model in eval mode (its mode is restored), after a few
-    untimed warm-up passes, with the current ``torch.get_num_threads()``. Calls ``keep_memory_mapped``
-    first (see the module docstring for the equivalent environment variables).
+def check_gates(evaluation: dict | None, *, max_accuracy_drop: float | None,
+                min_agreement: float | None) -> list[dict]:
+    """Compare an evaluation with the CI gates.
 
     Args:
-        model: the model timed.
-        example_input: one batch; only its shape after dim 0, dtype and device are used.
-        batch_sizes: batch sizes to time.
-        repeats: timed passes per batch size.
+        evaluation: needs ``accuracy_before`` and ``accuracy_after`` (fractions) for the accuracy gate
+            and ``agreement`` (fraction of top-1 equal to the original's) for the agreement gate.
+        max_accuracy_drop: largest allowed drop in percentage points, or None.
+        min_agreement: smallest allowed agreement in [0, 1], or None.
 
     Returns:
-        ``{batch_size: {"median_ms", "min_ms", "samples"}}``, ``samples`` being the number of timed passes.
+        One entry per requested gate: name, limit, value, passed.
+
+    Raises:
+        ConfigError: a gate that the evaluation cannot answer (no labels for the accuracy gate).
     """
-    keep_memory_mapped()
-    training = model.training
-    model.eval()
-    results: dict[int, dict] = {}
-    try:
-        with torch.inference_mode():
-            for b in batch_sizes:
-                x = _batch(example_input, b)
-                for _ in range(_warmups(repeats)):
-                    model(x)
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    model(x)
-                    times.append((time.perf_counter() - start) * 1e3)
-                results[int(b)] = _summary(times)
-    finally:
-        model.train(training)
-    return results
-
-
-def measure_onnx_latency(path: str, example_input: torch.Tensor, batch_sizes: Sequence[int],
-                         repeats: int, threads: int | None = None) -> dict[int, dict]:
-    """Median time of one ONNX Runtime run (CPUExecutionProvider) per batch size.
-
-    Args:
-        path: an ONNX file with one input whose first dimension is dynamic.
-        example_input: one batch; only its shape after dim 0 and dtype are used.
-        batch_sizes: batch sizes to time.
-        repeats: timed runs per batch size.
-        threads: ONNX Runtime's intra-op threads (None: its default, one per core), e.g. the same
-            count torch uses, to compare the two runtimes like for like.
-
-    Returns:
-        ``{batch_size: {"median_ms", "min_ms", "samples"}}``, as ``measure_latency``.
-    """
-    import onnxruntime as ort  # optional at import time: only needed when ONNX latency is asked for
-
-    keep_memory_mapped()
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    results: dict[int, dict] = {}
-    for b in batch_sizes:
-        feed = {name: _batch(example_input.cpu(), b).numpy()}
-        for _ in range(_warmups(repeats)):
-            session.run(None, feed)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - start) * 1e3)
-        results[int(b)] = _summary(times)
-    return results
+    gates = []
+    evaluation = evaluation or {}
+    if max_accuracy_drop is not None:
+        before, after = evaluation.get("accuracy_before"), evaluation.get("accuracy_after")
+        if before is None or after is None:
+            raise ConfigError("--max-accuracy-drop needs accuracy before and after pruning: set data.eval to "
+                              "a labelled dataset")
+        drop = 100.0 * (before - after)
+        gates.append({"name": "max_accuracy_drop", "limit": max_accuracy_drop, "value": round(drop, 4),
+                      "passed": drop <= max_accuracy_drop})
+    if min_agreement is not None:
+        agreement = evaluation.get("agreement")
+        if agreement is None:
+            raise ConfigError("--min-agreement needs an evaluation of the pruned model against the original")
+        gates.append({"name": "min_agreement", "limit": min_agreement, "value": round(agreement, 6),
+                      "passed": agreement >= min_agreement})
+    return gates

@@ -1,7 +1,9 @@
 """Export writers (pt, ONNX, TorchScript, whole module), each verified by loading the file back.
 
 Every file is written under a temporary name, loaded back, run on two batch sizes and compared with the
-in-memory model; only then is it renamed into place. A failure raises ``ExportError`` and leaves no file.
+in-memory model, every output tensor of it; only then is it renamed into place. A failure raises
+``ExportError`` and leaves no file. Formats are a registry (``@register``), so a new format is one
+function; ``export.formats`` names the ones to write.
 
 Tolerance: a format counts as equal when ``max|out - ref| <= onnx_tolerance * max(1, max|ref|)``. A
 different runtime (ONNX Runtime, fused TorchScript kernels) sums the same float32 products in another
@@ -18,58 +20,98 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from specprune_cli.errors import ConfigError, ExportError
+from specprune_cli.config import ExportConfig
+from specprune_cli.errors import ConfigError, ExportError, reason, user_code
+from specprune_cli.model_io import ModelCall, named_tensors, tensors
+from specprune_cli.pruned_file import Architecture, load_pruned, save_pruned
 
-FORMATS = ("pt", "onnx", "torchscript", "module")
-FILENAMES = {"pt": "model.pt", "onnx": "model.onnx", "torchscript": "model.torchscript.pt",
-             "module": "model.module.pt"}
 EXPORT_BATCH = 2  # not 1: exporters specialise size-1 dimensions
 CHECK_BATCH = 3  # a batch size the export never saw proves the batch dimension is dynamic
 _TAIL = 1500
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the dynamo exporter colours its messages
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten(v)]
-    raise ExportError(f"the model returned {type(out).__name__}; exports support tensors and "
-                      "lists/tuples/dicts of tensors")
+@dataclass
+class _Job:
+    """One model to export: what every writer needs.
+
+    Attributes:
+        model: the model (eval mode), called through ``call``.
+        call: the forward keyword arguments.
+        inputs: batch size -> random input batch.
+        refs: batch size -> the model's output tensors on it (``model_io.tensors`` order).
+        names: the output tensors' names (``model_io.named_tensors``).
+        cfg: the export settings.
+        plan, source: for 'pt': the plan and how to rebuild the architecture.
+    """
+
+    model: nn.Module
+    call: ModelCall
+    inputs: dict[int, torch.Tensor]
+    refs: dict[int, list[torch.Tensor]]
+    names: list[str]
+    cfg: ExportConfig
+    plan: dict | None
+    source: Architecture | None
+
+    def compare(self, fmt: str, loaded: Callable[[torch.Tensor], Any]) -> float:
+        """Run ``loaded`` at both batch sizes and compare every output tensor; the worst difference."""
+        worst = 0.0
+        for b, x in self.inputs.items():
+            with torch.no_grad(), user_code(lambda exc, b=b: ExportError(
+                    f"the {fmt} export loaded back but fails on a batch of {b}: {_message(exc)}")):
+                got = tensors(loaded(x))
+            worst = max(worst, _compare(fmt, got, self.refs[b], self.cfg.onnx_tolerance, b, self.names))
+        return worst
 
 
-def _inputs(example_input: torch.Tensor) -> dict[int, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    shape = tuple(example_input.shape[1:])
-    return {b: torch.randn((b, *shape), generator=gen, dtype=example_input.dtype).to(example_input.device)
-            for b in (EXPORT_BATCH, CHECK_BATCH)}
+Writer = Callable[[_Job, Path], dict]
+_WRITERS: dict[str, tuple[str, Writer]] = {}
 
 
-def _compare(fmt: str, got: list[torch.Tensor], want: list[torch.Tensor], tolerance: float,
-             batch: int) -> float:
+def register(fmt: str, filename: str) -> Callable[[Writer], Writer]:
+    """Register ``fn(job, tmp_path) -> info`` as the writer of format ``fmt`` (file ``filename``).
+
+    The writer writes ``tmp_path``, loads it back, compares it (``job.compare``) and returns what the
+    report records about the file (at least ``max_abs_diff``).
+    """
+    def add(fn: Writer) -> Writer:
+        _WRITERS[fmt] = (filename, fn)
+        return fn
+
+    return add
+
+
+def formats() -> tuple[str, ...]:
+    """The export formats this version can write."""
+    return tuple(_WRITERS)
+
+
+def _compare(fmt: str, got: list[torch.Tensor], want: list[torch.Tensor], tolerance: float, batch: int,
+             names: list[str]) -> float:
     if len(got) != len(want):
-        raise ExportError(f"{fmt} export returns {len(got)} outputs but the model returns {len(want)}")
+        raise ExportError(f"{fmt} export returns {len(got)} output tensors but the model returns {len(want)} "
+                          f"({', '.join(names)})")
     worst = 0.0
-    for i, (g, w) in enumerate(zip(got, want)):
+    for name, g, w in zip(names, got, want):
         g = torch.as_tensor(g).to(w.device, torch.float64)
         w = w.to(torch.float64)
         if g.shape != w.shape:
-            raise ExportError(f"{fmt} export output {i} has shape {tuple(g.shape)} at batch size {batch}, "
+            raise ExportError(f"{fmt} export output {name} has shape {tuple(g.shape)} at batch size {batch}, "
                               f"the model gives {tuple(w.shape)}; the batch dimension may have been fixed "
                               "at export")
         diff = float((g - w).abs().max()) if w.numel() else 0.0
         scale = max(1.0, float(w.abs().max()) if w.numel() else 0.0)
         if not diff <= tolerance * scale:  # `not <=` also catches NaN
-            raise ExportError(f"{fmt} export does not match the in-memory model at batch size {batch}: "
-                              f"max abs difference {diff:.3g} > {tolerance:g} * max(1, "
+            raise ExportError(f"{fmt} export does not match the in-memory model at batch size {batch} "
+                              f"(output {name}): max abs difference {diff:.3g} > {tolerance:g} * max(1, "
                               f"max|output|={scale:.3g}); the file was not written. Raise "
                               "export.onnx_tolerance only if this is rounding")
         worst = max(worst, diff)
@@ -105,13 +147,33 @@ def _message(exc: BaseException) -> str:
     return _ANSI.sub("", f"{type(exc).__name__}: {exc}")[:_TAIL]
 
 
-def _write_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> dict:
-    """Write one self-contained ONNX file with a dynamic batch dimension.
+def _message(exc: BaseException) -> str:
+    return _ANSI.sub("", f"{type(exc).__name__}: {exc}")[:_TAIL]
+
+
+@register("pt", "model.pt")
+def _pt(job: _Job, path: Path) -> dict:
+    """state_dict + plan + architecture (``pruned_file``): loads without unpickling code."""
+    if job.plan is None or job.source is None:
+        raise ConfigError("export format 'pt' needs the plan and the architecture: pass plan= and source= "
+                          "to export_model")
+    save_pruned(path, job.model, job.plan, job.source)
+    if job.source.arch is None:
+        return {"max_abs_diff": None, "verified": False,
+                "note": "model.arch is not set (the checkpoint was a pickled module), so model.pt cannot be "
+                        "rebuilt with load_pruned; export formats: [module] for a loadable file"}
+    loaded = load_pruned(path)
+    return {"max_abs_diff": job.compare("pt", lambda x: job.call(loaded, x))}
+
+
+def _write_onnx(job: _Job, path: Path) -> dict:
+    """Write one self-contained ONNX file with a dynamic batch dimension and named outputs.
 
     Returns:
         ``{"exporter": "dynamo"}``, or ``{"exporter": "legacy", "dynamo_error": ...}`` after a fallback.
     """
-    common = dict(opset_version=opset, input_names=["input"], output_names=["output"])
+    model, x = job.call.bound(job.model), job.inputs[EXPORT_BATCH]
+    common = dict(opset_version=job.cfg.opset, input_names=["input"], output_names=job.names)
     with _quiet():
         try:
             # torch >= 2.9 defaults to the dynamo exporter: weights go to a side .data file unless
@@ -123,10 +185,13 @@ def _write_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> di
         except Exception as dynamo_error:  # any exporter failure: try the TorchScript-based one
             first = _message(dynamo_error)
             _remove(path, path.with_name(path.name + ".data"))
+    # The legacy exporter needs to be told which outputs have a batch dimension: those that grow with it.
+    batched = {n: {0: "batch"} for n, a, b in zip(job.names, job.refs[EXPORT_BATCH], job.refs[CHECK_BATCH])
+               if a.dim() and a.shape[0] == EXPORT_BATCH and b.shape[0] == CHECK_BATCH}
     with _quiet() as captured:
         try:
             torch.onnx.export(model, (x,), str(path), dynamo=False,
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, **common)
+                              dynamic_axes={"input": {0: "batch"}, **batched}, **common)
             return {"exporter": "legacy", "dynamo_error": first}
         except Exception as legacy_error:
             raise ExportError(f"ONNX export failed with both exporters.\ndynamo: {first}\nlegacy "
@@ -135,11 +200,13 @@ def _write_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> di
                               "torch.export") from legacy_error
 
 
-def _check_onnx(path: Path, inputs: dict[int, torch.Tensor], refs: dict[int, list[torch.Tensor]],
-                tolerance: float) -> float:
+@register("onnx", "model.onnx")
+def _onnx(job: _Job, path: Path) -> dict:
+    """One ONNX file, checked by onnx.checker and run in ONNX Runtime."""
     import onnx
     import onnxruntime as ort
 
+    info = _write_onnx(job, path)
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
@@ -147,35 +214,69 @@ def _check_onnx(path: Path, inputs: dict[int, torch.Tensor], refs: dict[int, lis
     proto = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
         raise ExportError("the ONNX export put weights in an external file; model.onnx must be one file")
+    info["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if info["opset"] != job.cfg.opset:
+        info["note"] = (f"export.opset {job.cfg.opset} was not honoured: the exporter wrote opset "
+                        f"{info['opset']} (it could not convert this model); the file was verified as written")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != 1:
-        raise ExportError(f"the ONNX model has inputs {names}; exports support a single input tensor")
-    worst = 0.0
-    for b, x in inputs.items():
+    inputs = [i.name for i in session.get_inputs()]
+    if len(inputs) != 1:
+        raise ExportError(f"the ONNX model has inputs {inputs}; exports support a single input tensor")
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
         try:
-            got = session.run(None, {names[0]: x.detach().cpu().numpy()})
+            return [torch.from_numpy(g) for g in session.run(None, {inputs[0]: x.detach().cpu().numpy()})]
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ExportError(f"ONNX Runtime cannot run the export at batch size {b}: {exc}\nIf the model "
-                              "fixes its batch size (e.g. x.view(2, -1)), use x.flatten(1) or "
+            raise ExportError(f"ONNX Runtime cannot run the export at batch size {x.shape[0]}: {exc}\nIf the "
+                              "model fixes its batch size (e.g. x.view(2, -1)), use x.flatten(1) or "
                               "x.view(x.size(0), -1)") from exc
-        worst = max(worst, _compare("onnx", [torch.from_numpy(g) for g in got], refs[b], tolerance, b))
-    return worst
+
+    info["outputs"] = [o.name for o in session.get_outputs()]
+    return {**info, "max_abs_diff": job.compare("onnx", run)}
 
 
-def _run(fmt: str, loaded: nn.Module, inputs: dict[int, torch.Tensor], refs: dict[int, list[torch.Tensor]],
-         tolerance: float) -> float:
+class _Flat(nn.Module):
+    """A model whose output tensors come out as one flat tuple (TorchScript cannot trace nested dicts)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(tensors(self.model(x)))
+
+
+@register("torchscript", "model.torchscript.pt")
+def _torchscript(job: _Job, path: Path) -> dict:
+    """A traced TorchScript module (forward keyword arguments fixed at their configured values). A model
+    with several output tensors returns them as one tuple, in the order of ``outputs``."""
+    single = job.names == ["output"]
+    module = job.call.bound(job.model) if single else _Flat(job.call.bound(job.model))
+    with _quiet() as captured:
+        try:
+            # check_trace=False: the comparison below is the check, on two batch sizes.
+            traced = torch.jit.trace(module, (job.inputs[EXPORT_BATCH],), check_trace=False)
+            torch.jit.save(traced, str(path))
+        except Exception as exc:
+            raise ExportError(f"TorchScript tracing failed: {_message(exc)}{captured.tail()}\n"
+                              "Drop 'torchscript' from export.formats") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; loading still works
+        loaded = torch.jit.load(str(path), map_location=job.inputs[EXPORT_BATCH].device)
     loaded.eval()
-    worst = 0.0
-    with torch.no_grad():
-        for b, x in inputs.items():
-            try:
-                out = loaded(x)
-            except Exception as exc:
-                raise ExportError(f"the {fmt} export loaded back but fails on a batch of {b}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-            worst = max(worst, _compare(fmt, _flatten(out), refs[b], tolerance, b))
-    return worst
+    return {**({} if single else {"outputs": job.names}), "max_abs_diff": job.compare("torchscript", loaded)}
+
+
+@register("module", "model.module.pt")
+def _module(job: _Job, path: Path) -> dict:
+    """The whole module, pickled: loading it runs code, so only open files you trust."""
+    try:
+        torch.save(job.model, path)
+    except Exception as exc:  # pickling errors come in several types
+        raise ExportError(f"the whole-module file cannot be pickled ({reason(exc)}); its classes must be "
+                          "importable at module level. Use format 'pt' instead") from exc
+    loaded = torch.load(path, map_location=job.inputs[EXPORT_BATCH].device, weights_only=False).eval()
+    return {"pickled": True, "max_abs_diff": job.compare("module", lambda x: job.call(loaded, x))}
 
 
 def _remove(*paths: Path) -> None:
@@ -184,104 +285,80 @@ def _remove(*paths: Path) -> None:
             p.unlink()
 
 
-def _export_one(fmt: str, model: nn.Module, inputs: dict[int, torch.Tensor],
-                refs: dict[int, list[torch.Tensor]], tmp: Path, settings: Any,
-                pt_writer: Callable[[Path], None] | None,
-                pt_loader: Callable[[Path], nn.Module] | None) -> dict:
-    tol = float(settings.onnx_tolerance)
-    x = inputs[EXPORT_BATCH]
-    extra: dict = {}
-    if fmt == "pt":
-        if pt_writer is None or pt_loader is None:
-            raise ConfigError("export format 'pt' needs pt_writer and pt_loader (save_pruned / load_pruned)")
-        pt_writer(tmp)
-        diff = _run(fmt, pt_loader(tmp), inputs, refs, tol)
-    elif fmt == "onnx":
-        extra.update(_write_onnx(model, x, tmp, int(settings.opset)))
-        diff = _check_onnx(tmp, inputs, refs, tol)
-    elif fmt == "torchscript":
-        with _quiet() as captured:
-            try:
-                # check_trace=False: the comparison below is the check, on two batch sizes.
-                traced = torch.jit.trace(model, (x,), check_trace=False)
-                torch.jit.save(traced, str(tmp))
-            except Exception as exc:
-                raise ExportError(f"TorchScript tracing failed: {_message(exc)}{captured.tail()}\n"
-                                  "Drop 'torchscript' from export.formats") from exc
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; loading still works
-            loaded = torch.jit.load(str(tmp), map_location=x.device)
-        diff = _run(fmt, loaded, inputs, refs, tol)
-    else:  # module
-        extra["pickled"] = True  # loading runs pickled code: only open files you trust
-        try:
-            torch.save(model, tmp)
-        except Exception as exc:  # pickling errors come in several types
-            raise ExportError(f"the whole-module file cannot be pickled ({type(exc).__name__}: {exc}); its "
-                              "classes must be importable at module level. Use format 'pt' instead") from exc
-        diff = _run(fmt, torch.load(tmp, map_location=x.device, weights_only=False), inputs, refs, tol)
-    return {**extra, "max_abs_diff": diff}
+def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | os.PathLike, cfg: ExportConfig,
+                 *, call: ModelCall | None = None, plan: dict | None = None,
+                 source: Architecture | None = None) -> dict[str, dict]:
+    """Write ``model`` in each of ``cfg.formats`` to ``out_dir`` and verify each file by loading it back.
 
-
-def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | os.PathLike, settings: Any, *,
-                 pt_writer: Callable[[Path], None] | None = None,
-                 pt_loader: Callable[[Path], nn.Module] | None = None) -> dict[str, dict]:
-    """Write ``model`` in each of ``settings.formats`` to ``out_dir`` and verify each file by loading it back.
-
-    Each file is compared with the in-memory model (eval mode) on random batches of 2 (the export batch)
-    and 3 (proving the batch dimension is dynamic). Files: model.pt, model.onnx (one file, weights
-    inside), model.torchscript.pt, model.module.pt (a pickled module: loading it runs code).
+    Each file is compared with the in-memory model (eval mode), every output tensor, on random batches
+    of 2 (the export batch) and 3 (proving the batch dimension is dynamic). Files: model.pt (state_dict
+    + plan), model.onnx (one file, weights inside, outputs named as ``model_io.named_tensors``),
+    model.torchscript.pt, model.module.pt (a pickled module: loading it runs code).
 
     Args:
         model: the model to export; put in eval mode for the export, its mode restored afterwards.
         example_input: one batch; its shape after dim 0, dtype and device are used.
         out_dir: existing or new directory.
-        settings: has ``formats`` (subset of pt, onnx, torchscript, module), ``opset`` and
-            ``onnx_tolerance`` (see the module docstring for how it scales).
-        pt_writer: for 'pt': ``pt_writer(path)`` writes the state-dict + plan file.
-        pt_loader: for 'pt': ``pt_loader(path)`` rebuilds the model from it.
+        cfg: ``formats``, ``opset`` and ``onnx_tolerance`` (see the module docstring for how it scales).
+        call: the forward keyword arguments (``model.forward_kwargs``); default none.
+        plan: for 'pt': the plan from ``prune_model``.
+        source: for 'pt': how to build the original architecture.
 
     Returns:
-        Per format: ``path``, ``bytes``, ``max_abs_diff``, ``verified`` (True), ``batch_sizes`` checked;
-        onnx adds ``exporter`` ('dynamo', or 'legacy' with the ``dynamo_error`` that caused the fallback),
-        module adds ``pickled``.
+        Per format: ``path``, ``bytes``, ``max_abs_diff``, ``verified``, ``batch_sizes`` checked; onnx
+        adds ``exporter`` ('dynamo', or 'legacy' with the ``dynamo_error`` that caused the fallback),
+        ``opset`` and ``outputs``, and a ``note`` when the opset asked for was not the one written;
+        module adds ``pickled``; pt without ``source.arch`` is written but not verified (``note`` says why).
 
     Raises:
         ExportError: a format could not be written or does not match; no file of that format is left.
-        ConfigError: an unknown format, or 'pt' without pt_writer/pt_loader.
+        ConfigError: a format this version cannot write, or 'pt' without plan and source.
     """
-    unknown = [f for f in settings.formats if f not in FORMATS]
+    unknown = [f for f in cfg.formats if f not in _WRITERS]
     if unknown:
-        raise ConfigError(f"unknown export format(s) {unknown}; supported: {', '.join(FORMATS)}")
+        raise ConfigError(f"export format(s) {unknown} cannot be written by this version; supported: "
+                          f"{', '.join(_WRITERS)}")
+    call = call or ModelCall()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     training = model.training
     model.eval()
-    inputs = _inputs(example_input)
     try:
-        refs = {}
-        with torch.no_grad():
-            for b, x in inputs.items():
-                try:
-                    out_b = model(x)
-                except Exception as exc:  # any failure of user code: report it as an export problem
-                    raise ExportError(f"the model itself fails on a batch of {b} inputs of shape "
-                                      f"{tuple(x.shape[1:])} ({type(exc).__name__}: {exc}); exports are "
-                                      "checked at batch sizes 2 and 3, so the batch size must not be fixed "
-                                      "in forward (use x.flatten(1), not x.view(2, -1))") from exc
-                refs[b] = [t.detach().clone() for t in _flatten(out_b)]
+        inputs, refs, names = _references(model, example_input, call)
+        job = _Job(model, call, inputs, refs, names, cfg, plan, source)
         results: dict[str, dict] = {}
-        for fmt in settings.formats:
-            final = out / FILENAMES[fmt]
+        for fmt in cfg.formats:
+            filename, write = _WRITERS[fmt]
+            final = out / filename
             stem, suffix = final.name.split(".", 1)
             tmp = out / f"{stem}.tmp-{os.getpid()}.{suffix}"
             try:
-                info = _export_one(fmt, model, inputs, refs, tmp, settings, pt_writer, pt_loader)
+                info = {"verified": True, **write(job, tmp)}
                 os.replace(tmp, final)
             finally:
                 _remove(tmp, tmp.with_name(tmp.name + ".data"))
-            results[fmt] = {"path": str(final), "bytes": final.stat().st_size, **info, "verified": True,
+            results[fmt] = {"path": str(final), "bytes": final.stat().st_size, **info,
                             "batch_sizes": sorted(inputs)}
         return results
     finally:
         model.train(training)
+
+
+def _references(model: nn.Module, example_input: torch.Tensor, call: ModelCall
+                ) -> tuple[dict[int, torch.Tensor], dict[int, list[torch.Tensor]], list[str]]:
+    """Random inputs at both batch sizes, the model's output tensors on them, and their names."""
+    gen = torch.Generator().manual_seed(0)
+    shape = tuple(example_input.shape[1:])
+    inputs = {b: torch.randn((b, *shape), generator=gen, dtype=example_input.dtype).to(example_input.device)
+              for b in (EXPORT_BATCH, CHECK_BATCH)}
+    refs, names = {}, []
+    for b, x in inputs.items():
+        with torch.no_grad(), user_code(lambda exc, b=b, x=x: ExportError(
+                f"the model itself fails on a batch of {b} inputs of shape {tuple(x.shape[1:])} ({reason(exc)}); "
+                "exports are checked at batch sizes 2 and 3, so the batch size must not be fixed in forward "
+                "(use x.flatten(1), not x.view(2, -1))")):
+            named = list(named_tensors(call(model, x)))
+        if not named:
+            raise ExportError("the model's output holds no tensor; there is nothing to export")
+        refs[b], names = [t.detach().clone() for _, t in named], [n for n, _ in named]
+    return inputs, refs, names

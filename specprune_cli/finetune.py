@@ -4,6 +4,7 @@ The pruned model (the student) learns to match the original (the teacher) throug
 their softmax outputs at temperature T, scaled by T^2 so that its gradients keep the magnitude of a
 T=1 loss (Hinton et al., 2015). Samples labelled ``y >= 0`` also add cross-entropy; ``y < 0`` marks an
 unlabelled sample, so a user with only unlabelled calibration data can still fine-tune by distillation.
+For a model with several outputs, both losses read the evaluated one (``evaluate.output``).
 """
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from specprune_cli.config import FinetuneConfig
+from specprune_cli.data import Batches
 from specprune_cli.errors import ConfigError, ModelError
-from specprune_cli.evaluate import logits_of, split_batch
+from specprune_cli.evaluate import check_label_range, logits_of, split_batch
+from specprune_cli.model_io import ModelCall
 
 Log = Callable[[str], None]
 
@@ -27,11 +30,8 @@ NEEDS_LABELS = ("fine-tuning needs labels or distill: true; the fine-tune data h
                 "set finetune.distill: true or give data.finetune a labelled dataset")
 
 
-_split = split_batch
-
-
-def _logits(out: Any, who: str) -> torch.Tensor:
-    return logits_of(out, who, "fine-tuned or compared")
+def _logits(call: ModelCall, model: nn.Module, x: torch.Tensor, who: str) -> torch.Tensor:
+    return logits_of(call.evaluated(model, x), who, "fine-tuned or compared")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -47,7 +47,8 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def distillation_loss(student: nn.Module, teacher: nn.Module, loader: Iterable, temperature: float) -> float:
+def distillation_loss(student: nn.Module, teacher: nn.Module, loader: Iterable, temperature: float, *,
+                      call: ModelCall | None = None) -> float:
     """Mean distillation loss (KL * T^2 per sample) of ``student`` against ``teacher`` over a loader.
 
     Both models run in eval mode without gradients; their previous modes are restored.
@@ -57,10 +58,12 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, loader: Iterable, 
         teacher: the reference model.
         loader: yields ``(x, y)`` batches; ``y`` is ignored.
         temperature: softmax temperature T.
+        call: the forward keyword arguments and the output tensor compared.
 
     Returns:
         The sample-weighted mean of KL(teacher || student) * T^2.
     """
+    call = call or ModelCall()
     modes = (student.training, teacher.training)
     student.eval()
     teacher.eval()
@@ -69,9 +72,9 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, loader: Iterable, 
     try:
         with torch.no_grad():
             for batch in loader:
-                x = _split(batch)[0].to(device)
-                s = _logits(student(x), "student")
-                t = _logits(teacher(x), "teacher")
+                x = split_batch(batch)[0].to(device)
+                s = _logits(call, student, x, "student")
+                t = _logits(call, teacher, x, "teacher")
                 total += float(kd_loss(s, t, temperature)) * x.shape[0]
                 count += x.shape[0]
     finally:
@@ -82,29 +85,27 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, loader: Iterable, 
     return total / count
 
 
-def _optimizer(params: list[nn.Parameter], settings: Any) -> torch.optim.Optimizer:
-    if settings.optimizer == "adam":
-        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                               weight_decay=settings.weight_decay)
-    raise ConfigError(f"finetune.optimizer must be 'adam' or 'sgd', got {settings.optimizer!r}")
+def _optimizer(params: list[nn.Parameter], cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def finetune(student: nn.Module, teacher: nn.Module | None, loader: Iterable, settings: Any, *,
-             progress: bool = True, log: Log | None = None) -> dict:
+def finetune(student: nn.Module, teacher: nn.Module | None, loader: Batches | Iterable, cfg: FinetuneConfig, *,
+             call: ModelCall | None = None, progress: bool = True, log: Log | None = None) -> dict:
     """Fine-tune ``student`` in place by distillation from ``teacher`` and/or cross-entropy on labels.
 
     The teacher runs in eval mode without gradients. The student trains (BatchNorm statistics update) and
-    is left in eval mode. The global RNG is seeded with ``settings.seed`` inside ``torch.random.fork_rng``,
+    is left in eval mode. The global RNG is seeded with ``cfg.seed`` inside ``torch.random.fork_rng``,
     so shuffling and dropout are reproducible and the caller's RNG state is untouched.
 
     Args:
         student: the pruned model; its parameters are updated.
-        teacher: the original model; may be None only when ``settings.distill`` is false.
-        loader: yields ``(x, y)`` with ``y`` a LongTensor of labels, ``y < 0`` for unlabelled samples.
-        settings: has ``epochs, lr, optimizer ('adam'|'sgd'), momentum, weight_decay, distill,
-            temperature, seed, max_steps`` (None or a cap on optimiser steps).
+        teacher: the original model; may be None only when ``cfg.distill`` is false.
+        loader: yields ``(x, y)`` with ``y`` a LongTensor of labels, ``y < 0`` for unlabelled samples;
+            ``Batches`` also say up front whether there are labels.
+        cfg: the fine-tuning settings (``max_steps``, when set, caps the optimiser steps).
+        call: the forward keyword arguments and the output tensor trained on.
         progress: show a tqdm bar with the running loss on stderr.
         log: called with one line per epoch.
 
@@ -113,10 +114,12 @@ def finetune(student: nn.Module, teacher: nn.Module | None, loader: Iterable, se
         where ``loss`` is the epoch's mean training loss.
 
     Raises:
-        ConfigError: no labels and ``distill`` false, a NaN loss, or a bad optimiser name.
+        ConfigError: no labels and ``distill`` false, or a NaN loss.
+        DataError: labels beyond the model's classes (``evaluate.check_label_range``).
     """
-    distill = bool(settings.distill)
-    if not distill and getattr(getattr(loader, "dataset", None), "has_labels", True) is False:
+    call = call or ModelCall()
+    distill = cfg.distill
+    if not distill and isinstance(loader, Batches) and not loader.has_labels:
         raise ConfigError(NEEDS_LABELS)
     if distill and teacher is None:
         raise ConfigError("finetune.distill is true but no teacher model was given; pass the original model")
@@ -124,12 +127,12 @@ def finetune(student: nn.Module, teacher: nn.Module | None, loader: Iterable, se
     if not params:
         raise ModelError("the student model has no trainable parameters; nothing to fine-tune")
     device = _device(student)
-    max_steps = settings.max_steps
+    max_steps = cfg.max_steps
     try:
         per_epoch = len(loader)  # type: ignore[arg-type]
     except TypeError:
         per_epoch = None
-    total = settings.epochs * per_epoch if per_epoch is not None else None
+    total = cfg.epochs * per_epoch if per_epoch is not None else None
     if max_steps is not None:
         total = min(total, max_steps) if total is not None else max_steps
 
@@ -138,39 +141,41 @@ def finetune(student: nn.Module, teacher: nn.Module | None, loader: Iterable, se
     started = time.perf_counter()
     teacher_mode = teacher.training if teacher is not None else False
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        optimizer = _optimizer(params, settings)
+        torch.manual_seed(cfg.seed)
+        optimizer = _optimizer(params, cfg)
         student.train()
         if teacher is not None:
             teacher.eval()
         bar = tqdm(total=total, desc="finetune", unit="step", file=sys.stderr, disable=not progress,
                    dynamic_ncols=True)
         try:
-            for epoch in range(1, settings.epochs + 1):
+            for epoch in range(1, cfg.epochs + 1):
                 if max_steps is not None and steps >= max_steps:
                     break
                 epoch_start, epoch_loss, epoch_steps = time.perf_counter(), 0.0, 0
                 for batch in loader:
                     if max_steps is not None and steps >= max_steps:
                         break
-                    x, y = _split(batch)
+                    x, y = split_batch(batch)
                     x = x.to(device)
                     labelled = (y >= 0).to(device) if y is not None else None
                     has_labels = labelled is not None and bool(labelled.any())
                     if not distill and not has_labels:
                         continue  # nothing to learn from in this batch
-                    out = _logits(student(x), "student")
+                    out = _logits(call, student, x, "student")
                     loss = out.new_zeros(())
                     if distill:
                         with torch.no_grad():
-                            target = _logits(teacher(x), "teacher")
-                        loss = loss + kd_loss(out, target, settings.temperature)
+                            target = _logits(call, teacher, x, "teacher")
+                        loss = loss + kd_loss(out, target, cfg.temperature)
                     if has_labels:
-                        loss = loss + F.cross_entropy(out[labelled], y.to(device)[labelled])
+                        targets = y.to(device)[labelled]
+                        check_label_range(int(targets.max()), out.shape[1], "the fine-tune data")
+                        loss = loss + F.cross_entropy(out[labelled], targets)
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise ConfigError(f"the fine-tuning loss became {value} at step {steps + 1}; "
-                                          f"lower finetune.lr (now {settings.lr:g})")
+                                          f"lower finetune.lr (now {cfg.lr:g})")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

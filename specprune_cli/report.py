@@ -1,8 +1,4 @@
-"""Human-readable tables and plots for ``analyze`` (and shared table formatting).
-
-Plots need matplotlib, an optional extra (``pip install 'specprune[plot]'``); without it the
-functions say so and return False instead of failing the command.
-"""
+"""Human-readable tables for ``compress`` and ``analyze``, and the plots ``analyze --output`` writes."""
 from __future__ import annotations
 
 import os
@@ -10,7 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PLOT_HINT = "plots need matplotlib: pip install 'specprune[plot]'"
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from specprune_cli.latency import UNSTABLE  # noqa: E402
+
+OUTPUT_FILES = ("model.pt", "report.json", "config.resolved.yaml")
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -39,6 +42,56 @@ def human(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.3g}{unit}"
     return f"{n:.3g}"
+
+
+def summary_table(report: dict) -> str:
+    """What ``compress`` prints: params, FLOPs, accuracy, files and latency before/after, then each unit."""
+    p = report["prune"]
+    rows = []
+    for name, key in (("params", "params"), ("FLOPs", "flops")):
+        before, after = p[f"{key}_before"], p[f"{key}_after"]
+        rows.append([name, human(before), human(after), f"{after / before:.3f}" if before else "-"])
+    ev = report.get("evaluation") or {}
+    if ev.get("accuracy_before") is not None:
+        rows.append(["top-1 accuracy", f"{100 * ev['accuracy_before']:.2f}%", f"{100 * ev['accuracy_after']:.2f}%",
+                     f"{100 * (ev['accuracy_after'] - ev['accuracy_before']):+.2f} pts"])
+        if ev.get("finetuned"):
+            rows.append(["  (before fine-tune)", "", f"{100 * ev['accuracy_after_pruning']:.2f}%", ""])
+    if ev:
+        rows.append(["top-1 agreement", "", f"{100 * ev['agreement']:.2f}%", ""])
+        rows.append(["output rel. error", "", f"{ev['relative_error']:.4f}", ""])
+    before_size = report.get("checkpoint_bytes")
+    exports = report.get("exports") or {}
+    for fmt, info in exports.items():
+        rows.append([f"file {info.get('path', fmt)}", human(before_size) + "B" if before_size and fmt == "pt" else "",
+                     human(info["bytes"]) + "B", "" if info.get("verified") else "not verified"])
+    rows += _latency_rows(report.get("latency") or {})
+    text = [format_table(["", "before", "after", "kept"], rows), ""]
+    units = p.get("units", [])
+    if units:
+        text.append(format_table(["unit", "kind", "width", "kept", "dof"],
+                                 [[u["name"], u.get("kind", ""), u["width"], u["kept"], u.get("dof", "")]
+                                  for u in units]))
+    skipped = p.get("skipped", [])
+    if skipped:
+        text += ["", "not pruned:"] + [f"  {s['name']}: {s['reason']}" for s in skipped]
+    files = [f for f in OUTPUT_FILES if f != "model.pt" or "pt" in exports]
+    files += [i["path"] for f, i in exports.items() if i["path"] not in files]
+    text += ["", f"wrote {', '.join(files)} to {report['output_dir']}"]
+    return "\n".join(text)
+
+
+def _latency_rows(latency: dict) -> list[list[str]]:
+    """One row per runtime and batch size: the medians and the speed-up, or why it cannot be told."""
+    rows = []
+    for runtime in ("torch", "onnxruntime"):
+        timing = latency.get(runtime) or {}
+        for b, original in (timing.get("original") or {}).items():
+            pruned, speedup = timing["pruned"][b], timing["speedup"][b]
+            verdict = f"{speedup['ratio']:.2f}x faster" if speedup["stable"] else UNSTABLE
+            rows.append([f"{runtime} ms @ batch {b}", f"{original['median_ms']:.3f}", f"{pruned['median_ms']:.3f}",
+                         f"{verdict} ({speedup['runs']} runs)"])
+    return rows
 
 
 def analysis_table(analysis: dict) -> str:
@@ -72,28 +125,14 @@ def analysis_table(analysis: dict) -> str:
     return "\n".join(parts)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def _save(fig: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
 
 
-def plot_spectrum(analysis: dict, path: str | Path) -> bool:
-    """Eigenvalue decay per unit (normalised by the trace, log scale). Returns False without matplotlib."""
-    plt = _pyplot()
-    if plt is None:
-        return False
+def plot_spectrum(analysis: dict, path: str | Path) -> None:
+    """Eigenvalue decay per unit (normalised by the trace, log scale), as a PNG."""
     fig, ax = plt.subplots(figsize=(8, 5))
     units = analysis["units"]
     cmap = plt.get_cmap("viridis")
@@ -109,14 +148,10 @@ def plot_spectrum(analysis: dict, path: str | Path) -> bool:
         ax.legend(fontsize=7)
     _save(fig, Path(path))
     plt.close(fig)
-    return True
 
 
-def plot_dof(analysis: dict, path: str | Path) -> bool:
-    """N(lambda)/m per unit along depth, one line per ridge. Returns False without matplotlib."""
-    plt = _pyplot()
-    if plt is None:
-        return False
+def plot_dof(analysis: dict, path: str | Path) -> None:
+    """N(lambda)/m per unit along depth, one line per ridge, as a PNG."""
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(analysis["units"])), 4.5))
     names = [u["name"] for u in analysis["units"]]
     for r in analysis["ridges"]:
@@ -130,4 +165,3 @@ def plot_dof(analysis: dict, path: str | Path) -> bool:
     ax.legend()
     _save(fig, Path(path))
     plt.close(fig)
-    return True

@@ -7,13 +7,14 @@ GraphModule traced from it sees the same change.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from specprune_cli.errors import CheckpointError, ModelError
-from specprune_cli.graph import Unit, find_units
-from specprune_cli.plan import PLAN_FORMAT
+from specprune_cli.errors import ModelError
+from specprune_cli.graph import Unit
+from specprune_cli.model_io import check_same_layout, describe, nonfinite
 
 
 def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
@@ -92,43 +93,31 @@ def selection_matrix(m: int, keep: torch.Tensor) -> torch.Tensor:
     return torch.eye(m, dtype=torch.float64)[:, keep.to(torch.long)]
 
 
-def apply_plan_shapes(model: nn.Module, plan: Mapping, example_input: torch.Tensor) -> nn.Module:
-    """Resize a fresh instance of the original architecture to a plan's widths, in place.
+def verify_forward(model: nn.Module, example_input: torch.Tensor, expected: Any,
+                   forward_kwargs: Mapping[str, Any] | None = None) -> None:
+    """Run the pruned model once; its output must be finite and shaped like the original's.
 
-    The values are placeholders (plain slicing); load the pruned state_dict afterwards.
-
-    Raises:
-        CheckpointError: the plan does not fit this architecture.
+    Args:
+        model: the pruned model.
+        example_input: one batch.
+        expected: the original's output shape (a single tensor), or its whole output on the same batch
+            (a tensor or a tuple / list / dict of them: the structure and every tensor's shape must match).
+        forward_kwargs: ``model.forward_kwargs``.
     """
-    if plan.get("format") != PLAN_FORMAT:
-        raise CheckpointError(f"the plan has format {plan.get('format')!r}, expected {PLAN_FORMAT!r}; "
-                              "the file was not written by this version of specprune")
-    graph = find_units(model, example_input)
-    by_name = {u.name: u for u in graph.units}
-    missing = [e["name"] for e in plan["units"] if e["name"] not in by_name]
-    if missing:
-        raise CheckpointError(f"the plan names units this architecture does not have: {missing[:5]}; "
-                              "check model.arch and model.kwargs match the model that was pruned")
-    for entry in plan["units"]:
-        unit = by_name[entry["name"]]
-        if unit.width != entry["width"]:
-            raise CheckpointError(f"unit {unit.name} has {unit.width} channels here but {entry['width']} "
-                                  "in the plan; check model.kwargs")
-        keep = torch.tensor(entry["indices"], dtype=torch.long)
-        prune_unit(model, unit, keep, {t: selection_matrix(unit.width, keep) for t in unit.taps})
-    return model
-
-
-def verify_forward(model: nn.Module, example_input: torch.Tensor, expected_shape: torch.Size) -> None:
-    """Run the pruned model once; its output must be finite and shaped like the original's."""
     with torch.no_grad():
         try:
-            out = model(example_input)
+            out = model(example_input, **(forward_kwargs or {}))
         except RuntimeError as exc:
             raise ModelError(f"the pruned model failed its check forward pass ({exc}); this is a bug in "
                              "specprune's surgery: please report it with the model architecture") from exc
-    if not isinstance(out, torch.Tensor) or out.shape != expected_shape:
-        raise ModelError(f"the pruned model returns {getattr(out, 'shape', type(out))}, expected "
-                         f"{tuple(expected_shape)}; this is a bug in specprune's surgery")
-    if not torch.isfinite(out).all():
+    if isinstance(expected, torch.Size):
+        if not isinstance(out, torch.Tensor) or out.shape != expected:
+            raise ModelError(f"the pruned model returns {describe(out)}, expected a tensor "
+                             f"{tuple(expected)}; this is a bug in specprune's surgery")
+    else:
+        try:
+            check_same_layout(out, expected, "the pruned model")
+        except ModelError as exc:
+            raise ModelError(f"{exc}; this is a bug in specprune's surgery") from None
+    if nonfinite(out):
         raise ModelError("the pruned model produces NaN/Inf on the example input; try a larger prune.ridge")

@@ -1,6 +1,9 @@
-"""Checkpoint loading (weights_only by default), mismatch messages, and the pruned-model file round trip."""
+"""Checkpoint loading (weights_only by default), mismatch messages, and every way a file or a model's
+code can fail to load: each a clear error, never a traceback."""
 from __future__ import annotations
 
+import os
+import random
 
 import pytest
 import torch
@@ -8,9 +11,8 @@ from torch import nn
 
 from conftest import ARCH, TESTS, make_cnn
 from models_small import SmallMLP
-from specprune_cli.checkpoint import PRUNED_FORMAT, build_model, load_checkpoint, load_pruned, save_pruned
+from specprune_cli.checkpoint import build_model, load_checkpoint
 from specprune_cli.errors import CheckpointError, ConfigError
-
 
 
 def test_build_model_from_module_and_file():
@@ -120,27 +122,83 @@ def test_missing_and_corrupt_files(tmp_path):
                               "with torch.save(model.state_dict(), path)")
 
 
-def test_save_and_load_pruned_round_trip(tmp_path):
-    from specprune_cli.config import PruneConfig
-    from specprune_cli.prune import prune_model
-
-    model = make_cnn()
-    batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    cfg = PruneConfig(allocation="ratio", ratio=0.5, round_to=1, min_channels=2, max_positions=16)
-    result = prune_model(model, batches, example_input=batches[0][:1], cfg=cfg, progress=False)
-    path = tmp_path / "model.pt"
-    save_pruned(path, result.model, result.plan, arch=ARCH, kwargs={}, input_shape=[3, 8, 8])
-    payload = torch.load(path, weights_only=True)  # only tensors and plain values inside
-    assert payload["format"] == PRUNED_FORMAT and payload["input_shape"] == [3, 8, 8]
-    loaded = load_pruned(path)
-    assert loaded.features[0].out_channels == 8
-    x = torch.randn(4, 3, 8, 8)
-    torch.testing.assert_close(loaded(x), result.model(x))
-    assert not list(tmp_path.glob(".*tmp*"))
-
-
-def test_load_pruned_rejects_other_files(cnn_checkpoint):
+@pytest.mark.parametrize("content", [
+    os.urandom(4096),                                   # the issue's case: fresh random bytes each run
+    random.Random(0).randbytes(4096),                   # and fixed ones, so a failure can be replayed
+    random.Random(1).randbytes(37),
+    b"PK\x03\x04" + random.Random(2).randbytes(200),  # looks like a zip, is not one
+    b"\x80\x02",                                       # a pickle that stops after its first opcode
+], ids=["urandom", "random-4k", "random-37", "zip-magic", "truncated-pickle"])
+def test_any_unreadable_checkpoint_is_a_clean_error(tmp_path, content):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
     with pytest.raises(CheckpointError) as exc:
-        load_pruned(cnn_checkpoint)
-    assert str(exc.value) == (f"{cnn_checkpoint} is not a pruned model written by specprune (expected format "
-                              f"'{PRUNED_FORMAT}'); to load an original checkpoint use load_checkpoint")
+        load_checkpoint(bad, arch=ARCH)
+    assert str(exc.value).startswith(f"cannot read checkpoint {bad} (")
+    assert exc.value.exit_code == 1
+
+
+def test_empty_checkpoint_file(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(empty, arch=ARCH)
+    assert str(exc.value) == (f"checkpoint {empty} is empty (0 bytes); the file was not written completely: "
+                              "save it again with torch.save(model.state_dict(), path)")
+
+
+@pytest.mark.parametrize("obj, found", [
+    (torch.zeros(3, 4), "a single tensor of shape (3, 4)"),
+    ([torch.zeros(2)], "a list"),
+    (None, "a NoneType"),
+    ({}, "an empty dict"),
+    ({"weight": torch.zeros(2), "epoch": 3}, "a dict with keys weight, epoch"),
+])
+def test_checkpoints_that_hold_something_else(tmp_path, obj, found):
+    path = tmp_path / "c.pt"
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, arch=ARCH)
+    assert str(exc.value) == (f"checkpoint {path} holds {found}, not a state_dict; save model.state_dict(), or "
+                              "a dict with it under 'state_dict' or 'model'")
+
+
+def _model_file(tmp_path, body: str):
+    path = tmp_path / "net.py"
+    path.write_text("import sys\nimport torch\n" + body)
+    return f"{path}:Net"
+
+
+@pytest.mark.parametrize("body, where, what", [
+    ("sys.exit(3)\n", "could not be imported", "SystemExit: 3"),
+    ("raise SystemExit\n", "could not be imported", "SystemExit"),
+    ("class Boom(BaseException):\n    pass\nraise Boom('at import')\n", "could not be imported", "Boom: at import"),
+    ("def Net():\n    sys.exit('no GPU')\n", "failed to build with model.kwargs {}", "SystemExit: no GPU"),
+    ("def Net():\n    return 3\n", None, None),
+])
+def test_model_code_that_exits_or_raises_at_import_or_build(tmp_path, body, where, what):
+    arch = _model_file(tmp_path, body)
+    with pytest.raises(ConfigError) as exc:
+        build_model(arch, {})
+    if where is None:
+        assert str(exc.value) == f"model.arch {arch!r} returned int, not a torch.nn.Module"
+    else:
+        assert str(exc.value).startswith(f"model.arch {arch!r} {where} ({what})")
+
+
+def test_keyboard_interrupt_in_model_code_still_interrupts(tmp_path):
+    arch = _model_file(tmp_path, "raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        build_model(arch, {})
+
+
+def test_a_trusted_pickle_that_exits_while_loading(tmp_path):
+    class Exits:
+        def __reduce__(self):
+            return (exit, (4,))
+
+    path = tmp_path / "exits.pt"
+    torch.save({"model": Exits()}, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, arch=None, trust=True)
+    assert str(exc.value).startswith(f"cannot read checkpoint {path} (SystemExit: 4)")

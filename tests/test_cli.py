@@ -17,6 +17,7 @@ from specprune_cli import __version__, pipeline
 from specprune_cli.cli import main
 from specprune_cli.config import load_config
 from specprune_cli.errors import BudgetError, ConfigError
+from specprune_cli.evaluate import check_gates
 from specprune_cli.plan import PLAN_FORMAT
 
 
@@ -35,8 +36,8 @@ def fake_prune(monkeypatch):
     """Replace the core run with a keep-all fake: error-path tests stay fast and independent of it."""
     calls = []
 
-    def fake(model, loader, *, example_input, cfg, progress):
-        calls.append(sum(x.shape[0] for x, _ in loader))
+    def fake(model, batches, *, example_input, config, progress):
+        calls.append(sum(x.shape[0] for x, _ in batches))
         return _FakeResult(model)
 
     monkeypatch.setattr(pipeline, "_prune", fake)
@@ -66,7 +67,7 @@ def _failure(result, out: Path) -> tuple[int, str, list[str]]:
 # --------------------------------------------------------------------------------------- happy paths
 
 def test_compress_synthetic_json(tmp_path, cnn_checkpoint, write_config):
-    from specprune_cli.checkpoint import load_pruned
+    from specprune_cli.pruned_file import load_pruned
 
     out = tmp_path / "out"
     result = invoke("compress", cnn_checkpoint, "--config", write_config(), "--output", out, "--json",
@@ -337,11 +338,11 @@ def test_impossible_gate_exits_3_with_outputs_written(tmp_path):
 
 def test_check_gates():
     ev = {"accuracy_before": 0.90, "accuracy_after": 0.88, "agreement": 0.95}
-    gates = pipeline.check_gates(ev, max_accuracy_drop=1.0, min_agreement=0.9)
+    gates = check_gates(ev, max_accuracy_drop=1.0, min_agreement=0.9)
     assert [(g["name"], g["value"], g["passed"]) for g in gates] == [("max_accuracy_drop", 2.0, False),
                                                                       ("min_agreement", 0.95, True)]
     with pytest.raises(ConfigError) as exc:
-        pipeline.check_gates({"agreement": 0.9}, max_accuracy_drop=1.0, min_agreement=None)
+        check_gates({"agreement": 0.9}, max_accuracy_drop=1.0, min_agreement=None)
     assert str(exc.value) == ("--max-accuracy-drop needs accuracy before and after pruning: set data.eval "
                               "to a labelled dataset")
 

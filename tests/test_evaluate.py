@@ -1,17 +1,17 @@
-"""Evaluation: accuracy, agreement and relative error on hand-countable cases; latency shape."""
+"""Evaluation: accuracy, agreement and relative error on hand-countable cases, any output structure."""
 from __future__ import annotations
 
+import collections
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from specprune_cli.errors import DataError
-from specprune_cli.evaluate import (evaluate_model, keep_memory_mapped, measure_latency,
-                                    measure_onnx_latency)
+from specprune_cli.errors import ConfigError, DataError, ModelError
+from specprune_cli.evaluate import evaluate_model
+from specprune_cli.model_io import ModelCall
 
 
 class Ranked(nn.Module):
@@ -85,7 +85,6 @@ def test_a_model_against_itself_and_against_other_weights(mlp):
     loader = DataLoader(TensorDataset(torch.randn(40, 6), torch.randint(0, 5, (40,))), batch_size=16)
     same = evaluate_model(mlp, mlp, loader)
     assert same["agreement"] == 1.0 and same["relative_error"] == 0.0
-    assert same["top1"] == same["reference_top1"]
     other = copy.deepcopy(mlp)
     torch.manual_seed(1)
     other[2].reset_parameters()
@@ -101,43 +100,65 @@ def test_empty_data_is_an_error(mlp):
         evaluate_model(mlp, mlp, empty)
 
 
-def test_latency_medians_are_positive_per_batch_size(mlp):
-    result = measure_latency(mlp, torch.zeros(1, 6), [1, 4], repeats=5)
-    assert sorted(result) == [1, 4]
-    for stats in result.values():
-        assert stats["median_ms"] > 0 and stats["min_ms"] <= stats["median_ms"]
-        assert stats["samples"] == 5
+Heads = collections.namedtuple("Heads", ["features", "logits"])
 
 
-def test_onnx_latency(mlp, tmp_path):
-    from specprune_cli.export import export_model
+class MultiOut(nn.Module):
+    """Ranked's logits inside a tuple, dict or namedtuple, beside a features tensor."""
 
-    settings = SimpleNamespace(formats=["onnx"], opset=18, onnx_tolerance=1e-4)
-    path = export_model(mlp, torch.zeros(1, 6), tmp_path, settings)["onnx"]["path"]
-    result = measure_onnx_latency(path, torch.zeros(1, 6), [1, 3], repeats=4)
-    assert sorted(result) == [1, 3]
-    assert all(s["median_ms"] > 0 and s["samples"] == 4 for s in result.values())
+    def __init__(self, kind: str, classes: int = 10):
+        super().__init__()
+        self.kind, self.ranked = kind, Ranked(classes)
 
-
-def test_onnx_latency_runs_with_the_threads_asked_for(mlp, tmp_path, monkeypatch):
-    import onnxruntime as ort
-
-    from specprune_cli.export import export_model
-
-    settings = SimpleNamespace(formats=["onnx"], opset=18, onnx_tolerance=1e-4)
-    path = export_model(mlp, torch.zeros(1, 6), tmp_path, settings)["onnx"]["path"]
-    seen = []
-    real = ort.InferenceSession
-
-    def session(file, sess_options=None, **kwargs):
-        seen.append(sess_options.intra_op_num_threads)
-        return real(file, sess_options=sess_options, **kwargs)
-
-    monkeypatch.setattr(ort, "InferenceSession", session)
-    measure_onnx_latency(path, torch.zeros(1, 6), [2], repeats=2, threads=1)
-    measure_onnx_latency(path, torch.zeros(1, 6), [2], repeats=2)
-    assert seen == [1, 0]  # 0 is ONNX Runtime's "choose for me"
+    def forward(self, x, scale: float = 1.0):
+        logits, feats = self.ranked(x) * scale, x.repeat(1, 3)
+        if self.kind == "tuple":
+            return feats, logits
+        if self.kind == "dict":
+            return {"features": feats, "logits": logits}
+        return Heads(feats, logits)
 
 
-def test_keep_memory_mapped_is_idempotent():
-    assert keep_memory_mapped() is keep_memory_mapped()
+@pytest.mark.parametrize("kind, output", [("tuple", 1), ("dict", "logits"), ("namedtuple", "logits"),
+                                          ("namedtuple", 1)])
+def test_the_evaluated_output_of_a_structured_model(kind, output):
+    offsets = [0, 0, 0, 1, 4, 5, 9, None, None, 2]
+    result = evaluate_model(MultiOut(kind), MultiOut(kind), ranked_loader(offsets, 10), call=ModelCall(output=output))
+    assert result["top1"] == pytest.approx(3 / 8) and result["top5"] == pytest.approx(6 / 8)
+
+
+def test_forward_kwargs_reach_every_call():
+    # scale=-1 reverses the ranking: top-1 becomes the class the original ranks last, f+9 = f-1.
+    loader = ranked_loader([9] * 4, 10)
+    result = evaluate_model(MultiOut("dict"), MultiOut("dict"), loader,
+                            call=ModelCall(forward_kwargs={"scale": -1.0}, output="logits"))
+    assert result["top1"] == 1.0
+
+
+def test_an_output_key_that_names_no_tensor():
+    loader = ranked_loader([0] * 4, 10)
+    with pytest.raises(ConfigError) as exc:
+        evaluate_model(MultiOut("dict"), MultiOut("dict"), loader, call=ModelCall(output="logit"))
+    assert str(exc.value) == ("evaluate.output is 'logit' but the model returns dict {features: tensor (4, 3), "
+                              "logits: tensor (4, 10)}; set evaluate.output to the tensor to evaluate: features, "
+                              "logits")
+
+
+def test_a_reference_that_already_gives_nan_is_blamed_not_the_pruning(mlp):
+    broken = copy.deepcopy(mlp)
+    with torch.no_grad():
+        broken[0].bias[0] = float("nan")
+    loader = DataLoader(TensorDataset(torch.randn(8, 6), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    with pytest.raises(ModelError) as exc:
+        evaluate_model(mlp, broken, loader)
+    assert str(exc.value) == ("the reference (original) model already produces NaN or Inf on the evaluation data "
+                              "(batch starting at sample 0), before any pruning; fix the model or the data "
+                              "(check data.*.mean and std) first")
+
+
+def test_labels_beyond_the_classes(mlp):
+    loader = DataLoader(TensorDataset(torch.randn(8, 6), torch.full((8,), 5)), batch_size=4)
+    with pytest.raises(DataError) as exc:
+        evaluate_model(mlp, mlp, loader)
+    assert str(exc.value) == ("the evaluation data has label 5 but the model predicts 5 classes (0 to 4); check "
+                              "that the labels belong to this model")

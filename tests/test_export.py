@@ -1,9 +1,11 @@
-"""Exports: each format is written as one file, loaded back and matches the model, at a new batch size too.
+"""Exports: each format is written as one file, loaded back and matches the model, at a new batch size too,
+every output tensor of it.
 
 ONNX export takes seconds per model on 2 shared cores, so each model is exported once per module.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import os
 from pathlib import Path
@@ -18,8 +20,13 @@ import torchvision
 from models_small import SmallMLP
 from torch import nn
 
+from conftest import ARCH, make_cnn
+from specprune_cli.config import ExportConfig
 from specprune_cli.errors import ConfigError, ExportError
 from specprune_cli.export import export_model
+from specprune_cli.model_io import ModelCall
+from specprune_cli.plan import PLAN_FORMAT
+from specprune_cli.pruned_file import Architecture
 
 TOL = 1e-4
 
@@ -37,8 +44,8 @@ class FlatCNN(nn.Module):
         return self.fc(self.features(x).view(x.size(0), -1))
 
 
-def settings(*formats: str, tolerance: float = TOL) -> SimpleNamespace:
-    return SimpleNamespace(formats=list(formats), opset=18, onnx_tolerance=tolerance)
+def settings(*formats: str, tolerance: float = TOL, opset: int = 18) -> ExportConfig:
+    return ExportConfig(formats=formats, opset=opset, onnx_tolerance=tolerance)
 
 
 def trained_looking(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
@@ -128,33 +135,34 @@ def mlp() -> nn.Module:
     return trained_looking(SmallMLP(d_in=12, hidden=16, classes=4), (12,))
 
 
-def state_dict_io(model: nn.Module, load_into: nn.Module):
-    def writer(path):
-        torch.save(model.state_dict(), path)
-
-    def loader(path):
-        load_into.load_state_dict(torch.load(path, weights_only=True))
-        return load_into
-
-    return writer, loader
+KEEP_ALL = {"format": PLAN_FORMAT, "units": []}  # a plan that prunes nothing: the architecture as it is
 
 
-def test_pt_round_trip_uses_the_given_writer_and_loader(mlp, tmp_path):
-    writer, loader = state_dict_io(mlp, SmallMLP(d_in=12, hidden=16, classes=4))
-    result = export_model(mlp, torch.zeros(1, 12), tmp_path, settings("pt"), pt_writer=writer,
-                          pt_loader=loader)
+def test_pt_is_a_format_like_the_others(tmp_path):
+    model = make_cnn()
+    result = export_model(model, torch.zeros(1, 3, 8, 8), tmp_path, settings("pt"), plan=KEEP_ALL,
+                          source=Architecture(ARCH, {}, (3, 8, 8)))
     assert result["pt"]["verified"] is True and result["pt"]["max_abs_diff"] == 0.0
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
-def test_a_mismatched_load_raises_and_leaves_no_file(mlp, tmp_path):
-    other = copy.deepcopy(mlp)
-    with torch.no_grad():
-        other.net[-1].bias.add_(0.5)  # the loader "restores" a model that differs by 0.5 in every output
-    with pytest.raises(ExportError, match=r"pt export does not match the in-memory model at batch size 2: "
-                                          r"max abs difference 0\.5 > 0\.0001 \* max\(1, max\|output\|="):
-        export_model(mlp, torch.zeros(1, 12), tmp_path, settings("pt"),
-                     pt_writer=lambda p: torch.save({}, p), pt_loader=lambda p: other)
+def test_pt_without_arch_is_written_but_not_claimed_verified(tmp_path):
+    result = export_model(make_cnn(), torch.zeros(1, 3, 8, 8), tmp_path, settings("pt"), plan=KEEP_ALL,
+                          source=Architecture(None, {}, (3, 8, 8)))
+    assert result["pt"]["verified"] is False and result["pt"]["max_abs_diff"] is None
+    assert result["pt"]["note"].startswith("model.arch is not set")
+
+
+def test_a_mismatched_load_raises_and_leaves_no_file(tmp_path, monkeypatch):
+    import specprune_cli.export as export
+
+    model = make_cnn()
+    other = make_cnn(seed=1)  # what a broken loader would give back: other weights, same architecture
+    monkeypatch.setattr(export, "load_pruned", lambda path: other)
+    with pytest.raises(ExportError, match=r"pt export does not match the in-memory model at batch size 2 \(output "
+                                          r"output\): max abs difference [0-9.e+-]+ > 0\.0001 \* max\(1, "):
+        export_model(model, torch.zeros(1, 3, 8, 8), tmp_path, settings("pt"), plan=KEEP_ALL,
+                     source=Architecture(ARCH, {}, (3, 8, 8)))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -184,12 +192,16 @@ def test_both_exporters_failing_is_an_export_error(mlp, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unknown_format_and_pt_without_callables_are_config_errors(mlp, tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown export format\(s\) \['tflite'\]; supported: pt, onnx, "
-                                          r"torchscript, module"):
-        export_model(mlp, torch.zeros(1, 12), tmp_path, settings("tflite"))
-    with pytest.raises(ConfigError, match="export format 'pt' needs pt_writer and pt_loader"):
+def test_unwritable_format_and_pt_without_plan_are_config_errors(mlp, tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        export_model(mlp, torch.zeros(1, 12), tmp_path, SimpleNamespace(formats=["tflite"]))
+    assert str(exc.value) == ("export format(s) ['tflite'] cannot be written by this version; supported: pt, onnx, "
+                              "torchscript, module")
+    with pytest.raises(ConfigError) as exc:
         export_model(mlp, torch.zeros(1, 12), tmp_path, settings("pt"))
+    assert str(exc.value) == ("export format 'pt' needs the plan and the architecture: pass plan= and source= to "
+                              "export_model")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_leaves_the_model_in_its_mode(mlp, tmp_path):
@@ -209,3 +221,74 @@ def test_a_model_with_a_fixed_batch_size_is_refused_before_writing(tmp_path):
         export_model(FixedBatch(d_in=12, hidden=16, classes=4), torch.zeros(1, 12), tmp_path,
                      settings("module"))
     assert list(tmp_path.iterdir()) == []
+
+
+Pair = collections.namedtuple("Pair", ["logits", "embedding"])
+
+
+class TwoHeads(nn.Module):
+    """A trunk with two heads; the output's structure is chosen at construction; ``scale`` is a
+    non-tensor forward argument."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.trunk = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
+        self.cls, self.emb = nn.Linear(16, 4), nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0):
+        h = self.trunk(x)
+        logits, emb = self.cls(h) * scale, self.emb(h)
+        if self.kind == "tuple":
+            return logits, emb
+        if self.kind == "dict":
+            return {"logits": logits, "aux": {"embedding": emb}}
+        return Pair(logits, emb)
+
+
+@pytest.mark.parametrize("kind, names", [("tuple", ["output_0", "output_1"]),
+                                         ("dict", ["logits", "aux.embedding"]),
+                                         ("namedtuple", ["logits", "embedding"])])
+def test_structured_outputs_export_with_named_outputs_each_compared(kind, names, tmp_path):
+    model = trained_looking(TwoHeads(kind), (12,))
+    call = ModelCall(forward_kwargs={"scale": 3.0})
+    result = export_model(model, torch.zeros(1, 12), tmp_path, settings("onnx", "torchscript"), call=call)
+    assert result["onnx"]["outputs"] == result["torchscript"]["outputs"] == names
+    traced = torch.jit.load(result["torchscript"]["path"])
+    assert isinstance(traced(torch.zeros(2, 12)), tuple)  # TorchScript gets the tensors as a flat tuple
+    session = ort.InferenceSession(result["onnx"]["path"], providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 12)
+    got = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        want = [model(x, scale=3.0)[0] if kind != "dict" else model(x, scale=3.0)["logits"]]
+    np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-4)  # scale=3 reached the exported graph
+    assert got[1].shape == (5, 6)
+
+
+def test_one_wrong_output_tensor_among_several_is_caught(tmp_path, monkeypatch):
+    import specprune_cli.export as export
+
+    model = trained_looking(TwoHeads("dict"), (12,))
+
+    def broken(path):  # the loaded model gets the embedding wrong, the logits right
+        loaded = copy.deepcopy(model)
+        with torch.no_grad():
+            loaded.emb.bias.add_(1.0)
+        return loaded
+
+    monkeypatch.setattr(export, "load_pruned", broken)
+    with pytest.raises(ExportError, match=r"\(output aux\.embedding\): max abs difference 1 > "):
+        export_model(model, torch.zeros(1, 12), tmp_path, settings("pt"), plan=KEEP_ALL,
+                     source=Architecture("unused:unused", {}, (12,)))
+
+
+def test_an_opset_the_exporter_replaces_is_stated(tmp_path):
+    # torch's dynamo exporter writes opset 18 for this model when asked for 13 (it cannot convert down).
+    result = export_model(trained_looking(TwoHeads("dict"), (12,)), torch.zeros(1, 12), tmp_path,
+                          settings("onnx", opset=13))
+    info = result["onnx"]
+    assert info["opset"] != 13
+    assert info["note"] == (f"export.opset 13 was not honoured: the exporter wrote opset {info['opset']} (it could "
+                            "not convert this model); the file was verified as written")
+    assert "note" not in export_model(trained_looking(TwoHeads("dict"), (12,)), torch.zeros(1, 12),
+                                      tmp_path / "b", settings("onnx", opset=18))["onnx"]

@@ -4,11 +4,10 @@ About two minutes on 2 cores in all (vgg11_bn and convnext_tiny take ~30 s each 
 """
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
+from specprune_cli.config import ExportConfig
 from specprune_cli.export import export_model
 from specprune_cli.prune import prune_model
 from helpers import prune_cfg
@@ -22,7 +21,7 @@ def test_pruned_model_exports_to_onnx_with_parity(name, tmp_path):
     batches = [torch.randn(8, *shape, generator=g) for _ in range(2)]
     pruned = prune_model(model, batches, example_input=batches[0][:1],
                          cfg=prune_cfg(target={"flops": 0.5}, max_positions=16), progress=False).model
-    settings = types.SimpleNamespace(formats=("onnx",), opset=18, onnx_tolerance=1e-4)
+    settings = ExportConfig(formats=("onnx",))
     info = export_model(pruned, batches[0][:2], tmp_path, settings)["onnx"]
     assert info["verified"] and info["batch_sizes"] == [2, 3]
     with torch.no_grad():

@@ -2,26 +2,21 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_cnn
 from torch.utils.data import DataLoader, TensorDataset
 
-from specprune_cli.errors import ConfigError
+from specprune_cli.config import DataConfig, FinetuneConfig
+from specprune_cli.data import build_batches
+from specprune_cli.errors import ConfigError, DataError
 from specprune_cli.finetune import distillation_loss, finetune, kd_loss
 
 
-def settings(**overrides) -> SimpleNamespace:
-    base = dict(epochs=3, lr=3e-3, optimizer="adam", momentum=0.9, weight_decay=0.0, distill=True,
-                temperature=2.0, seed=0, max_steps=None)
-    base.update(overrides)
-    return SimpleNamespace(**base)
-
-
-class Unlabelled(TensorDataset):
-    has_labels = False
+def settings(**overrides) -> FinetuneConfig:
+    return FinetuneConfig(**{"epochs": 3, "lr": 3e-3, "temperature": 2.0, **overrides})
 
 
 def noisy_copy(model: torch.nn.Module, scale: float = 0.5, seed: int = 1) -> torch.nn.Module:
@@ -66,7 +61,7 @@ def train_loader(teacher: torch.nn.Module, labels: bool, n: int = 64) -> DataLoa
         with torch.no_grad():
             y = teacher(x).argmax(1)  # labels the teacher agrees with: both losses pull the same way
         return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
-    return DataLoader(Unlabelled(x, torch.full((n,), -1)), batch_size=16, shuffle=True)
+    return DataLoader(TensorDataset(x, torch.full((n,), -1)), batch_size=16, shuffle=True)
 
 
 def test_kd_loss_is_zero_for_identical_logits_and_scales_with_t_squared():
@@ -128,12 +123,24 @@ def test_same_seed_gives_the_same_weights(teacher):
         assert torch.equal(pa, pb), name
 
 
-def test_no_labels_without_distillation_is_a_config_error(teacher):
+def test_no_labels_without_distillation_is_a_config_error(teacher, tmp_path):
     message = "fine-tuning needs labels or distill: true"
-    with pytest.raises(ConfigError, match=message):  # known up front from dataset.has_labels
-        finetune(noisy_copy(teacher), teacher, train_loader(teacher, labels=False),
-                 settings(distill=False), progress=False)
-    x = inputs(8, seed=3)  # a plain dataset whose labels are all -1: found while iterating
+    path = tmp_path / "unlabelled.npz"
+    np.savez(path, x=inputs(8, seed=3).numpy())  # no y: the real data class knows there are no labels
+    batches = build_batches(DataConfig(format="npz", path=str(path), num_samples=None, batch_size=4), [3, 8, 8])
+    assert not batches.has_labels
+    with pytest.raises(ConfigError, match=message):
+        finetune(noisy_copy(teacher), teacher, batches, settings(distill=False), progress=False)
+    x = inputs(8, seed=3)  # a plain loader whose labels are all -1: found while iterating
     loader = DataLoader(TensorDataset(x, torch.full((8,), -1)), batch_size=4)
     with pytest.raises(ConfigError, match=message):
         finetune(noisy_copy(teacher), teacher, loader, settings(distill=False), progress=False)
+
+
+def test_labels_beyond_the_model_classes_are_a_data_error(teacher):
+    x = inputs(8, seed=3)
+    loader = DataLoader(TensorDataset(x, torch.full((8,), 12)), batch_size=4)
+    with pytest.raises(DataError) as exc:
+        finetune(noisy_copy(teacher), teacher, loader, settings(), progress=False)
+    assert str(exc.value) == ("the fine-tune data has label 12 but the model predicts 10 classes (0 to 9); check "
+                              "that the labels belong to this model")

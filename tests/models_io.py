@@ -1,0 +1,92 @@
+"""Models with the inputs and outputs people write: several outputs, flags, 1-D and 2-D samples.
+
+Built as "tests/models_io.py:<Name>" by the end-to-end tests.
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+from torch import nn
+
+Heads = collections.namedtuple("Heads", ["logits", "embedding"])
+
+
+class MultiHead(nn.Module):
+    """conv-BN-ReLU trunk on (3, 8, 8) images, a classifier and an embedding head; ``kind`` picks the
+    output structure: tuple, dict (nested) or namedtuple. ``embed`` is a non-tensor flag with a default."""
+
+    def __init__(self, kind: str = "dict", classes: int = 10):
+        super().__init__()
+        self.kind = kind
+        self.trunk = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.cls, self.emb = nn.Linear(16, classes), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, embed: bool = True):
+        h = self.trunk(x)
+        logits, emb = self.cls(h), (self.emb(h) if embed else h[:, :8])
+        if self.kind == "tuple":
+            return logits, emb
+        if self.kind == "namedtuple":
+            return Heads(logits, emb)
+        return {"aux": {"embedding": emb}, "logits": logits}
+
+
+class Sequence1d(nn.Module):
+    """(40, 100) samples (40 MFCCs x 100 frames): Conv1d-BN-ReLU, global pooling, a Linear head."""
+
+    def __init__(self, classes: int = 12):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv1d(40, 32, 3, padding=1), nn.BatchNorm1d(32), nn.ReLU())
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(-1))
+
+
+class Flat(nn.Module):
+    """(64,) samples: a two-hidden-layer MLP."""
+
+    def __init__(self, d_in: int = 64, classes: int = 5):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                                 nn.Linear(32, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TwoInputs(nn.Module):
+    """A forward that needs two tensors: out of scope, refused with a message."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * lengths[:, None]
+
+
+class Chatty(Flat):
+    """Prints on every forward call, as debugging code left in a model does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        print("forward called with", tuple(x.shape))
+        return super().forward(x)
+
+
+class ExitsInForward(Flat):
+    """Calls sys.exit on a batch larger than one: the shape check passes, the calibration batch does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            raise SystemExit(5)
+        return super().forward(x)
+
+
+class NaNModel(Flat):
+    """Produces NaN on every input: broken before any pruning."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * float("nan")
