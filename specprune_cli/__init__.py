@@ -13,5 +13,5 @@ from specprune_cli.pipeline import analyze, compress
 from specprune_cli.prune import PruneResult, prune_model
 from specprune_cli.pruned_file import load_pruned
 
-__all__ = ["__version__", "SpecpruneError", "analyze", "compress", "load_config", "load_pruned", "prune_model",
-           "PruneResult"]
+__all__ = ["__version__", "SpecpruneError", "analyze", "compress", "load_config", "load_pruned",
+           "prune_model", "PruneResult"]

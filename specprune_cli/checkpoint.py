@@ -143,10 +143,12 @@ def torch_load(path: Path, *, trust: bool) -> Any:
                               "that defines the saved model must be importable; or save a state_dict and "
                               "set model.arch") from None
     except PermissionError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}; check its permissions") from None
-    except BaseException as exc:  # noqa: B036 - random bytes fail anywhere in torch.load; a trusted pickle may exit
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}; check its "
+                              "permissions") from None
+    except BaseException as exc:  # noqa: B036 - random bytes fail anywhere in torch.load; a pickle may exit
         raise CheckpointError(f"cannot read checkpoint {path} ({reason(exc)}); is it a file written by "
-                              "torch.save? Re-save the weights with torch.save(model.state_dict(), path)") from None
+                              "torch.save? Re-save the weights with torch.save(model.state_dict(), "
+                              "path)") from None
 
 
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mapping[str, Any] | None = None,
@@ -205,7 +207,8 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # keys and shapes match; what is left is e.g. a tensor subclass or dtype
-        raise CheckpointError(f"checkpoint {path} does not load into model.arch {arch!r} ({reason(exc)})") from None
+        raise CheckpointError(f"checkpoint {path} does not load into model.arch {arch!r} "
+                              f"({reason(exc)})") from None
     return model.eval()
 
 

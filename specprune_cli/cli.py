@@ -52,7 +52,8 @@ def translate_errors() -> Iterator[None]:
                                   "remove the exit from the model's module or forward") from exc
     except Exception as exc:
         raise SpecpruneClickError(f"unexpected error ({reason(exc)}); this is a bug in specprune: please "
-                                  "report it with the command, the config and the model architecture") from exc
+                                  "report it with the command, the config and the model "
+                                  "architecture") from exc
 
 
 def _logger(quiet: bool) -> Callable[[str], None]:
@@ -129,8 +130,9 @@ def compress(checkpoint: str, config_path: str, output: str, overrides: tuple[st
         with translate_errors():
             config = load_config(config_path, overrides)
             report = run_compress(config, checkpoint, output, trust_checkpoint=trust_checkpoint,
-                                  overwrite=overwrite, progress=not quiet, max_accuracy_drop=max_accuracy_drop,
-                                  min_agreement=min_agreement, log=_logger(quiet))
+                                  overwrite=overwrite, progress=not quiet,
+                                  max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
+                                  log=_logger(quiet))
     except SpecpruneClickError as exc:
         if isinstance(exc.__cause__, GateError) and exc.__cause__.report is not None:
             show(exc.__cause__.report)  # the outputs exist: show what they say before failing
@@ -155,9 +157,11 @@ def _ridge_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
 @click.option("--output", "-o", default=None, metavar="OUTDIR",
               help="Also write analysis.json, spectrum.png, dof.png and config.resolved.yaml here (absent or "
                    "empty unless --overwrite).")
-@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON on stdout instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the analysis as JSON on stdout instead of a table.")
 @click.option("--ridge", "ridges", default="1e-4,1e-3,1e-2", show_default=True, callback=_ridge_list,
-              metavar="R1,R2,...", help="Relative ridges at which to report the degrees of freedom N(lambda).")
+              metavar="R1,R2,...",
+              help="Relative ridges at which to report the degrees of freedom N(lambda).")
 @click.option("--prunability", "tolerance", type=click.FloatRange(min=0), default=None, metavar="TOL",
               help="Also find the smallest uniform keep fraction whose calibration loss stays within TOL of "
                    "the original's (cross-entropy with labels, else KL to the original).")

@@ -27,8 +27,9 @@ def type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
+        args = typing.get_args(tp)
+        named = " or ".join(type_name(a) for a in args if a is not type(None))
+        return named + (" or null" if type(None) in args else "")
     if origin is tuple:
         return f"a list of {type_name(typing.get_args(tp)[0])}s"
     if origin is dict or _section_of(tp) is not None:

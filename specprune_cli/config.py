@@ -381,8 +381,9 @@ class Config(Section):
                                       f"model.input_shape {list(self.model.input_shape)} has {channels} "
                                       "channels; give one value or one per channel")
         if self.evaluate.gate_on == "int8" and "onnx-int8" not in self.export.formats:
-            raise ConfigError("config key evaluate.gate_on is int8 but export.formats does not list onnx-int8; "
-                              "add onnx-int8 to export.formats, or set evaluate.gate_on to float or null")
+            raise ConfigError("config key evaluate.gate_on is int8 but export.formats does not list "
+                              "onnx-int8; add onnx-int8 to export.formats, or set evaluate.gate_on to float "
+                              "or null")
 
 
 # ---------------------------------------------------------------------------------------------------

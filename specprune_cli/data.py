@@ -87,18 +87,19 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str, path: Any) ->
                         "axis first and then one sample's shape, e.g. (N, 3, 32, 32) or (N, 784)")
     if x.dtype.type in _FLOATS and x.size and not np.isfinite(x).all():
         first = int(np.argwhere(~np.isfinite(x))[0][0])
-        raise DataError(f"data.{where}: the inputs x in {path} hold {int((~np.isfinite(x)).sum())} NaN or Inf "
-                        f"values (the first in sample {first}); remove or repair those samples")
+        bad = int((~np.isfinite(x)).sum())
+        raise DataError(f"data.{where}: the inputs x in {path} hold {bad} NaN or Inf values (the first in "
+                        f"sample {first}); remove or repair those samples")
     if y is None:
         return None
     if y.dtype.kind not in "iu":
-        raise DataError(f"data.{where}: the labels y in {path} have dtype {y.dtype}; labels are integer class "
-                        "indices (-1 for unlabelled): convert y, e.g. y.astype(numpy.int64)")
+        raise DataError(f"data.{where}: the labels y in {path} have dtype {y.dtype}; labels are integer "
+                        "class indices (-1 for unlabelled): convert y, e.g. y.astype(numpy.int64)")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
-        raise DataError(f"data.{where}: the labels y in {path} have shape {list(y.shape)}; give one class index "
-                        "per sample, shape (N,) (for one-hot labels: y.argmax(1))")
+        raise DataError(f"data.{where}: the labels y in {path} have shape {list(y.shape)}; give one class "
+                        "index per sample, shape (N,) (for one-hot labels: y.argmax(1))")
     if len(y) != len(x):
         raise DataError(f"data.{where}: {path} has {len(x)} inputs but {len(y)} labels; they must match")
     return y
@@ -146,7 +147,8 @@ def _npz(cfg: DataConfig, input_shape: Sequence[int], where: str, log: Log) -> t
             raise DataError(f"data.{where}: {path} holds object arrays (pickled Python objects), which "
                             "specprune does not load; save numeric arrays: x as float32 or uint8, y as "
                             "int64") from None
-        raise DataError(f"data.{where}: cannot read {path} as .npz ({exc}); check data.{where}.path") from None
+        raise DataError(f"data.{where}: cannot read {path} as .npz ({exc}); check "
+                        f"data.{where}.path") from None
     except Exception as exc:  # a damaged archive fails in zipfile, zlib or numpy, each its own way
         raise DataError(f"data.{where}: cannot read {path} as .npz ({reason(exc)}); check "
                         f"data.{where}.path") from None
@@ -313,7 +315,8 @@ class Batches:
 
 
 def build_batches(data_cfg: DataConfig, input_shape: Sequence[int], *, shuffle: bool = False,
-                  where: str = "calibration", batch_size: int | None = None, log: Log | None = None) -> Batches:
+                  where: str = "calibration", batch_size: int | None = None,
+                  log: Log | None = None) -> Batches:
     """The batches of one data section (see the module docstring for the conventions).
 
     Args:
@@ -345,7 +348,8 @@ def build_batches(data_cfg: DataConfig, input_shape: Sequence[int], *, shuffle: 
     generator = torch.Generator().manual_seed(data_cfg.seed) if shuffle else None
     loader = DataLoader(dataset, batch_size=batch_size or data_cfg.batch_size, shuffle=shuffle,
                         generator=generator, num_workers=0)
-    return Batches(loader=loader, where=where, num_samples=len(dataset), has_labels=max_label is not None and max_label >= 0,
+    labelled = max_label is not None and max_label >= 0  # a y of -1 throughout is no labels
+    return Batches(loader=loader, where=where, num_samples=len(dataset), has_labels=labelled,
                    max_label=max_label)
 
 

@@ -88,8 +88,8 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
                 ref = logits_of(call.evaluated(reference, x), "reference").double()
                 if not bool(torch.isfinite(ref).all()):
                     raise ModelError(f"the reference (original) model already produces NaN or Inf on the "
-                                     f"evaluation data (batch starting at sample {n}), before any pruning; fix "
-                                     "the model or the data (check data.*.mean and std) first")
+                                     f"evaluation data (batch starting at sample {n}), before any pruning; "
+                                     "fix the model or the data (check data.*.mean and std) first")
                 if out.shape != ref.shape:
                     raise ModelError(f"the evaluated model returns {tuple(out.shape)} but the reference "
                                      f"returns {tuple(ref.shape)}; both must predict the same classes")

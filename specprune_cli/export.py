@@ -217,7 +217,8 @@ def _onnx(job: _Job, path: Path) -> dict:
     info["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if info["opset"] != job.cfg.opset:
         info["note"] = (f"export.opset {job.cfg.opset} was not honoured: the exporter wrote opset "
-                        f"{info['opset']} (it could not convert this model); the file was verified as written")
+                        f"{info['opset']} (it could not convert this model); the file was verified as "
+                        "written")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
     if len(inputs) != 1:
@@ -354,9 +355,9 @@ def _references(model: nn.Module, example_input: torch.Tensor, call: ModelCall
     refs, names = {}, []
     for b, x in inputs.items():
         with torch.no_grad(), user_code(lambda exc, b=b, x=x: ExportError(
-                f"the model itself fails on a batch of {b} inputs of shape {tuple(x.shape[1:])} ({reason(exc)}); "
-                "exports are checked at batch sizes 2 and 3, so the batch size must not be fixed in forward "
-                "(use x.flatten(1), not x.view(2, -1))")):
+                f"the model itself fails on a batch of {b} inputs of shape {tuple(x.shape[1:])} "
+                f"({reason(exc)}); exports are checked at batch sizes 2 and 3, so the batch size must not "
+                "be fixed in forward (use x.flatten(1), not x.view(2, -1))")):
             named = list(named_tensors(call(model, x)))
         if not named:
             raise ExportError("the model's output holds no tensor; there is nothing to export")

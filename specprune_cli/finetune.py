@@ -91,8 +91,9 @@ def _optimizer(params: list[nn.Parameter], cfg: FinetuneConfig) -> torch.optim.O
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def finetune(student: nn.Module, teacher: nn.Module | None, loader: Batches | Iterable, cfg: FinetuneConfig, *,
-             call: ModelCall | None = None, progress: bool = True, log: Log | None = None) -> dict:
+def finetune(student: nn.Module, teacher: nn.Module | None, loader: Batches | Iterable,
+             cfg: FinetuneConfig, *, call: ModelCall | None = None, progress: bool = True,
+             log: Log | None = None) -> dict:
     """Fine-tune ``student`` in place by distillation from ``teacher`` and/or cross-entropy on labels.
 
     The teacher runs in eval mode without gradients. The student trains (BatchNorm statistics update) and

@@ -16,10 +16,11 @@ settings in-process through ``mallopt`` (``keep_memory_mapped``) where glibc is 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,22 +152,18 @@ def _per_batch(make_runs: Callable[[torch.Tensor], dict[str, Callable]], example
             for b in batch_sizes}
 
 
-class _EvalMode:
+@contextlib.contextmanager
+def _timing_mode(models: Iterable[nn.Module]) -> Iterator[None]:
     """Models in eval mode and under ``inference_mode`` while timing; their modes restored after."""
-
-    def __init__(self, models: Iterable[nn.Module]):
-        self.models = list(models)
-
-    def __enter__(self) -> None:
-        self.modes = [m.training for m in self.models]
-        for m in self.models:
+    models = list(models)
+    modes = [m.training for m in models]
+    try:
+        for m in models:
             m.eval()
-        self.inference = torch.inference_mode()
-        self.inference.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.inference.__exit__(*exc)
-        for m, mode in zip(self.models, self.modes):
+        with torch.inference_mode():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
             m.train(mode)
 
 
@@ -190,7 +187,7 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, batch_sizes: 
         ``{batch_size: {"median_ms", "min_ms", "spread", "samples"}}``: ``spread`` is the interquartile
         range over the median (None below 3 passes), ``samples`` the number of timed passes.
     """
-    with _EvalMode([model]):
+    with _timing_mode([model]):
         timed = _per_batch(lambda x: _torch_runs({"m": model}, x, call or ModelCall()), example_input,
                            batch_sizes, repeats, seconds)
     return {b: _summary(t["m"]) for b, t in timed.items()}
@@ -255,8 +252,9 @@ def compare_latency(original: nn.Module, pruned: nn.Module, example_input: torch
     """
     call = call or ModelCall()
     models = {"original": original, "pruned": pruned}
-    with _EvalMode(models.values()):
-        timed = _per_batch(lambda x: _torch_runs(models, x, call), example_input, batch_sizes, repeats, seconds)
+    with _timing_mode(models.values()):
+        timed = _per_batch(lambda x: _torch_runs(models, x, call), example_input, batch_sizes, repeats,
+                           seconds)
     out = {"batch_sizes": [int(b) for b in batch_sizes], "repeats": repeats, "seconds": seconds,
            "threads": torch.get_num_threads(), "torch": _side_by_side(timed)}
     if onnx:

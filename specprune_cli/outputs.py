@@ -36,8 +36,8 @@ def check_output_dir(output_dir: Path, overwrite: bool, inputs: Iterable[Path] =
         root = output_dir.resolve()
         inside = [p for p in inputs if root in Path(p).resolve().parents]
         if inside:
-            raise ConfigError(f"--output {output_dir} holds {inside[0]}, an input of this run, and --overwrite "
-                              "would delete it; write the results to another directory")
+            raise ConfigError(f"--output {output_dir} holds {inside[0]}, an input of this run, and "
+                              "--overwrite would delete it; write the results to another directory")
 
 
 @contextlib.contextmanager

@@ -54,7 +54,8 @@ _NOT_BUILT: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
     ("prune.allocation: loss", lambda c: c.prune.allocation == "loss", "dof, uniform or ratio"),
     ("prune.target_signal: pruned", lambda c: c.prune.target_signal == "pruned", "original"),
     ("prune.intercept: true", lambda c: c.prune.intercept, "false"),
-    ("model.forward_kwargs", lambda c: bool(c.model.forward_kwargs) and not _prune_takes_forward_kwargs(), "{}"),
+    ("model.forward_kwargs", lambda c: bool(c.model.forward_kwargs) and not _prune_takes_forward_kwargs(),
+     "{}"),
     ("export.formats: onnx-int8", lambda c: "onnx-int8" in c.export.formats, "pt, onnx, torchscript, module"),
     ("runtime.device: cuda", lambda c: c.runtime.device == "cuda", "auto or cpu"),
 )
@@ -101,8 +102,8 @@ def first_output(model: nn.Module, example: torch.Tensor, call: ModelCall) -> An
     shape = list(example.shape[1:])
     with torch.no_grad(), user_code(lambda exc: ModelError(
             f"model.input_shape {shape} does not fit the model: a forward pass on zeros of shape "
-            f"{tuple(example.shape)} failed ({reason(exc)}); set model.input_shape to the shape of one sample "
-            "the model was trained on (channels first, without the batch dimension)")):
+            f"{tuple(example.shape)} failed ({reason(exc)}); set model.input_shape to the shape of one "
+            "sample the model was trained on (channels first, without the batch dimension)")):
         out = call(model, example)
     select(out, call.output)
     return out
@@ -169,14 +170,16 @@ def _prune(model: nn.Module, batches: Batches, *, example_input: torch.Tensor, c
         raise
     except Exception as exc:  # an internal exception must not reach the user as a traceback
         raise ModelError(f"pruning failed on this model ({reason(exc)}); this is a bug in specprune or a "
-                         "model it does not support yet: please report it with the model architecture") from exc
+                         "model it does not support yet: please report it with the model "
+                         "architecture") from exc
 
 
 def _evaluation(after_pruning: dict, final: dict, finetuned: bool) -> dict:
     return {
         "samples": final["samples"], "labelled": final["labelled_samples"] > 0,
         "accuracy_before": final["reference_top1"], "top5_before": final["reference_top5"],
-        "accuracy_after_pruning": after_pruning["top1"], "agreement_after_pruning": after_pruning["agreement"],
+        "accuracy_after_pruning": after_pruning["top1"],
+        "agreement_after_pruning": after_pruning["agreement"],
         "relative_error_after_pruning": after_pruning["relative_error"],
         "accuracy_after": final["top1"], "top5_after": final["top5"], "agreement": final["agreement"],
         "relative_error": final["relative_error"], "finetuned": finetuned,
@@ -195,11 +198,12 @@ def _latency(prep: Prepared, pruned: nn.Module, tmp: Path, config: Config, log: 
     scratch = tmp.with_name(tmp.name + "-onnx-original")
     try:
         if (tmp / "model.onnx").is_file():
-            export_model(prep.model, prep.example, scratch, dataclasses.replace(config.export, formats=("onnx",)),
-                         call=prep.call)
+            only_onnx = dataclasses.replace(config.export, formats=("onnx",))
+            export_model(prep.model, prep.example, scratch, only_onnx, call=prep.call)
             onnx = {"original": scratch / "model.onnx", "pruned": tmp / "model.onnx"}
         return compare_latency(prep.model, pruned, prep.example, batch_sizes=ev.latency_batch_sizes,
-                               repeats=ev.latency_repeats, seconds=ev.latency_seconds, call=prep.call, onnx=onnx)
+                               repeats=ev.latency_repeats, seconds=ev.latency_seconds, call=prep.call,
+                               onnx=onnx)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -254,10 +258,12 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
 
     log(f"pruning with {prep.calibration.num_samples} calibration samples "
         f"(target {config.prune.target_kind} {config.prune.target_value:g})")
-    result = _prune(prep.model, prep.calibration, example_input=prep.example, config=config, progress=progress)
+    result = _prune(prep.model, prep.calibration, example_input=prep.example, config=config,
+                    progress=progress)
     pruned, original, call = result.model, prep.model, prep.call
     max_eval = config.evaluate.max_eval_samples
-    log(f"evaluating on {eval_data.num_samples} samples" + ("" if config.data.eval else " (the calibration data)"))
+    log(f"evaluating on {eval_data.num_samples} samples"
+        + ("" if config.data.eval else " (the calibration data)"))
     after_pruning = evaluate_model(pruned, original, eval_data, max_samples=max_eval, call=call)
     finetune_report, final = None, after_pruning
     if ft_data is not None:
@@ -267,8 +273,8 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         finetune_report = finetune(pruned, original, ft_data, config.finetune, call=call, progress=progress,
                                    log=log)
         finetune_report["distillation_loss_before"] = kd_before
-        finetune_report["distillation_loss_after"] = distillation_loss(pruned, original, eval_data, temperature,
-                                                                      call=call)
+        finetune_report["distillation_loss_after"] = distillation_loss(pruned, original, eval_data,
+                                                                      temperature, call=call)
         final = evaluate_model(pruned, original, eval_data, max_samples=max_eval, call=call)
         verify_forward(pruned, prep.example, prep.output, call.forward_kwargs)
     evaluation = _evaluation(after_pruning, final, finetune_report is not None)
@@ -315,8 +321,8 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
     return report
 
 
-def analyze(config: Config, checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike | None = None, *,
-            ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2), prunability_tolerance: float | None = None,
+def analyze(config: Config, checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike | None = None,
+            *, ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2), prunability_tolerance: float | None = None,
             trust_checkpoint: bool = False, overwrite: bool = False, progress: bool = True,
             log: Log | None = None) -> dict:
     """Measure how compressible a checkpoint is, without changing it (``specprune analyze``).
@@ -347,8 +353,8 @@ def analyze(config: Config, checkpoint_path: str | os.PathLike, output_dir: str 
     analysis["prunability"] = None
     if prunability_tolerance is not None:
         labelled = batches if prep.calibration.has_labels else [x for x, _ in batches]
-        analysis["prunability"] = prunability(prep.model, labelled, example_input=prep.example, cfg=config.prune,
-                                              tolerance=prunability_tolerance)
+        analysis["prunability"] = prunability(prep.model, labelled, example_input=prep.example,
+                                              cfg=config.prune, tolerance=prunability_tolerance)
     analysis["plots"] = []
     if out is not None:
         with staged_output(out) as tmp:

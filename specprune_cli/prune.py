@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from specprune_cli.config import PruneConfig
 from specprune_cli.errors import ConfigError, ModelError
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import Unit, UnitGraph, find_units
@@ -116,7 +117,7 @@ def _as_inputs(batches: Iterable[Any]) -> list[torch.Tensor]:
     return out
 
 
-def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Tensor, cfg: Any,
+def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Tensor, cfg: PruneConfig,
                 progress: bool = True, graph: UnitGraph | None = None) -> PruneResult:
     """Prune ``model`` with spectral selection on ``batches`` of calibration data.
 
@@ -124,9 +125,7 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
         model: the trained network (not modified).
         batches: calibration batches, tensors or (x, y) pairs; read into memory once.
         example_input: one batch of the shape the model takes (used for tracing and counting).
-        cfg: prune settings with attributes target_kind, target_value, allocation, ratio, overrides,
-            ridge, theta, order, exclude, round_to, min_channels, max_positions, seed
-            (``config.PruneConfig``).
+        cfg: the prune settings.
         progress: show tqdm bars on stderr.
         graph: units found beforehand on a deep copy (internal: lets ``analyze`` share the work).
 

@@ -20,10 +20,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width table; numbers right-aligned, text left-aligned."""
     cells = [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row[i], (int, float)) for row in rows) if rows else False for i in range(len(headers))]
+    numeric = [bool(rows) and all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+        cells = (v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric))
+        return "  ".join(cells).rstrip()
 
     out = [line(list(headers)), line(["-" * w for w in widths])]
     out += [line(r) for r in cells]
@@ -53,7 +54,8 @@ def summary_table(report: dict) -> str:
         rows.append([name, human(before), human(after), f"{after / before:.3f}" if before else "-"])
     ev = report.get("evaluation") or {}
     if ev.get("accuracy_before") is not None:
-        rows.append(["top-1 accuracy", f"{100 * ev['accuracy_before']:.2f}%", f"{100 * ev['accuracy_after']:.2f}%",
+        rows.append(["top-1 accuracy", f"{100 * ev['accuracy_before']:.2f}%",
+                     f"{100 * ev['accuracy_after']:.2f}%",
                      f"{100 * (ev['accuracy_after'] - ev['accuracy_before']):+.2f} pts"])
         if ev.get("finetuned"):
             rows.append(["  (before fine-tune)", "", f"{100 * ev['accuracy_after_pruning']:.2f}%", ""])
@@ -63,8 +65,9 @@ def summary_table(report: dict) -> str:
     before_size = report.get("checkpoint_bytes")
     exports = report.get("exports") or {}
     for fmt, info in exports.items():
-        rows.append([f"file {info.get('path', fmt)}", human(before_size) + "B" if before_size and fmt == "pt" else "",
-                     human(info["bytes"]) + "B", "" if info.get("verified") else "not verified"])
+        before = human(before_size) + "B" if before_size and fmt == "pt" else ""
+        rows.append([f"file {info.get('path', fmt)}", before, human(info["bytes"]) + "B",
+                     "" if info.get("verified") else "not verified"])
     rows += _latency_rows(report.get("latency") or {})
     text = [format_table(["", "before", "after", "kept"], rows), ""]
     units = p.get("units", [])
@@ -89,8 +92,8 @@ def _latency_rows(latency: dict) -> list[list[str]]:
         for b, original in (timing.get("original") or {}).items():
             pruned, speedup = timing["pruned"][b], timing["speedup"][b]
             verdict = f"{speedup['ratio']:.2f}x faster" if speedup["stable"] else UNSTABLE
-            rows.append([f"{runtime} ms @ batch {b}", f"{original['median_ms']:.3f}", f"{pruned['median_ms']:.3f}",
-                         f"{verdict} ({speedup['runs']} runs)"])
+            rows.append([f"{runtime} ms @ batch {b}", f"{original['median_ms']:.3f}",
+                         f"{pruned['median_ms']:.3f}", f"{verdict} ({speedup['runs']} runs)"])
     return rows
 
 
@@ -98,8 +101,8 @@ def analysis_table(analysis: dict) -> str:
     """The per-unit table `specprune analyze` prints, then skipped units and the suggestion."""
     ridges = [f"{r:g}" for r in analysis["ridges"]]
     suggested = analysis.get("suggested", {}).get("widths", {})
-    headers = ["unit", "kind", "m"] + [f"N({r})" for r in ridges] + [f"N/m({analysis['ridge']:g})", "e90", "e99",
-                                                                      "L@.75", "L@.5", "L@.25", "suggest"]
+    headers = (["unit", "kind", "m"] + [f"N({r})" for r in ridges]
+               + [f"N/m({analysis['ridge']:g})", "e90", "e99", "L@.75", "L@.5", "L@.25", "suggest"])
     ref = f"{analysis['ridge']:g}"
     rows = []
     for u in analysis["units"]:
@@ -121,7 +124,8 @@ def analysis_table(analysis: dict) -> str:
                      f"{human(s['params_after'])} ({s['params_after'] / s['params_before']:.3f})")
     p = analysis.get("prunability")
     if p:
-        parts.append(f"prunability (tolerance {p['tolerance']:g} on {p['loss_kind']}): keep fraction {p['fraction']:g}")
+        parts.append(f"prunability (tolerance {p['tolerance']:g} on {p['loss_kind']}): keep fraction "
+                     f"{p['fraction']:g}")
     return "\n".join(parts)
 
 
@@ -139,7 +143,8 @@ def plot_spectrum(analysis: dict, path: str | Path) -> None:
     for i, u in enumerate(units):
         spec = [max(v, 1e-12) for v in u["spectrum"]]
         x = [(j + 1) / len(spec) for j in range(len(spec))]
-        ax.plot(x, spec, color=cmap(i / max(1, len(units) - 1)), lw=1, label=u["name"] if len(units) <= 12 else None)
+        ax.plot(x, spec, color=cmap(i / max(1, len(units) - 1)), lw=1,
+                label=u["name"] if len(units) <= 12 else None)
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue index / width")
     ax.set_ylabel("eigenvalue / trace")
@@ -156,7 +161,8 @@ def plot_dof(analysis: dict, path: str | Path) -> None:
     names = [u["name"] for u in analysis["units"]]
     for r in analysis["ridges"]:
         key = f"{r:g}"
-        ax.plot(range(len(names)), [u["dof_ratio"][key] for u in analysis["units"]], marker="o", label=f"ridge {key}")
+        ax.plot(range(len(names)), [u["dof_ratio"][key] for u in analysis["units"]], marker="o",
+                label=f"ridge {key}")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=75, fontsize=7)
     ax.set_ylabel("N(lambda) / m")

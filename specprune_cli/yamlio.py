@@ -119,8 +119,8 @@ def read_mapping(path: str | os.PathLike) -> dict[str, Any]:
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"config file {path} is not a regular file; --config takes a YAML file")
         if info.st_size > MAX_BYTES:
-            raise ConfigError(f"config file {path} is {info.st_size:,} bytes; a config is a few kilobytes and "
-                              f"at most {MAX_BYTES:,} are read: check the --config path")
+            raise ConfigError(f"config file {path} is {info.st_size:,} bytes; a config is a few kilobytes "
+                              f"and at most {MAX_BYTES:,} are read: check the --config path")
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; check the --config "

@@ -159,7 +159,8 @@ def test_checkpoints_that_hold_something_else(tmp_path, obj, found):
     torch.save(obj, path)
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path, arch=ARCH)
-    assert str(exc.value) == (f"checkpoint {path} holds {found}, not a state_dict; save model.state_dict(), or "
+    assert str(exc.value) == (f"checkpoint {path} holds {found}, not a state_dict; save model.state_dict(), "
+                              f"or "
                               "a dict with it under 'state_dict' or 'model'")
 
 
@@ -172,7 +173,8 @@ def _model_file(tmp_path, body: str):
 @pytest.mark.parametrize("body, where, what", [
     ("sys.exit(3)\n", "could not be imported", "SystemExit: 3"),
     ("raise SystemExit\n", "could not be imported", "SystemExit"),
-    ("class Boom(BaseException):\n    pass\nraise Boom('at import')\n", "could not be imported", "Boom: at import"),
+    ("class Boom(BaseException):\n    pass\nraise Boom('at import')\n", "could not be imported",
+     "Boom: at import"),
     ("def Net():\n    sys.exit('no GPU')\n", "failed to build with model.kwargs {}", "SystemExit: no GPU"),
     ("def Net():\n    return 3\n", None, None),
 ])

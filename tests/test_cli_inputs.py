@@ -33,6 +33,11 @@ def _trained(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> Path
     return path
 
 
+def _npz(path: Path) -> dict:
+    """A data section reading all of ``path`` in batches of 8."""
+    return {"format": "npz", "path": str(path), "num_samples": None, "batch_size": 8}
+
+
 def _config(tmp_path: Path, arch: str, shape: list[int], **sections) -> Path:
     cfg = {"model": {"arch": arch, "input_shape": shape},
            "data": {"calibration": {"format": "synthetic", "num_samples": 16, "batch_size": 8}},
@@ -52,7 +57,7 @@ def test_one_and_two_dimensional_samples_end_to_end(tmp_path, cls, shape):
     ckpt = _trained(cls(), tuple(shape), tmp_path / "m.pt")
     npz = write_npz(tmp_path / "d.npz", n=24, shape=tuple(shape), y=np.arange(24) % 5)
     cfg = _config(tmp_path, f"{IO}:{cls.__name__}", shape,
-                  data={"calibration": {"format": "npz", "path": str(npz), "num_samples": None, "batch_size": 8}},
+                  data={"calibration": _npz(npz)},
                   export={"formats": ["pt", "onnx"]})
     out = tmp_path / "out"
     result = invoke("compress", ckpt, "-c", cfg, "-o", out, "--json", "-q")
@@ -73,7 +78,7 @@ def test_structured_outputs_through_checks_evaluation_finetune_and_export(tmp_pa
     ckpt = _trained(MultiHead(kind), (3, 8, 8), tmp_path / "m.pt")
     npz = write_npz(tmp_path / "d.npz", n=16)
     cfg = _config(tmp_path, f"{IO}:MultiHead", [3, 8, 8], model={"kwargs": {"kind": kind}},
-                  data={"calibration": {"format": "npz", "path": str(npz), "num_samples": None, "batch_size": 8}},
+                  data={"calibration": _npz(npz)},
                   finetune={"epochs": 1}, evaluate={"latency": True, "latency_repeats": 3, "output": output},
                   export={"formats": ["pt", "onnx"]})
     out = tmp_path / "out"
@@ -92,7 +97,8 @@ def test_an_output_key_the_model_does_not_have(tmp_path, fake_prune):
     out = tmp_path / "out"
     cfg = _config(tmp_path, f"{IO}:MultiHead", [3, 8, 8], evaluate={"output": "logit"})
     assert _failure(invoke("compress", ckpt, "-c", cfg, "-o", out), out) == (
-        2, "Error: evaluate.output is 'logit' but the model returns dict {aux: dict {embedding: tensor (1, 8)}, "
+        2, "Error: evaluate.output is 'logit' but the model returns dict "
+           "{aux: dict {embedding: tensor (1, 8)}, "
            "logits: tensor (1, 10)}; set evaluate.output to the tensor to evaluate: aux, logits", [])
     assert fake_prune == []
 
@@ -101,27 +107,31 @@ def test_evaluate_output_on_a_single_tensor_model(tmp_path, cnn_checkpoint, writ
     out = tmp_path / "out"
     result = invoke("compress", cnn_checkpoint, "-c", write_config(evaluate={"output": 0}), "-o", out)
     assert _failure(result, out) == (
-        2, "Error: evaluate.output is 0 but the model returns a single tensor; remove evaluate.output (it picks "
+        2, "Error: evaluate.output is 0 but the model returns a single tensor; remove evaluate.output (it "
+           "picks "
            "one tensor of a tuple, list or dict output)", [])
 
 
 # --------------------------------------------------------------------------- the model's own code
 
 @pytest.mark.parametrize("cls, message", [
-    ("TwoInputs", "TwoInputs.forward needs 2 arguments (x, lengths); specprune calls it with one input tensor. "
-                  "Several input tensors are not supported: wrap the model in a module whose forward takes one "
+    ("TwoInputs", "TwoInputs.forward needs 2 arguments (x, lengths); specprune calls it with one input "
+                  "tensor. "
+                  "Several input tensors are not supported: wrap the model in a module whose forward takes "
+                  "one "
                   "tensor, or give the others fixed values in model.forward_kwargs"),
     ("ExitsInForward", "the model fails on the first calibration batch (SystemExit: 5); it ran on zeros of "
                        "model.input_shape [64], so check the data's shape and values"),
     ("NaNModel", "the original model already produces NaN or Inf on the first calibration batch (25 of 25 "
-                 "values), before any pruning; fix the model or the data (check data.calibration.mean and std) "
+                 "values), before any pruning; fix the model or the data (check data.calibration.mean and "
+                 "std) "
                  "first"),
 ])
 def test_models_that_misbehave_before_pruning(tmp_path, fake_prune, cls, message):
     model = {"TwoInputs": lambda: torch.nn.Linear(12, 4)}.get(cls, Flat)()
     ckpt = tmp_path / "m.pt"
-    torch.save(model.state_dict() if cls != "TwoInputs" else {"fc." + k: v for k, v in model.state_dict().items()},
-               ckpt)
+    state = model.state_dict()
+    torch.save(state if cls != "TwoInputs" else {"fc." + k: v for k, v in state.items()}, ckpt)
     out = tmp_path / "out"
     cfg = _config(tmp_path, f"{IO}:{cls}", [12] if cls == "TwoInputs" else [64],
                   data={"calibration": {"format": "synthetic", "num_samples": 5, "batch_size": 5}})
@@ -136,14 +146,16 @@ def test_a_model_file_that_exits_at_import(tmp_path, cnn_checkpoint):
     cfg = _config(tmp_path, f"{net}:Net", [3, 8, 8])
     assert _failure(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), out) == (
         2, f"Error: model.arch '{net}:Net' could not be imported (SystemExit: 0); check that the module is "
-           "installed (or the file exists, relative to the working directory) and that it defines the callable "
+           "installed (or the file exists, relative to the working directory) and that it defines the "
+           "callable "
            "after the ':'", [])
 
 
 def test_forward_kwargs_that_forward_does_not_take(tmp_path, cnn_checkpoint, monkeypatch):
     import specprune_cli.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_prune_takes_forward_kwargs", lambda: True)  # as when pruning supports them
+    # As it will be once pruning takes forward_kwargs; the check of the names comes first.
+    monkeypatch.setattr(pipeline, "_prune_takes_forward_kwargs", lambda: True)
     out = tmp_path / "out"
     cfg = _config(tmp_path, str(TESTS / "models_small.py") + ":SmallCNN", [3, 8, 8],
                   model={"forward_kwargs": {"embed": False}})
@@ -154,7 +166,8 @@ def test_forward_kwargs_that_forward_does_not_take(tmp_path, cnn_checkpoint, mon
 def test_what_the_model_prints_does_not_spoil_the_json(tmp_path, fake_prune):
     ckpt = _trained(Flat(), (64,), tmp_path / "m.pt")
     out = tmp_path / "out"
-    result = invoke("compress", ckpt, "-c", _config(tmp_path, f"{IO}:Chatty", [64]), "-o", out, "--json", "-q")
+    cfg = _config(tmp_path, f"{IO}:Chatty", [64])
+    result = invoke("compress", ckpt, "-c", cfg, "-o", out, "--json", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["input_shape"] == [64]
     assert "forward called with (1, 64)" in result.stderr
@@ -176,7 +189,8 @@ def test_outdir_that_cannot_be_created(tmp_path, cnn_checkpoint, write_config, f
     result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out)
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"Error: cannot create the output directory {out} (Not a directory); choose a --output where you can write")
+        f"Error: cannot create the output directory {out} (Not a directory); choose a --output where you "
+        f"can write")
 
 
 def test_overwrite_refuses_to_delete_the_checkpoint(tmp_path, write_config, fake_prune):
@@ -187,7 +201,8 @@ def test_overwrite_refuses_to_delete_the_checkpoint(tmp_path, write_config, fake
     result = invoke("compress", ckpt, "-c", write_config(), "-o", out, "--overwrite")
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"Error: --output {out} holds {ckpt}, an input of this run, and --overwrite would delete it; write the "
+        f"Error: --output {out} holds {ckpt}, an input of this run, and --overwrite would delete it; write "
+        f"the "
         "results to another directory")
     assert ckpt.is_file() and fake_prune == []
 
@@ -196,15 +211,18 @@ def test_labels_beyond_the_model_classes(tmp_path, cnn_checkpoint, write_config,
     npz, out = write_npz(tmp_path / "d.npz", n=8, y=np.full(8, 10)), tmp_path / "out"
     cfg = write_config({"format": "npz", "path": str(npz), "num_samples": None})
     assert _failure(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), out) == (
-        1, "Error: data.calibration has label 10 but the model predicts 10 classes (0 to 9); check that the labels "
+        1, "Error: data.calibration has label 10 but the model predicts 10 classes (0 to 9); check that the "
+           "labels "
            "belong to this model", [])
 
 
-def test_no_labels_without_distillation_fails_before_pruning(tmp_path, cnn_checkpoint, write_config, fake_prune):
+def test_no_labels_without_distillation_fails_before_pruning(tmp_path, cnn_checkpoint, write_config,
+                                                             fake_prune):
     npz, out = write_npz(tmp_path / "d.npz", n=8, labels=False), tmp_path / "out"
-    cfg = write_config({"format": "npz", "path": str(npz), "num_samples": None}, finetune={"epochs": 1, "distill": False})
+    cfg = write_config(_npz(npz), finetune={"epochs": 1, "distill": False})
     assert _failure(invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out), out) == (
-        2, "Error: fine-tuning needs labels or distill: true; the fine-tune data has no labels (y < 0), so set "
+        2, "Error: fine-tuning needs labels or distill: true; the fine-tune data has no labels (y < 0), so "
+           "set "
            "finetune.distill: true or give data.finetune a labelled dataset", [])
     assert fake_prune == []  # said before any pruning, not after
 
@@ -222,8 +240,8 @@ def test_finetune_batch_size_is_honoured(tmp_path, cnn_checkpoint, write_config,
 def test_a_skipped_verification_is_not_reported_as_done(tmp_path, write_config, fake_prune):
     ckpt, out = tmp_path / "whole.pt", tmp_path / "out"
     torch.save(make_cnn(), ckpt)
-    result = invoke("compress", ckpt, "-c", write_config(model={"arch": None}), "-o", out, "--trust-checkpoint",
-                    "--json", "-q")
+    cfg = write_config(model={"arch": None})
+    result = invoke("compress", ckpt, "-c", cfg, "-o", out, "--trust-checkpoint", "--json", "-q")
     assert result.exit_code == 0, result.output
     pt = json.loads(result.stdout)["exports"]["pt"]
     assert pt["verified"] is False and pt["note"].startswith("model.arch is not set")
@@ -233,13 +251,14 @@ def test_a_skipped_verification_is_not_reported_as_done(tmp_path, write_config, 
 def test_gate_error_carries_the_report(tmp_path, cnn_checkpoint, write_config, fake_prune):
     config = load_config(write_config())
     with pytest.raises(GateError) as exc:
-        compress(config, cnn_checkpoint, tmp_path / "out", progress=False, min_agreement=1.01, log=lambda m: None)
+        compress(config, cnn_checkpoint, tmp_path / "out", progress=False, min_agreement=1.01,
+                 log=lambda m: None)
     assert exc.value.report == json.loads((tmp_path / "out" / "report.json").read_text())
     assert exc.value.report["gates"][0]["passed"] is False
 
 
 def test_python_dash_m_is_the_same_cli():
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-m", "specprune_cli", "--version"], capture_output=True, text=True,
-                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    result = subprocess.run([sys.executable, "-m", "specprune_cli", "--version"], capture_output=True,
+                            text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert result.returncode == 0 and result.stdout == f"specprune {__version__}\n"

@@ -100,7 +100,8 @@ def test_prune_config_direct_construction_is_validated_and_replaceable():
     ("data:\n  calibration: {format: synthetic, mean: [0.5, 0.5], std: [1, 1]}\n",
      "config key data.calibration.mean has 2 values but model.input_shape [3, 32, 32] has 3 channels; "
      "give one value or one per channel"),
-    ("model:\n  forward_kwargs: {a-b: 1}\n", "config key model.forward_kwargs has the key 'a-b', which is not "
+    ("model:\n  forward_kwargs: {a-b: 1}\n", "config key model.forward_kwargs has the key 'a-b', which is "
+                                             "not "
      "a Python argument name; use the name of a keyword argument of forward"),
     ("prune:\n  target_signal: both\n",
      "config key prune.target_signal must be one of original, pruned, got 'both' (str)"),
@@ -113,7 +114,8 @@ def test_prune_config_direct_construction_is_validated_and_replaceable():
      "config key evaluate.output must be an integer or a string or null, got True (bool)"),
     ("evaluate:\n  output: -1\n", "config key evaluate.output must be 0 or more, got -1"),
     ("evaluate:\n  latency_seconds: 0\n", "config key evaluate.latency_seconds must be positive, got 0.0"),
-    ("evaluate:\n  gate_on: fp16\n", "config key evaluate.gate_on must be one of float, int8 or null, got 'fp16' (str)"),
+    ("evaluate:\n  gate_on: fp16\n", "config key evaluate.gate_on must be one of float, int8 or null, got "
+                                     "'fp16' (str)"),
     ("evaluate:\n  gate_on: int8\n", "config key evaluate.gate_on is int8 but export.formats does not list "
      "onnx-int8; add onnx-int8 to export.formats, or set evaluate.gate_on to float or null"),
     ("export:\n  int8: {method: kl}\n",
@@ -124,11 +126,13 @@ def test_prune_config_direct_construction_is_validated_and_replaceable():
     ("export:\n  int8: {exclude: ['re:(']}\n", "config key export.int8.exclude has an invalid regex 're:(' "
      "(missing ), unterminated subpattern at position 0); patterns are module names or 're:' followed by a "
      "Python regular expression"),
-    ("runtime:\n  device: tpu\n", "config key runtime.device must be one of auto, cpu, cuda, got 'tpu' (str)"),
+    ("runtime:\n  device: tpu\n", "config key runtime.device must be one of auto, cpu, cuda, got 'tpu' "
+                                  "(str)"),
     ("runtime:\n  timeout_s: -5\n", "config key runtime.timeout_s must be positive, got -5.0"),
     ("runtim: {}\n", "unknown config key runtim; did you mean runtime?"),
     ("export:\n  formats: [pt, tflite]\n",
-     "config key export.formats[1] must be one of pt, onnx, onnx-int8, torchscript, module, got 'tflite' (str)"),
+     "config key export.formats[1] must be one of pt, onnx, onnx-int8, torchscript, module, got 'tflite' "
+     "(str)"),
 ])
 def test_bad_config_messages(tmp_path, text, message):
     with pytest.raises(ConfigError) as exc:
@@ -148,7 +152,8 @@ def test_direct_construction_converts_nested_mappings_and_names_their_path():
     assert str(exc.value) == "config key model must be a mapping, got None (NoneType)"
     with pytest.raises(ConfigError) as exc:
         Config.from_dict([1])
-    assert str(exc.value) == ("the config must be a mapping of sections (model, data, prune, finetune, evaluate, "
+    assert str(exc.value) == ("the config must be a mapping of sections (model, data, prune, finetune, "
+                              "evaluate, "
                               "export, runtime), got list")
 
 
@@ -156,7 +161,8 @@ def test_new_keys_are_read_into_their_attributes(tmp_path):
     text = ("model:\n  forward_kwargs: {embed: false, mode: eval}\n"
             "prune:\n  target_signal: pruned\n  intercept: true\n  allocation: loss\n  allow_partial: true\n"
             "evaluate:\n  output: logits\n  latency_seconds: 0.5\n  gate_on: int8\n"
-            "export:\n  formats: [pt, onnx-int8]\n  int8: {num_samples: 64, method: entropy, exclude: [conv1]}\n"
+            "export:\n  formats: [pt, onnx-int8]\n  int8: "
+            "{num_samples: 64, method: entropy, exclude: [conv1]}\n"
             "runtime:\n  device: cpu\n  timeout_s: 60\n")
     cfg = load_config(_write(tmp_path, text), ["evaluate.output=2"])
     assert cfg.model.forward_kwargs == {"embed": False, "mode": "eval"}
@@ -176,7 +182,8 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
         load_config(p)
     where = "in this context" if yaml.__with_libyaml__ else "here"  # libyaml's wording, when it is used
     assert str(exc.value) == (f"config file {p} is not valid YAML (line 3, column 9: mapping values are not "
-                              f"allowed {where}); fix the syntax there: check the indentation and that every key "
+                              f"allowed {where}); fix the syntax there: check the indentation and that "
+                              f"every key "
                               "is followed by ': '")
 
 
@@ -186,7 +193,8 @@ _LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
 
 @pytest.mark.parametrize("text, message", [
     ("model:\n  kwargs: !!python/object/apply:os.system [echo hi]\n",
-     "line 2, column 11: the tag !!python/object/apply:os.system is not allowed; a config holds plain mappings, "
+     "line 2, column 11: the tag !!python/object/apply:os.system is not allowed; a config holds plain "
+     "mappings, "
      "lists, strings, numbers, booleans and null: remove the tag"),
     ("prune: !custom {ridge: 1}\n", "line 1, column 8: the tag !custom is not allowed; a config holds plain "
      "mappings, lists, strings, numbers, booleans and null: remove the tag"),
@@ -194,7 +202,8 @@ _LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
      "in one mapping (first on line 2); YAML would keep only the last: delete one"),
     ("model:\n  kwargs: {a: " + "[" * 40 + "]" * 40 + "}\n",
      "line 2, column 44: values are nested more than 32 levels deep; a config needs a few"),
-    (_LAUGHS, "line 5, column 4: the document expands to more than 100,000 values (through aliases?); a config "
+    (_LAUGHS, "line 5, column 4: the document expands to more than 100,000 values (through aliases?); a "
+              "config "
      "holds a few hundred"),
 ])
 def test_hostile_yaml_is_refused_with_the_line(tmp_path, text, message):
@@ -220,7 +229,8 @@ def test_files_that_are_not_configs(tmp_path):
     for path, message in [
         (big, f"config file {big} is 2,000,000 bytes; a config is a few kilobytes and at most 1,048,576 are "
               "read: check the --config path"),
-        (binary, f"config file {binary} is not UTF-8 text (is it the checkpoint?); --config takes a YAML file"),
+        (binary, f"config file {binary} is not UTF-8 text (is it the checkpoint?); --config takes a YAML "
+                 f"file"),
         (tmp_path, f"config file {tmp_path} is not a regular file; --config takes a YAML file"),
     ]:
         with pytest.raises(ConfigError) as exc:
@@ -228,7 +238,8 @@ def test_files_that_are_not_configs(tmp_path):
         assert str(exc.value) == message
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["model.kwargs=!!python/name:os.system"])
-    assert str(exc.value).startswith("--set model.kwargs: the value '!!python/name:os.system' is not valid YAML "
+    assert str(exc.value).startswith("--set model.kwargs: the value '!!python/name:os.system' is not valid "
+                                     "YAML "
                                      "(line 1, column 1: the tag !!python/name:os.system is not allowed")
 
 

@@ -178,7 +178,8 @@ def test_input_dtypes_that_would_need_a_cast_are_refused(tmp_path, array):
     path = write_npz(tmp_path / "d.npz", n=4, x=array)
     with pytest.raises(DataError) as exc:
         build_batches(DataConfig(format="npz", path=str(path), num_samples=None), [12])
-    assert str(exc.value) == (f"data.calibration: the inputs x in {path} have dtype {array.dtype}; specprune reads "
+    assert str(exc.value) == (f"data.calibration: the inputs x in {path} have dtype {array.dtype}; "
+                              f"specprune reads "
                               "float arrays as they are and uint8 arrays scaled to [0, 1], and casts nothing "
                               "else: convert x, e.g. x.astype(numpy.float32), scaled as the model expects")
 
@@ -196,7 +197,8 @@ def test_object_arrays_are_refused(tmp_path):
     with pytest.raises(DataError) as exc:
         build_batches(DataConfig(format="npz", path=str(path), num_samples=None), [12])
     assert str(exc.value) == (f"data.calibration: {path} holds object arrays (pickled Python objects), which "
-                              "specprune does not load; save numeric arrays: x as float32 or uint8, y as int64")
+                              "specprune does not load; save numeric arrays: x as float32 or uint8, y as "
+                              "int64")
 
 
 def test_nan_and_inf_inputs_are_refused(tmp_path):
@@ -237,7 +239,8 @@ def test_labels_as_a_column_the_largest_label_and_all_unlabelled(tmp_path):
      "class use format: imagefolder)"),
     (lambda p: p.write_bytes(b""), "cannot read {path} as .npz ("),
     (lambda p: p.write_bytes(b"PK\x03\x04garbage"), "cannot read {path} as .npz ("),
-    (lambda p: np.save(open(p, "wb"), np.zeros((2, 12))), "{path} is a single .npy array, not an .npz archive; "
+    (lambda p: np.save(open(p, "wb"), np.zeros((2, 12))), "{path} is a single .npy array, not an .npz "
+                                                          "archive; "
      "save it with numpy.savez(path, x=inputs, y=labels)"),
 ], ids=["directory", "empty", "not-a-zip", "npy"])
 def test_npz_paths_that_are_not_npz_files(tmp_path, make, message):
@@ -252,7 +255,8 @@ def test_image_formats_need_an_image_shape(tmp_path):
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     with pytest.raises(DataError) as exc:
         build_batches(DataConfig(format="imagefolder", path=str(tmp_path / "imgs")), [1024])
-    assert str(exc.value) == ("data.calibration: format imagefolder gives images of shape (1 or 3, H, W), but "
+    assert str(exc.value) == ("data.calibration: format imagefolder gives images of shape (1 or 3, H, W), "
+                              "but "
                               "model.input_shape is [1024]; use format npz for other inputs")
 
 
@@ -265,5 +269,6 @@ def test_a_damaged_image_is_a_data_error_naming_the_section(tmp_path):
                                        batch_size=2), [3, 8, 8], where="eval")
     with pytest.raises(DataError) as exc:
         _all(batches)
-    assert str(exc.value).startswith("data.eval: reading a batch failed (UnidentifiedImageError: cannot identify "
+    assert str(exc.value).startswith("data.eval: reading a batch failed (UnidentifiedImageError: cannot "
+                                     "identify "
                                      "image file")

@@ -123,7 +123,8 @@ class MultiOut(nn.Module):
                                           ("namedtuple", 1)])
 def test_the_evaluated_output_of_a_structured_model(kind, output):
     offsets = [0, 0, 0, 1, 4, 5, 9, None, None, 2]
-    result = evaluate_model(MultiOut(kind), MultiOut(kind), ranked_loader(offsets, 10), call=ModelCall(output=output))
+    result = evaluate_model(MultiOut(kind), MultiOut(kind), ranked_loader(offsets, 10),
+                            call=ModelCall(output=output))
     assert result["top1"] == pytest.approx(3 / 8) and result["top5"] == pytest.approx(6 / 8)
 
 
@@ -139,8 +140,10 @@ def test_an_output_key_that_names_no_tensor():
     loader = ranked_loader([0] * 4, 10)
     with pytest.raises(ConfigError) as exc:
         evaluate_model(MultiOut("dict"), MultiOut("dict"), loader, call=ModelCall(output="logit"))
-    assert str(exc.value) == ("evaluate.output is 'logit' but the model returns dict {features: tensor (4, 3), "
-                              "logits: tensor (4, 10)}; set evaluate.output to the tensor to evaluate: features, "
+    assert str(exc.value) == ("evaluate.output is 'logit' but the model returns dict "
+                              "{features: tensor (4, 3), "
+                              "logits: tensor (4, "
+                              "10)}; set evaluate.output to the tensor to evaluate: features, "
                               "logits")
 
 
@@ -151,7 +154,8 @@ def test_a_reference_that_already_gives_nan_is_blamed_not_the_pruning(mlp):
     loader = DataLoader(TensorDataset(torch.randn(8, 6), torch.zeros(8, dtype=torch.long)), batch_size=4)
     with pytest.raises(ModelError) as exc:
         evaluate_model(mlp, broken, loader)
-    assert str(exc.value) == ("the reference (original) model already produces NaN or Inf on the evaluation data "
+    assert str(exc.value) == ("the reference (original) model already produces NaN or Inf on the evaluation "
+                              "data "
                               "(batch starting at sample 0), before any pruning; fix the model or the data "
                               "(check data.*.mean and std) first")
 
@@ -160,5 +164,6 @@ def test_labels_beyond_the_classes(mlp):
     loader = DataLoader(TensorDataset(torch.randn(8, 6), torch.full((8,), 5)), batch_size=4)
     with pytest.raises(DataError) as exc:
         evaluate_model(mlp, mlp, loader)
-    assert str(exc.value) == ("the evaluation data has label 5 but the model predicts 5 classes (0 to 4); check "
+    assert str(exc.value) == ("the evaluation data has label 5 but the model predicts 5 classes (0 to 4); "
+                              "check "
                               "that the labels belong to this model")

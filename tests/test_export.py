@@ -159,7 +159,8 @@ def test_a_mismatched_load_raises_and_leaves_no_file(tmp_path, monkeypatch):
     model = make_cnn()
     other = make_cnn(seed=1)  # what a broken loader would give back: other weights, same architecture
     monkeypatch.setattr(export, "load_pruned", lambda path: other)
-    with pytest.raises(ExportError, match=r"pt export does not match the in-memory model at batch size 2 \(output "
+    with pytest.raises(ExportError, match=r"pt export does not match the in-memory model at batch size 2 "
+                                          r"\(output "
                                           r"output\): max abs difference [0-9.e+-]+ > 0\.0001 \* max\(1, "):
         export_model(model, torch.zeros(1, 3, 8, 8), tmp_path, settings("pt"), plan=KEEP_ALL,
                      source=Architecture(ARCH, {}, (3, 8, 8)))
@@ -195,11 +196,13 @@ def test_both_exporters_failing_is_an_export_error(mlp, tmp_path, monkeypatch):
 def test_unwritable_format_and_pt_without_plan_are_config_errors(mlp, tmp_path):
     with pytest.raises(ConfigError) as exc:
         export_model(mlp, torch.zeros(1, 12), tmp_path, SimpleNamespace(formats=["tflite"]))
-    assert str(exc.value) == ("export format(s) ['tflite'] cannot be written by this version; supported: pt, onnx, "
+    assert str(exc.value) == ("export format(s) ['tflite'] cannot be written by this version; supported: "
+                              "pt, onnx, "
                               "torchscript, module")
     with pytest.raises(ConfigError) as exc:
         export_model(mlp, torch.zeros(1, 12), tmp_path, settings("pt"))
-    assert str(exc.value) == ("export format 'pt' needs the plan and the architecture: pass plan= and source= to "
+    assert str(exc.value) == ("export format 'pt' needs the plan and the architecture: pass plan= and "
+                              "source= to "
                               "export_model")
     assert list(tmp_path.iterdir()) == []
 
@@ -288,7 +291,8 @@ def test_an_opset_the_exporter_replaces_is_stated(tmp_path):
                           settings("onnx", opset=13))
     info = result["onnx"]
     assert info["opset"] != 13
-    assert info["note"] == (f"export.opset 13 was not honoured: the exporter wrote opset {info['opset']} (it could "
+    assert info["note"] == (f"export.opset 13 was not honoured: the exporter wrote opset {info['opset']} "
+                            f"(it could "
                             "not convert this model); the file was verified as written")
     assert "note" not in export_model(trained_looking(TwoHeads("dict"), (12,)), torch.zeros(1, 12),
                                       tmp_path / "b", settings("onnx", opset=18))["onnx"]

@@ -127,7 +127,8 @@ def test_no_labels_without_distillation_is_a_config_error(teacher, tmp_path):
     message = "fine-tuning needs labels or distill: true"
     path = tmp_path / "unlabelled.npz"
     np.savez(path, x=inputs(8, seed=3).numpy())  # no y: the real data class knows there are no labels
-    batches = build_batches(DataConfig(format="npz", path=str(path), num_samples=None, batch_size=4), [3, 8, 8])
+    cfg = DataConfig(format="npz", path=str(path), num_samples=None, batch_size=4)
+    batches = build_batches(cfg, [3, 8, 8])
     assert not batches.has_labels
     with pytest.raises(ConfigError, match=message):
         finetune(noisy_copy(teacher), teacher, batches, settings(distill=False), progress=False)
@@ -142,5 +143,6 @@ def test_labels_beyond_the_model_classes_are_a_data_error(teacher):
     loader = DataLoader(TensorDataset(x, torch.full((8,), 12)), batch_size=4)
     with pytest.raises(DataError) as exc:
         finetune(noisy_copy(teacher), teacher, loader, settings(), progress=False)
-    assert str(exc.value) == ("the fine-tune data has label 12 but the model predicts 10 classes (0 to 9); check "
+    assert str(exc.value) == ("the fine-tune data has label 12 but the model predicts 10 classes (0 to 9); "
+                              "check "
                               "that the labels belong to this model")

@@ -44,7 +44,8 @@ def test_a_speedup_only_where_the_paired_rounds_agree(original, pruned, ratio, s
     assert side["speedup"]["1"]["ratio"] == ratio and side["speedup"]["1"]["stable"] is stable
     assert side["speedup"]["1"]["runs"] == len(original)
     row = _latency_rows({"torch": side})[0]
-    assert row[-1] == (f"{ratio:.2f}x faster ({len(original)} runs)" if stable else f"{UNSTABLE} ({len(original)} runs)")
+    verdict = f"{ratio:.2f}x faster" if stable else UNSTABLE
+    assert row[-1] == f"{verdict} ({len(original)} runs)"
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,9 @@ def mlp() -> nn.Module:
 
 def test_compare_latency_reports_both_models_and_how_many_ran(mlp, tmp_path):
     narrow = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 5)).eval()
-    path = export_model(mlp, torch.zeros(1, 6), tmp_path / "a", ExportConfig(formats=("onnx",)))["onnx"]["path"]
-    path2 = export_model(narrow, torch.zeros(1, 6), tmp_path / "b", ExportConfig(formats=("onnx",)))["onnx"]["path"]
+    onnx = ExportConfig(formats=("onnx",))
+    path = export_model(mlp, torch.zeros(1, 6), tmp_path / "a", onnx)["onnx"]["path"]
+    path2 = export_model(narrow, torch.zeros(1, 6), tmp_path / "b", onnx)["onnx"]["path"]
     mlp.train()
     out = compare_latency(mlp, narrow, torch.zeros(1, 6), batch_sizes=[1, 4], repeats=5, seconds=10.0,
                           onnx={"original": path, "pruned": path2})
@@ -67,7 +69,8 @@ def test_compare_latency_reports_both_models_and_how_many_ran(mlp, tmp_path):
             assert set(out[runtime][name]) == {"1", "4"}
             assert all(0 < s["min_ms"] <= s["median_ms"] and 1 <= s["samples"] <= 5
                        for s in out[runtime][name].values())
-        assert all(s["runs"] == out[runtime]["original"][b]["samples"] for b, s in out[runtime]["speedup"].items())
+        speedup = out[runtime]["speedup"]
+        assert all(s["runs"] == out[runtime]["original"][b]["samples"] for b, s in speedup.items())
 
 
 def test_measure_latency_and_onnx_latency_per_batch_size(mlp, tmp_path):

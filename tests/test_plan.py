@@ -42,8 +42,8 @@ def test_the_cost_model_counts_what_a_hand_count_gives(mlp):
 
 def test_ratio_allocation(mlp):
     units, cost = mlp
-    widths = allocate_widths(units, cost, allocation="ratio", target_kind="flops", target_value=1.0, ratio=0.3,
-                             round_to=1, min_channels=2)
+    widths = allocate_widths(units, cost, allocation="ratio", target_kind="flops", target_value=1.0,
+                             ratio=0.3, round_to=1, min_channels=2)
     assert widths == {"0": 5, "2": 5}  # ceil(0.3 * 16)
 
 
@@ -90,8 +90,10 @@ def test_the_budget_error_says_what_the_floor_is_and_what_to_change(mlp):
                         min_channels=2)
     # Both units at 2 channels: 2 * (16 + 4 + 8) = 56 of 896 FLOPs = 0.0625.
     assert str(exc.value) == (
-        "prune.target.flops=0.01 cannot be met: with every prunable unit at its minimum width the model keeps "
-        "0.062 of its flops (the layers that cannot be pruned cost the rest). Raise the target to at least that, "
+        "prune.target.flops=0.01 cannot be met: with every prunable unit at its minimum width the model "
+        "keeps "
+        "0.062 of its flops (the layers that cannot be pruned cost the rest). Raise the target to at least "
+        "that, "
         "lower prune.min_channels or prune.round_to, or remove layers from prune.exclude.")
 
 

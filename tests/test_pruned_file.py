@@ -44,7 +44,8 @@ def test_a_file_without_arch_says_why_it_cannot_be_rebuilt(tmp_path, pruned):
     save_pruned(path, pruned.model, pruned.plan, Architecture(None, {}, (3, 8, 8)))
     with pytest.raises(CheckpointError) as exc:
         load_pruned(path)
-    assert str(exc.value) == (f"{path} records no model.arch (the original was a pickled module), so it cannot "
+    assert str(exc.value) == (f"{path} records no model.arch (the original was a pickled module), so it "
+                              f"cannot "
                               "be rebuilt from the plan; export with formats: [module] instead")
 
 
@@ -57,7 +58,8 @@ def test_a_file_without_arch_says_why_it_cannot_be_rebuilt(tmp_path, pruned):
      "the plan does not fit the architecture (KeyError: 'indices'); the file is damaged or was written by a "
      "different specprune version"),
     (lambda p: p["plan"]["units"][0].update(name="nowhere"),
-     "the plan names units this architecture does not have: ['nowhere']; check model.arch and model.kwargs match "
+     "the plan names units this architecture does not have: ['nowhere']; check model.arch and model.kwargs "
+     "match "
      "the model that was pruned"),
 ])
 def test_damaged_payloads(tmp_path, pruned, damage, message):
