@@ -18,6 +18,7 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))  # models_small, helpers, zoo import by plain name
 
+from helpers import warm_batchnorm  # noqa: E402
 from models_small import SmallCNN  # noqa: E402
 
 ARCH = f"{TESTS / 'models_small.py'}:SmallCNN"
@@ -27,12 +28,7 @@ INPUT_SHAPE = [3, 8, 8]
 def make_cnn(seed: int = 0, **kwargs: Any) -> SmallCNN:
     """A SmallCNN with seeded weights and warmed BatchNorm statistics (so pruning sees real scales)."""
     torch.manual_seed(seed)
-    model = SmallCNN(**kwargs)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, kwargs.get("in_channels", 3), 8, 8))
-    return model.eval()
+    return warm_batchnorm(SmallCNN(**kwargs), (kwargs.get("in_channels", 3), 8, 8))
 
 
 def write_npz(path: Path, n: int = 32, shape: tuple[int, ...] = (3, 8, 8), labels: bool = True,

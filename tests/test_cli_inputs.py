@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from conftest import TESTS, make_cnn, write_npz
+from helpers import warm_batchnorm
 from models_io import Flat, MultiHead, Sequence1d
 from specprune_cli import __version__, compress, load_config
 from specprune_cli.errors import GateError
@@ -23,14 +24,17 @@ IO = TESTS / "models_io.py"
 
 
 def _trained(model: torch.nn.Module, shape: tuple[int, ...], path: Path) -> Path:
-    """Seeded weights and warmed BatchNorm statistics, saved as a state_dict."""
+    """Seeded BatchNorm statistics, saved as a state_dict."""
     torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, *shape))
-    torch.save(model.eval().state_dict(), path)
+    torch.save(warm_batchnorm(model, shape).state_dict(), path)
     return path
+
+
+def _compress_json(ckpt: Path, cfg: Path, out: Path) -> dict:
+    """Run compress --json and return the report, after checking it succeeded."""
+    result = invoke("compress", ckpt, "-c", cfg, "-o", out, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
 
 
 def _npz(path: Path) -> dict:
@@ -59,10 +63,7 @@ def test_one_and_two_dimensional_samples_end_to_end(tmp_path, cls, shape):
     cfg = _config(tmp_path, f"{IO}:{cls.__name__}", shape,
                   data={"calibration": _npz(npz)},
                   export={"formats": ["pt", "onnx"]})
-    out = tmp_path / "out"
-    result = invoke("compress", ckpt, "-c", cfg, "-o", out, "--json", "-q")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = _compress_json(ckpt, cfg, tmp_path / "out")
     assert report["input_shape"] == shape and report["exports"]["onnx"]["verified"]
     assert report["evaluation"]["labelled"] and report["evaluation"]["samples"] == 24
     if cls is Flat:  # the MLP's hidden Linears are units; the Conv1d model's conv is left alone today
@@ -81,10 +82,7 @@ def test_structured_outputs_through_checks_evaluation_finetune_and_export(tmp_pa
                   data={"calibration": _npz(npz)},
                   finetune={"epochs": 1}, evaluate={"latency": True, "latency_repeats": 3, "output": output},
                   export={"formats": ["pt", "onnx"]})
-    out = tmp_path / "out"
-    result = invoke("compress", ckpt, "-c", cfg, "-o", out, "--json", "-q")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = _compress_json(ckpt, cfg, tmp_path / "out")
     assert report["evaluation"]["labelled"] and report["finetune"]["steps"] == 2
     assert report["exports"]["onnx"]["outputs"] == {"tuple": ["output_0", "output_1"],
                                                     "dict": ["aux.embedding", "logits"],

@@ -16,6 +16,7 @@ from specprune_cli.export import export_model
 from specprune_cli.latency import (UNSTABLE, _side_by_side, compare_latency, measure_latency,
                                    measure_onnx_latency, time_rounds)
 from specprune_cli.report import _latency_rows
+from test_evaluate import mlp  # noqa: F401 - a fixture
 
 
 def test_rounds_alternate_the_order_of_the_models():
@@ -46,12 +47,6 @@ def test_a_speedup_only_where_the_paired_rounds_agree(original, pruned, ratio, s
     row = _latency_rows({"torch": side})[0]
     verdict = f"{ratio:.2f}x faster" if stable else UNSTABLE
     assert row[-1] == f"{verdict} ({len(original)} runs)"
-
-
-@pytest.fixture(scope="module")
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
 
 
 def test_compare_latency_reports_both_models_and_how_many_ran(mlp, tmp_path):

@@ -11,6 +11,8 @@ import torchvision
 from torch import nn
 from torchvision.models import VisionTransformer
 
+from helpers import warm_batchnorm
+
 
 class MLP(nn.Module):
     def __init__(self, d_in: int = 24, hidden: int = 48, classes: int = 10):
@@ -66,8 +68,5 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
     torch.manual_seed(seed)
     model = factory()
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        model.train()
-        with torch.no_grad():
-            for _ in range(3):
-                model(torch.randn(16, *shape))
+        warm_batchnorm(model, shape)
     return model.eval(), shape
