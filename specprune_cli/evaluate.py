@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from specprune_cli.errors import ConfigError, DataError, ModelError
-from specprune_cli.model_io import ModelCall
+from specprune_cli.model_io import ModelCall, device_of, eval_mode
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -66,54 +66,47 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
         DataError: no samples, or labels beyond the model's classes.
     """
     call = call or ModelCall()
-    modes = (model.training, reference.training)
-    model.eval()
-    reference.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = device_of(model)
     n = labelled = agree = 0
     correct = {"top1": 0, "top5": 0, "reference_top1": 0, "reference_top5": 0}
     diff_sq = ref_sq = 0.0
     classes = None
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                if max_samples is not None and n >= max_samples:
-                    break
-                x, y = split_batch(batch)
-                if max_samples is not None:
-                    x = x[:max_samples - n]
-                    y = y[:max_samples - n] if y is not None else None
-                x = x.to(device)
-                out = logits_of(call.evaluated(model, x), "evaluated").double()
-                ref = logits_of(call.evaluated(reference, x), "reference").double()
-                if not bool(torch.isfinite(ref).all()):
-                    raise ModelError(f"the reference (original) model already produces NaN or Inf on the "
-                                     f"evaluation data (batch starting at sample {n}), before any pruning; "
-                                     "fix the model or the data (check data.*.mean and std) first")
-                if out.shape != ref.shape:
-                    raise ModelError(f"the evaluated model returns {tuple(out.shape)} but the reference "
-                                     f"returns {tuple(ref.shape)}; both must predict the same classes")
-                classes = out.shape[1]
-                n += x.shape[0]
-                agree += int((out.argmax(1) == ref.argmax(1)).sum())
-                diff_sq += float(((out - ref) ** 2).sum())
-                ref_sq += float((ref ** 2).sum())
-                if y is None:
-                    continue
-                mask = (y >= 0).to(device)
-                if not bool(mask.any()):
-                    continue
-                yl = y.to(device)[mask]
-                check_label_range(int(yl.max()), out.shape[1], "the evaluation data")
-                labelled += int(mask.sum())
-                for name, logits in (("top1", out), ("reference_top1", ref)):
-                    correct[name] += _topk_correct(logits[mask], yl, 1)
-                if classes >= 5:
-                    for name, logits in (("top5", out), ("reference_top5", ref)):
-                        correct[name] += _topk_correct(logits[mask], yl, 5)
-    finally:
-        model.train(modes[0])
-        reference.train(modes[1])
+    with eval_mode(model, reference), torch.inference_mode():
+        for batch in loader:
+            if max_samples is not None and n >= max_samples:
+                break
+            x, y = split_batch(batch)
+            if max_samples is not None:
+                x = x[:max_samples - n]
+                y = y[:max_samples - n] if y is not None else None
+            x = x.to(device)
+            out = logits_of(call.evaluated(model, x), "evaluated").double()
+            ref = logits_of(call.evaluated(reference, x), "reference").double()
+            if not bool(torch.isfinite(ref).all()):
+                raise ModelError(f"the reference (original) model already produces NaN or Inf on the "
+                                 f"evaluation data (batch starting at sample {n}), before any pruning; "
+                                 "fix the model or the data (check data.*.mean and std) first")
+            if out.shape != ref.shape:
+                raise ModelError(f"the evaluated model returns {tuple(out.shape)} but the reference "
+                                 f"returns {tuple(ref.shape)}; both must predict the same classes")
+            classes = out.shape[1]
+            n += x.shape[0]
+            agree += int((out.argmax(1) == ref.argmax(1)).sum())
+            diff_sq += float(((out - ref) ** 2).sum())
+            ref_sq += float((ref ** 2).sum())
+            if y is None:
+                continue
+            mask = (y >= 0).to(device)
+            if not bool(mask.any()):
+                continue
+            yl = y.to(device)[mask]
+            check_label_range(int(yl.max()), out.shape[1], "the evaluation data")
+            labelled += int(mask.sum())
+            for name, logits in (("top1", out), ("reference_top1", ref)):
+                correct[name] += _topk_correct(logits[mask], yl, 1)
+            if classes >= 5:
+                for name, logits in (("top5", out), ("reference_top5", ref)):
+                    correct[name] += _topk_correct(logits[mask], yl, 5)
     if n == 0:
         raise DataError("the evaluation data is empty; give data.eval at least one sample "
                         "(or raise evaluate.max_eval_samples above 0)")

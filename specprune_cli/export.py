@@ -29,7 +29,7 @@ from torch import nn
 
 from specprune_cli.config import ExportConfig
 from specprune_cli.errors import ConfigError, ExportError, reason, user_code
-from specprune_cli.model_io import ModelCall, named_tensors, tensors
+from specprune_cli.model_io import ModelCall, eval_mode, named_tensors, tensors
 from specprune_cli.pruned_file import Architecture, load_pruned, save_pruned
 
 EXPORT_BATCH = 2  # not 1: exporters specialise size-1 dimensions
@@ -322,9 +322,7 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | o
     call = call or ModelCall()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         inputs, refs, names = _references(model, example_input, call)
         job = _Job(model, call, inputs, refs, names, cfg, plan, source)
         results: dict[str, dict] = {}
@@ -341,8 +339,6 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | o
             results[fmt] = {"path": str(final), "bytes": final.stat().st_size, **info,
                             "batch_sizes": sorted(inputs)}
         return results
-    finally:
-        model.train(training)
 
 
 def _references(model: nn.Module, example_input: torch.Tensor, call: ModelCall

@@ -22,7 +22,7 @@ from specprune_cli.config import FinetuneConfig
 from specprune_cli.data import Batches
 from specprune_cli.errors import ConfigError, ModelError
 from specprune_cli.evaluate import check_label_range, logits_of, split_batch
-from specprune_cli.model_io import ModelCall
+from specprune_cli.model_io import ModelCall, device_of, eval_mode
 
 Log = Callable[[str], None]
 
@@ -42,11 +42,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean", log_target=True) * (t * t)
 
 
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def distillation_loss(student: nn.Module, teacher: nn.Module, loader: Iterable, temperature: float, *,
                       call: ModelCall | None = None) -> float:
     """Mean distillation loss (KL * T^2 per sample) of ``student`` against ``teacher`` over a loader.
@@ -64,22 +59,15 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, loader: Iterable, 
         The sample-weighted mean of KL(teacher || student) * T^2.
     """
     call = call or ModelCall()
-    modes = (student.training, teacher.training)
-    student.eval()
-    teacher.eval()
-    device = _device(student)
+    device = device_of(student)
     total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                x = split_batch(batch)[0].to(device)
-                s = _logits(call, student, x, "student")
-                t = _logits(call, teacher, x, "teacher")
-                total += float(kd_loss(s, t, temperature)) * x.shape[0]
-                count += x.shape[0]
-    finally:
-        student.train(modes[0])
-        teacher.train(modes[1])
+    with eval_mode(student, teacher), torch.no_grad():
+        for batch in loader:
+            x = split_batch(batch)[0].to(device)
+            s = _logits(call, student, x, "student")
+            t = _logits(call, teacher, x, "teacher")
+            total += float(kd_loss(s, t, temperature)) * x.shape[0]
+            count += x.shape[0]
     if count == 0:
         raise ModelError("distillation_loss got an empty loader; give it at least one batch")
     return total / count
@@ -127,7 +115,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, loader: Batches | It
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ModelError("the student model has no trainable parameters; nothing to fine-tune")
-    device = _device(student)
+    device = device_of(student)
     max_steps = cfg.max_steps
     try:
         per_epoch = len(loader)  # type: ignore[arg-type]

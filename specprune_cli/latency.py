@@ -16,18 +16,17 @@ settings in-process through ``mallopt`` (``keep_memory_mapped``) where glibc is 
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from specprune_cli.model_io import ModelCall
+from specprune_cli.model_io import ModelCall, eval_mode
 
 # glibc <malloc.h>: mallopt parameter numbers.
 _M_TRIM_THRESHOLD = -1
@@ -152,21 +151,6 @@ def _per_batch(make_runs: Callable[[torch.Tensor], dict[str, Callable]], example
             for b in batch_sizes}
 
 
-@contextlib.contextmanager
-def _timing_mode(models: Iterable[nn.Module]) -> Iterator[None]:
-    """Models in eval mode and under ``inference_mode`` while timing; their modes restored after."""
-    models = list(models)
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        with torch.inference_mode():
-            yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-
-
 def measure_latency(model: nn.Module, example_input: torch.Tensor, batch_sizes: Sequence[int], repeats: int,
                     *, seconds: float | None = None, call: ModelCall | None = None) -> dict[int, dict]:
     """Wall-clock time of one eager forward pass, per batch size.
@@ -187,7 +171,7 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, batch_sizes: 
         ``{batch_size: {"median_ms", "min_ms", "spread", "samples"}}``: ``spread`` is the interquartile
         range over the median (None below 3 passes), ``samples`` the number of timed passes.
     """
-    with _timing_mode([model]):
+    with eval_mode(model), torch.inference_mode():
         timed = _per_batch(lambda x: _torch_runs({"m": model}, x, call or ModelCall()), example_input,
                            batch_sizes, repeats, seconds)
     return {b: _summary(t["m"]) for b, t in timed.items()}
@@ -252,7 +236,7 @@ def compare_latency(original: nn.Module, pruned: nn.Module, example_input: torch
     """
     call = call or ModelCall()
     models = {"original": original, "pruned": pruned}
-    with _timing_mode(models.values()):
+    with eval_mode(*models.values()), torch.inference_mode():
         timed = _per_batch(lambda x: _torch_runs(models, x, call), example_input, batch_sizes, repeats,
                            seconds)
     out = {"batch_sizes": [int(b) for b in batch_sizes], "repeats": repeats, "seconds": seconds,

@@ -9,6 +9,7 @@ tensor of it: ``evaluate.output`` (an index or a key) or, by default, the first.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -142,6 +143,24 @@ def check_signature(model: nn.Module, forward_kwargs: Mapping[str, Any]) -> None
                          f"({', '.join(required)}); specprune calls it with one input tensor. Several input "
                          "tensors are not supported: wrap the model in a module whose forward takes one "
                          "tensor, or give the others fixed values in model.forward_kwargs")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """The models in eval mode while the block runs; each gets its own mode back after."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @dataclass(frozen=True)
