@@ -6,13 +6,14 @@ data); ``compress`` then prunes, evaluates, fine-tunes and writes its outputs as
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,13 +164,20 @@ def _prune(model: nn.Module, batches: Batches, *, example_input: torch.Tensor, c
     from specprune_cli.prune import prune_model
 
     extra = {"forward_kwargs": dict(config.model.forward_kwargs)} if config.model.forward_kwargs else {}
-    try:
+    with _core("pruning"):
         return prune_model(model, batches, example_input=example_input, cfg=config.prune, progress=progress,
                            **extra)
+
+
+@contextlib.contextmanager
+def _core(step: str) -> Iterator[None]:
+    """Run a core step: any failure in it that is not ours to explain is a bug, said as such."""
+    try:
+        yield
     except (SpecpruneError, KeyboardInterrupt):
         raise
     except Exception as exc:  # an internal exception must not reach the user as a traceback
-        raise ModelError(f"pruning failed on this model ({reason(exc)}); this is a bug in specprune or a "
+        raise ModelError(f"{step} failed on this model ({reason(exc)}); this is a bug in specprune or a "
                          "model it does not support yet: please report it with the model "
                          "architecture") from exc
 
@@ -346,15 +354,20 @@ def analyze(config: Config, checkpoint_path: str | os.PathLike, output_dir: str 
     out = Path(output_dir) if output_dir is not None else None
     prep = prepare(config, checkpoint_path, trust_checkpoint=trust_checkpoint, output_dir=out,
                    overwrite=overwrite, log=log)
+    if config.model.forward_kwargs and "forward_kwargs" not in inspect.signature(analyze_model).parameters:
+        raise ConfigError(f"model.forward_kwargs is not available to analyze in specprune {__version__} yet; "
+                          "use {}")
     batches = list(prep.calibration)
     log(f"analyzing with {prep.calibration.num_samples} calibration samples")
-    analysis = analyze_model(prep.model, batches, example_input=prep.example, cfg=config.prune, ridges=ridges,
-                             progress=progress)
+    with _core("the analysis"):
+        analysis = analyze_model(prep.model, batches, example_input=prep.example, cfg=config.prune,
+                                 ridges=ridges, progress=progress)
     analysis["prunability"] = None
     if prunability_tolerance is not None:
         labelled = batches if prep.calibration.has_labels else [x for x, _ in batches]
-        analysis["prunability"] = prunability(prep.model, labelled, example_input=prep.example,
-                                              cfg=config.prune, tolerance=prunability_tolerance)
+        with _core("the prunability search"):
+            analysis["prunability"] = prunability(prep.model, labelled, example_input=prep.example,
+                                                  cfg=config.prune, tolerance=prunability_tolerance)
     analysis["plots"] = []
     if out is not None:
         with staged_output(out) as tmp:

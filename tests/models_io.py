@@ -90,3 +90,12 @@ class NaNModel(Flat):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) * float("nan")
+
+
+class ExitsWhenTraining(Flat):
+    """Calls sys.exit in training mode only: checks and evaluation pass, fine-tuning does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise SystemExit("no training here")
+        return super().forward(x)

@@ -137,6 +137,14 @@ def test_models_that_misbehave_before_pruning(tmp_path, fake_prune, cls, message
     assert fake_prune == []
 
 
+def test_a_model_that_exits_later_in_the_run(tmp_path, fake_prune):
+    ckpt, out = _trained(Flat(), (64,), tmp_path / "m.pt"), tmp_path / "out"
+    cfg = _config(tmp_path, f"{IO}:ExitsWhenTraining", [64], finetune={"epochs": 1})
+    assert _failure(invoke("compress", ckpt, "-c", cfg, "-o", out), out) == (
+        1, "Error: the model's code called sys.exit('no training here') while specprune ran it; remove the exit "
+           "from the model's module or forward", [])
+
+
 def test_a_model_file_that_exits_at_import(tmp_path, cnn_checkpoint):
     net = tmp_path / "net.py"
     net.write_text("import sys\nsys.exit(0)\n")
@@ -231,6 +239,19 @@ def test_finetune_batch_size_is_honoured(tmp_path, cnn_checkpoint, write_config,
     result = invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out, "--json", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["finetune"]["steps"] == 4
+
+
+def test_an_internal_failure_in_pruning_is_said_as_such(tmp_path, cnn_checkpoint, write_config, monkeypatch):
+    import specprune_cli.prune as prune
+
+    def broken(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(prune, "prune_model", broken)
+    out = tmp_path / "out"
+    assert _failure(invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out), out) == (
+        1, "Error: pruning failed on this model (IndexError: list index out of range); this is a bug in "
+           "specprune or a model it does not support yet: please report it with the model architecture", [])
 
 
 # ------------------------------------------------------------------------------------ library, -m
