@@ -1,7 +1,7 @@
 """``compress`` and ``analyze`` as library calls: the steps the CLI runs, in order.
 
-Both start with :func:`prepare` (config checks, checkpoint, the model's input and output, calibration
-data); ``compress`` then prunes, evaluates, fine-tunes and writes its outputs as one transaction
+Both start with ``prepare.prepare`` (config checks, checkpoint, the model's input and output,
+calibration data); ``compress`` then prunes, evaluates, fine-tunes and writes its outputs as one transaction
 (``outputs.staged_output``), so a failed run leaves OUTDIR absent (or, with ``overwrite``, as it was).
 """
 from __future__ import annotations
@@ -11,10 +11,8 @@ import dataclasses
 import inspect
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,140 +20,20 @@ import torch
 from torch import nn
 
 from specprune_cli._version import __version__
-from specprune_cli.checkpoint import load_checkpoint
 from specprune_cli.config import Config, dump_resolved
 from specprune_cli.data import Batches, build_batches
-from specprune_cli.errors import ConfigError, GateError, ModelError, SpecpruneError, reason, user_code
+from specprune_cli.errors import ConfigError, GateError, ModelError, SpecpruneError, reason
 from specprune_cli.evaluate import check_gates, check_label_range, evaluate_model
 from specprune_cli.export import export_model
 from specprune_cli.finetune import NEEDS_LABELS, distillation_loss, finetune
 from specprune_cli.latency import compare_latency
-from specprune_cli.model_io import ModelCall, check_signature, describe, nonfinite, select
-from specprune_cli.outputs import check_output_dir, staged_output, write_json
+from specprune_cli.model_io import describe
+from specprune_cli.outputs import staged_output, write_json
+from specprune_cli.prepare import Log, Prepared, classes_of, prepare, stderr
 from specprune_cli.pruned_file import Architecture
 from specprune_cli.surgery import verify_forward
 
-Log = Callable[[str], None]
 REPORT_FORMAT = "specprune-report/1"
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def _prune_takes_forward_kwargs() -> bool:
-    from specprune_cli.prune import prune_model
-
-    return "forward_kwargs" in inspect.signature(prune_model).parameters
-
-
-# Settings the schema accepts whose behaviour this version does not have yet: refused, never ignored.
-# (key, is the setting in use?, the value that works today)
-_NOT_BUILT: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
-    ("prune.allocation: loss", lambda c: c.prune.allocation == "loss", "dof, uniform or ratio"),
-    ("prune.target_signal: pruned", lambda c: c.prune.target_signal == "pruned", "original"),
-    ("prune.intercept: true", lambda c: c.prune.intercept, "false"),
-    ("model.forward_kwargs", lambda c: bool(c.model.forward_kwargs) and not _prune_takes_forward_kwargs(),
-     "{}"),
-    ("export.formats: onnx-int8", lambda c: "onnx-int8" in c.export.formats, "pt, onnx, torchscript, module"),
-    ("runtime.device: cuda", lambda c: c.runtime.device == "cuda", "auto or cpu"),
-)
-
-
-def refuse_unbuilt(config: Config) -> None:
-    """Refuse a setting this version accepts in the config but cannot honour yet.
-
-    Raises:
-        ConfigError: naming the setting and what works instead.
-    """
-    for key, used, instead in _NOT_BUILT:
-        if used(config):
-            raise ConfigError(f"{key} is not available in specprune {__version__} yet; use {instead}")
-
-
-@dataclass
-class Prepared:
-    """What both commands start from.
-
-    Attributes:
-        model: the original model, loaded and checked.
-        call: how it is called (forward keyword arguments, the evaluated output).
-        example: a batch of one sample of ``model.input_shape`` (zeros).
-        output: the model's output on ``example``.
-        calibration: the calibration batches.
-    """
-
-    model: nn.Module
-    call: ModelCall
-    example: torch.Tensor
-    output: Any
-    calibration: Batches
-
-
-def first_output(model: nn.Module, example: torch.Tensor, call: ModelCall) -> Any:
-    """The model's output on ``example`` (a batch of zeros), checked to hold the evaluated tensor.
-
-    Raises:
-        ModelError: the forward pass fails (the model's exception is quoted; ``sys.exit`` in it too),
-            or returns no tensor.
-        ConfigError: ``evaluate.output`` names no tensor of the output.
-    """
-    shape = list(example.shape[1:])
-    with torch.no_grad(), user_code(lambda exc: ModelError(
-            f"model.input_shape {shape} does not fit the model: a forward pass on zeros of shape "
-            f"{tuple(example.shape)} failed ({reason(exc)}); set model.input_shape to the shape of one "
-            "sample the model was trained on (channels first, without the batch dimension)")):
-        out = call(model, example)
-    select(out, call.output)
-    return out
-
-
-def _classes(output: Any, call: ModelCall) -> int | None:
-    """The number of classes, when the evaluated output is (batch, classes) logits."""
-    t = select(output, call.output)
-    return int(t.shape[1]) if t.dim() == 2 else None
-
-
-def prepare(config: Config, checkpoint_path: str | os.PathLike, *, trust_checkpoint: bool = False,
-            output_dir: Path | None = None, overwrite: bool = False, log: Log = _stderr) -> Prepared:
-    """The steps ``compress`` and ``analyze`` share, each failing early with a message that says what to fix.
-
-    Checks the config against what this version can do and the output directory, loads the checkpoint,
-    checks the model's signature (one input tensor) and output on zeros of ``model.input_shape``, reads
-    the calibration data and runs its first batch through the original model.
-
-    Raises:
-        ConfigError, CheckpointError, ModelError, DataError: see the message.
-    """
-    refuse_unbuilt(config)
-    if config.data.calibration is None:
-        raise ConfigError("data.calibration is not set; specprune needs calibration data to measure the "
-                          "layers: set data.calibration.format (npz, imagefolder, torchvision, idx or "
-                          "synthetic) and data.calibration.path")
-    if output_dir is not None:
-        paths = [config.data.calibration.path, config.data.calibration.labels_path]
-        check_output_dir(output_dir, overwrite, [Path(checkpoint_path)] + [Path(p) for p in paths if p])
-    input_shape = tuple(config.model.input_shape)
-    log(f"loading checkpoint {checkpoint_path}")
-    model = load_checkpoint(checkpoint_path, arch=config.model.arch, kwargs=config.model.kwargs,
-                            trust=trust_checkpoint)
-    call = ModelCall(dict(config.model.forward_kwargs), config.evaluate.output)
-    check_signature(model, call.forward_kwargs)
-    example = torch.zeros(1, *input_shape)
-    output = first_output(model, example, call)
-    calibration = build_batches(config.data.calibration, input_shape, where="calibration", log=log)
-    check_label_range(calibration.max_label, _classes(output, call), "data.calibration")
-    first = next(iter(calibration))[0]
-    with torch.no_grad(), user_code(lambda exc: ModelError(
-            f"the model fails on the first calibration batch ({reason(exc)}); it ran on zeros of "
-            f"model.input_shape {list(input_shape)}, so check the data's shape and values")):
-        out = call(model, first)
-    where = nonfinite(out)
-    if where:
-        raise ModelError(f"the original model already produces NaN or Inf on the first calibration batch "
-                         f"({where}), before any pruning; fix the model or the data (check "
-                         "data.calibration.mean and std) first")
-    return Prepared(model=model, call=call, example=example, output=output, calibration=calibration)
 
 
 def _prune(model: nn.Module, batches: Batches, *, example_input: torch.Tensor, config: Config,
@@ -242,7 +120,7 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
             OUTDIR untouched.
         GateError: a gate failed; the outputs were written, and the error carries the report.
     """
-    log = log or _stderr
+    log = log or stderr
     started = time.perf_counter()
     output_dir = Path(output_dir)
     if max_accuracy_drop is not None and (config.data.eval is None or config.data.eval.format == "synthetic"):
@@ -250,7 +128,7 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
                           "labelled dataset")
     prep = prepare(config, checkpoint_path, trust_checkpoint=trust_checkpoint, output_dir=output_dir,
                    overwrite=overwrite, log=log)
-    input_shape, classes = tuple(config.model.input_shape), _classes(prep.output, prep.call)
+    input_shape, classes = tuple(config.model.input_shape), classes_of(prep.output, prep.call)
     # Every data section is read before pruning, so that a problem in one costs seconds, not a pruning run.
     eval_data = prep.calibration if config.data.eval is None else build_batches(
         config.data.eval, input_shape, where="eval", log=log)  # without data.eval: the calibration data
@@ -350,7 +228,7 @@ def analyze(config: Config, checkpoint_path: str | os.PathLike, output_dir: str 
     from specprune_cli.analyze import analyze_model, prunability
     from specprune_cli.report import plot_dof, plot_spectrum
 
-    log = log or _stderr
+    log = log or stderr
     out = Path(output_dir) if output_dir is not None else None
     prep = prepare(config, checkpoint_path, trust_checkpoint=trust_checkpoint, output_dir=out,
                    overwrite=overwrite, log=log)

@@ -124,7 +124,7 @@ def test_missing_and_corrupt_files(tmp_path):
 
 @pytest.mark.parametrize("content", [
     os.urandom(4096),                                   # the case: fresh random bytes each run
-    random.Random(0).randbytes(4096),                   # and fixed ones, so a failure can be replayed
+    random.Random(2).randbytes(4096),                   # and fixed ones (IndexError in torch.load before)
     random.Random(1).randbytes(37),
     b"PK\x03\x04" + random.Random(2).randbytes(200),  # looks like a zip, is not one
     b"\x80\x02",                                       # a pickle that stops after its first opcode
