@@ -3,7 +3,7 @@
 Latency is noisy on a shared machine. The two models are timed in alternating rounds, so a burst of
 load hits both; the report gives each model's median and spread, and the speed-up only where the
 per-round ratios agree (their interquartile range within ``MAX_SPREAD`` of their median); otherwise it
-says "unstable (machine busy?)". Timing stops after ``latency_repeats`` rounds or once a model has
+says "unstable (machine busy?)", or, below three rounds, that there were too few. Timing stops after ``latency_repeats`` rounds or once a model has
 used ``latency_seconds`` at a batch size, whichever comes first, and the report says how many ran.
 
 For stable timings, run with glibc's allocator told to keep freed memory mapped, so that each forward
@@ -36,6 +36,8 @@ _TRIM_NEVER = 2**31 - 1  # mallopt takes a C int
 _memory_kept: bool | None = None
 MAX_SPREAD = 0.3  # largest interquartile range of the per-round ratios, relative to their median
 UNSTABLE = "unstable (machine busy?)"
+TOO_FEW = "too few runs to tell (raise evaluate.latency_seconds)"
+MIN_RUNS = 3  # fewer paired rounds tell no spread
 
 
 def keep_memory_mapped() -> bool:
@@ -68,7 +70,7 @@ def _batch(example_input: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def _spread(values: Sequence[float]) -> float:
     """Interquartile range over the median (inf with fewer than 3 values: no spread can be told)."""
-    if len(values) < 3:
+    if len(values) < MIN_RUNS:
         return float("inf")
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     median = statistics.median(values)
@@ -212,6 +214,13 @@ def _side_by_side(timed: dict[int, dict[str, list[float]]]) -> dict:
                                   "spread": round(spread, 4) if spread != float("inf") else None,
                                   "stable": stable, "runs": len(ratios)}
     return out
+
+
+def verdict(speedup: Mapping[str, Any]) -> str:
+    """How the summary states one batch size's speed-up: the ratio, or why it cannot be told."""
+    if speedup["stable"]:
+        return f"{speedup['ratio']:.2f}x faster"
+    return TOO_FEW if speedup["runs"] < MIN_RUNS else UNSTABLE
 
 
 def compare_latency(original: nn.Module, pruned: nn.Module, example_input: torch.Tensor, *,

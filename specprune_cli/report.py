@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from specprune_cli.latency import UNSTABLE  # noqa: E402
+from specprune_cli.latency import verdict  # noqa: E402
 
 OUTPUT_FILES = ("model.pt", "report.json", "config.resolved.yaml")
 
@@ -91,9 +91,8 @@ def _latency_rows(latency: dict) -> list[list[str]]:
         timing = latency.get(runtime) or {}
         for b, original in (timing.get("original") or {}).items():
             pruned, speedup = timing["pruned"][b], timing["speedup"][b]
-            verdict = f"{speedup['ratio']:.2f}x faster" if speedup["stable"] else UNSTABLE
             rows.append([f"{runtime} ms @ batch {b}", f"{original['median_ms']:.3f}",
-                         f"{pruned['median_ms']:.3f}", f"{verdict} ({speedup['runs']} runs)"])
+                         f"{pruned['median_ms']:.3f}", f"{verdict(speedup)} ({speedup['runs']} runs)"])
     return rows
 
 

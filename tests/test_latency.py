@@ -13,7 +13,7 @@ from torch import nn
 
 from specprune_cli.config import ExportConfig
 from specprune_cli.export import export_model
-from specprune_cli.latency import (UNSTABLE, _side_by_side, compare_latency, measure_latency,
+from specprune_cli.latency import (TOO_FEW, UNSTABLE, _side_by_side, compare_latency, measure_latency,
                                    measure_onnx_latency, time_rounds)
 from specprune_cli.report import _latency_rows
 from test_evaluate import mlp  # noqa: F401 - a fixture
@@ -45,7 +45,7 @@ def test_a_speedup_only_where_the_paired_rounds_agree(original, pruned, ratio, s
     assert side["speedup"]["1"]["ratio"] == ratio and side["speedup"]["1"]["stable"] is stable
     assert side["speedup"]["1"]["runs"] == len(original)
     row = _latency_rows({"torch": side})[0]
-    verdict = f"{ratio:.2f}x faster" if stable else UNSTABLE
+    verdict = f"{ratio:.2f}x faster" if stable else UNSTABLE if len(original) >= 3 else TOO_FEW
     assert row[-1] == f"{verdict} ({len(original)} runs)"
 
 
