@@ -3,8 +3,9 @@
 Latency is noisy on a shared machine. The two models are timed in alternating rounds, so a burst of
 load hits both; the report gives each model's median and spread, and the speed-up only where the
 per-round ratios agree (their interquartile range within ``MAX_SPREAD`` of their median); otherwise it
-says "unstable (machine busy?)", or, below three rounds, that there were too few. Timing stops after ``latency_repeats`` rounds or once a model has
-used ``latency_seconds`` at a batch size, whichever comes first, and the report says how many ran.
+says "unstable (machine busy?)", or, below three rounds, that there were too few. Timing stops after
+``latency_repeats`` rounds or once a model has used ``latency_seconds`` at a batch size, whichever
+comes first, and the report says how many ran.
 
 For stable timings, run with glibc's allocator told to keep freed memory mapped, so that each forward
 pass does not page-fault its activations in again::

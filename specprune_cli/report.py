@@ -20,7 +20,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width table; numbers right-aligned, text left-aligned."""
     cells = [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    numeric = [bool(rows) and all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
+    numeric = [bool(rows) and all(isinstance(row[i], (int, float)) for row in rows)
+               for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
         cells = (v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric))
