@@ -1,0 +1,506 @@
+"""Capturing a model as an fx graph of its real leaf modules, whatever Python its forward runs (docs/method.md §1).
+
+Unit finding, surgery and the sequential statistics all speak in module names and replay the graph
+node by node, so the capture is an ``fx.GraphModule`` whose ``call_module`` nodes are the model's own
+leaf modules (convolutions, linears, norms, activations) and whose other nodes are the torch-level
+functions and tensor methods the forward calls.
+
+``torch.fx.symbolic_trace`` alone fails on ordinary code: ``if x.dim() == 4``, ``for i in
+range(x.size(1))``, a ``mask=None`` argument. Here the tracer carries the *value* of every node along
+with its proxy (one real forward pass on the example input) and answers Python's questions from the
+values: a branch on a shape or a flag takes the path the example takes, and the graph records that
+path. Shapes that flow into operations stay symbolic (``x.view(x.size(0), -1)`` keeps working at any
+batch size). Two things are never guessed:
+
+* a branch on tensor *values* (``if x.sum() > 0``): another input could take the other path. The
+  innermost module whose forward does this is kept whole (an opaque leaf) and the trace restarts; if
+  the model's own forward does it, nothing is captured and the reason says where;
+* an exception while tracing a submodule (code that rejects proxies, say): that module becomes an
+  opaque leaf the same way.
+
+Non-tensor forward arguments are fixed to their defaults, or to ``forward_kwargs``. Non-bool int
+attributes of the traced modules are read through ``get_attr`` nodes bound to the live attribute, so
+surgery can rewrite a width held in ``self.flat_dim`` and the graph sees it.
+
+The graph is checked against the model: on the example batch and on a batch of another size the
+two must give the same outputs. A graph that only differs at the other batch size (a branch on the
+batch size) is kept with ``replayable=False``: its units are right, but it must not be replayed on
+other batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import operator
+import traceback
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx._symbolic_trace import _orig_module_call
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from specprune_cli.errors import ConfigError
+
+#: Module classes always kept as leaves: the layers specprune reads and slices. A user subclass of
+#: nn.Conv2d lives outside torch.nn, and fx would otherwise trace into its forward and lose the module.
+LEAF_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase,
+                                nn.GroupNorm, nn.LayerNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention,
+                                nn.RNNBase)
+
+#: Reading these off a tensor gives a shape, not data: Python may branch on them.
+_SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
+_MAX_ATTEMPTS = 64
+
+
+@dataclass
+class Capture:
+    """What ``capture`` returns.
+
+    Attributes:
+        gm: the graph (None if nothing could be captured: see ``failure``). It shares the model's leaf
+            modules; int attributes read by the graph are live views of the model's attributes.
+        opaque: module name -> why it is kept whole (its code could not be captured).
+        failure: why nothing was captured, or None.
+        replayable: the graph gives the model's outputs on batches of other sizes too.
+        int_attrs: ``get_attr`` target in ``gm`` -> (owner module name, attribute name) of an int
+            attribute the forward reads (``""`` is the model itself).
+        guards: names of nodes whose value Python read (branch, loop count, ``len``, ``int``): the
+            graph is specialised to those values.
+    """
+
+    gm: fx.GraphModule | None
+    opaque: dict[str, str] = field(default_factory=dict)
+    failure: str | None = None
+    replayable: bool = True
+    int_attrs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    guards: set[str] = field(default_factory=set)
+
+
+class _Untraceable(Exception):
+    """Python asked for a value the capture must not specialise on (a tensor's content)."""
+
+
+class _AttrInt(int):
+    """An int attribute of a traced module, remembering where it lives (see ``_int_attributes``)."""
+
+    owner: str
+    attr: str
+
+
+def forward_arguments(model: nn.Module, forward_kwargs: Mapping[str, Any] | None = None
+                      ) -> tuple[str, dict[str, Any]]:
+    """The name of ``forward``'s input and the fixed values of its other arguments.
+
+    Args:
+        model: the network.
+        forward_kwargs: values for non-tensor arguments (``model.forward_kwargs``); others keep their
+            defaults.
+
+    Returns:
+        (input argument name, {argument: value} for every other named argument).
+
+    Raises:
+        ConfigError: ``forward_kwargs`` names an argument ``forward`` does not take, or ``forward``
+            needs a second argument that has no default and is not given.
+    """
+    forward_kwargs = dict(forward_kwargs or {})
+    params = list(inspect.signature(model.forward).parameters.values())
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
+    if not named:
+        raise ConfigError(f"{type(model).__name__}.forward takes no named input argument; specprune calls "
+                          "model(x) with one tensor: wrap the model in a module whose forward(x) calls it")
+    first, rest = named[0], named[1:]
+    unknown = [k for k in forward_kwargs if k not in {p.name for p in rest}]
+    if unknown and not takes_any:
+        names = [p.name for p in rest]
+        hint = difflib.get_close_matches(unknown[0], names, n=1)
+        raise ConfigError(f"model.forward_kwargs names {unknown[0]!r}, which {type(model).__name__}.forward does "
+                          f"not take" + (f"; did you mean {hint[0]!r}?" if hint else
+                                         f"; it takes {', '.join(names) or 'only the input'}"))
+    values: dict[str, Any] = {}
+    for p in rest:
+        if p.name in forward_kwargs:
+            values[p.name] = forward_kwargs[p.name]
+        elif p.default is not p.empty:
+            values[p.name] = p.default
+        else:
+            raise ConfigError(f"{type(model).__name__}.forward needs argument {p.name!r}, which has no default; "
+                              "specprune feeds one input tensor: set it in model.forward_kwargs if it is not a "
+                              "tensor, or wrap the model in a module whose forward(x) supplies it")
+    values.update({k: v for k, v in forward_kwargs.items() if k not in values})
+    return first.name, values
+
+
+@contextlib.contextmanager
+def _int_attributes(model: nn.Module, leaves: set[str]) -> Iterator[None]:
+    """Swap the plain int attributes of the modules being traced for ``_AttrInt`` while the block runs.
+
+    fx reads ``self.flat_dim`` as a literal; an ``_AttrInt`` still behaves as the int but tells the
+    tracer where it came from, so the graph reads the attribute instead of copying its value.
+    """
+    swapped: list[tuple[nn.Module, str, int]] = []
+    try:
+        for name, mod in model.named_modules():
+            if name in leaves or isinstance(mod, LEAF_TYPES) or _is_torch_leaf(mod):
+                continue
+            for attr, value in list(vars(mod).items()):
+                if type(value) is int and not attr.startswith("_"):
+                    wrapped = _AttrInt(value)
+                    wrapped.owner, wrapped.attr = name, attr
+                    object.__setattr__(mod, attr, wrapped)
+                    swapped.append((mod, attr, value))
+        yield
+    finally:
+        for mod, attr, value in swapped:
+            if type(vars(mod).get(attr)) is _AttrInt:  # the forward may have assigned a new value
+                object.__setattr__(mod, attr, value)
+
+
+def _is_torch_leaf(mod: nn.Module) -> bool:
+    """fx's own rule: modules of torch.nn are leaves, except Sequential."""
+    return mod.__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(mod, nn.Sequential)
+
+
+def _where(frames: traceback.StackSummary | None = None) -> str:
+    """file:line of the innermost user frame (not torch, not this file), for messages."""
+    stack = frames if frames is not None else traceback.extract_stack()
+    for frame in reversed(stack):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" not in path and not path.endswith("specprune_cli/capture.py"):
+            return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}"
+    return "unknown location"
+
+
+class _ValueProxy(fx.Proxy):
+    """A proxy that answers Python's questions from the node's value (see ``_ValueTracer.python_value``)."""
+
+    def __getattr__(self, k: str) -> "_ValueAttribute":
+        return _ValueAttribute(self, k)
+
+    def __len__(self) -> int:
+        return len(self.tracer.python_value(self, "len()"))
+
+    def __index__(self) -> int:
+        return operator.index(self.tracer.python_value(self, "an integer conversion"))
+
+    def __int__(self) -> int:
+        return int(self.tracer.python_value(self, "int()"))
+
+    def __float__(self) -> float:
+        return float(self.tracer.python_value(self, "float()"))
+
+
+class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):
+    pass
+
+
+class _ValueTracer(fx.Tracer):
+    """fx tracing that also computes every node's value on the example input (see the module docstring)."""
+
+    def __init__(self, example: torch.Tensor, leaves: set[str]):
+        super().__init__()
+        self.example = example
+        self.leaves = leaves
+        self.values: dict[fx.Node, Any] = {}
+        self.tainted: set[fx.Node] = set()  # nodes whose value depends on tensor contents
+        self.guards: set[fx.Node] = set()
+        self.int_attrs: dict[tuple[str, str], fx.Node] = {}
+        self.arg_nodes: list[fx.Node] = []  # nodes fx makes for the fixed arguments (removed later)
+        self.input_node: fx.Node | None = None
+        self._building_args = False
+        self._concrete = 0  # > 0 while a value is being computed: modules and attributes act normally
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or isinstance(m, LEAF_TYPES) or \
+            super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        self._building_args = True
+        try:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        finally:
+            self._building_args = False
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self._concrete:
+            return forward(*args, **kwargs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if not hasattr(exc, "specprune_module"):  # the innermost module whose code failed
+                exc.specprune_module = self.path_of_module(m)  # type: ignore[attr-defined]
+                exc.specprune_where = getattr(exc, "specprune_where", None) or _where(  # type: ignore[attr-defined]
+                    traceback.extract_tb(exc.__traceback__))
+            raise
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._concrete:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, _AttrInt):
+            key = (a.owner, a.attr)
+            if key not in self.int_attrs:
+                target = f"{a.owner}.{a.attr}" if a.owner else a.attr
+                node = self.create_node("get_attr", target, (), {})
+                self.values[node] = int(a)
+                node.meta["value"] = int(a)
+                self.int_attrs[key] = node
+            return self.int_attrs[key]
+        return super().create_arg(a)
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if self._building_args:
+            if kind == "placeholder" and self.input_node is None:
+                self.input_node = node
+                self._record(node, self.example, tainted=True)
+            else:
+                self.arg_nodes.append(node)
+            return proxy
+        value = self._evaluate(kind, target, args, kwargs)
+        shape_read = (kind == "call_method" and target in _SHAPE_METHODS) or (
+            kind == "call_function" and target is getattr and len(args) > 1 and args[1] in _SHAPE_ATTRIBUTES)
+        tainted = isinstance(value, torch.Tensor) or (
+            not shape_read and any(n in self.tainted for n in node.all_input_nodes))
+        self._record(node, value, tainted)
+        return proxy
+
+    def _record(self, node: fx.Node, value: Any, tainted: bool) -> None:
+        self.values[node] = value
+        if tainted:
+            self.tainted.add(node)
+        record_meta(node, value)
+
+    def _value(self, a: Any) -> Any:
+        if isinstance(a, fx.Proxy):
+            return self.values[a.node]
+        if isinstance(a, fx.Node):
+            return self.values[a]
+        if isinstance(a, tuple) and hasattr(a, "_fields"):
+            return type(a)(*(self._value(x) for x in a))
+        if isinstance(a, (tuple, list)):
+            return type(a)(self._value(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self._value(v) for k, v in a.items()}
+        if isinstance(a, slice):
+            return slice(self._value(a.start), self._value(a.stop), self._value(a.step))
+        return a
+
+    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        a, k = self._value(tuple(args)), self._value(dict(kwargs))
+        self._concrete += 1
+        try:
+            if kind == "call_function":
+                return target(*a, **k)
+            if kind == "call_method":
+                return getattr(a[0], target)(*a[1:], **k)
+            if kind == "call_module":
+                return _orig_module_call(self.root.get_submodule(target), *a, **k)
+            if kind == "get_attr":
+                obj: Any = self.root
+                for part in str(target).split("."):
+                    obj = getattr(obj, part)
+                return obj
+            raise RuntimeError(f"unexpected fx node kind {kind}")
+        finally:
+            self._concrete -= 1
+
+    def python_value(self, proxy: fx.Proxy, use: str) -> Any:
+        """The value behind ``proxy`` for Python to use, if it does not depend on tensor contents."""
+        node = proxy.node
+        if node in self.tainted:
+            raise _Untraceable(f"its forward uses a tensor's values in Python ({use} at {_where()})")
+        self.guards.add(node)
+        return self.values[node]
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.python_value(obj, "`if`/`while`/`and`/`or` on a tensor"))
+
+    def iter(self, obj: fx.Proxy) -> Iterator:  # type: ignore[override]
+        value = self.values[obj.node]
+        if isinstance(value, torch.Tensor):
+            count = value.shape[0]  # iterating a tensor: its first dimension, a shape
+        else:
+            count = len(self.python_value(obj, "iteration"))
+        self.guards.add(obj.node)
+        return (obj[i] for i in range(count))
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        return list(self.python_value(obj, "keys()").keys())
+
+
+def record_meta(node: fx.Node, value: Any) -> None:
+    """Store what unit finding needs about ``value`` on ``node.meta``: ``tensor_meta`` for a tensor (as
+    ShapeProp does), a tuple of them for a sequence of tensors, ``value`` for small Python values and
+    small integer tensors (indices)."""
+    if isinstance(value, torch.Tensor):
+        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        if not value.is_floating_point() and value.numel() <= 4096:
+            node.meta["value"] = value.detach().clone()
+    elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        node.meta["tensor_meta"] = tuple(_extract_tensor_metadata(v) for v in value)
+    elif isinstance(value, (int, float, bool, str, torch.Size, torch.dtype, torch.device, type(None))) or (
+            isinstance(value, (tuple, list)) and all(isinstance(v, (int, float, bool, type(None))) for v in value)):
+        node.meta["value"] = value
+
+
+def _batch(example: torch.Tensor, n: int) -> torch.Tensor:
+    x = example[:1]
+    return x.expand(n, *x.shape[1:]).clone()
+
+
+def capture(model: nn.Module, example_input: torch.Tensor, forward_kwargs: Mapping[str, Any] | None = None
+            ) -> Capture:
+    """Capture ``model`` as an fx graph on ``example_input`` (see the module docstring).
+
+    The model is traced in eval mode on a batch of two copies of the first sample (unit finding needs
+    a batch dimension it can tell apart) and restored to its mode afterwards.
+
+    Args:
+        model: the network.
+        example_input: a batch it accepts; only its first sample is used.
+        forward_kwargs: values for ``forward``'s non-tensor arguments (others keep their defaults).
+
+    Returns:
+        A Capture; ``gm`` is None with ``failure`` set if nothing could be captured.
+
+    Raises:
+        ConfigError: ``forward_kwargs`` does not fit ``forward`` (see ``forward_arguments``).
+    """
+    input_name, fixed = forward_arguments(model, forward_kwargs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _capture(model, example_input, input_name, fixed)
+    finally:
+        model.train(was_training)
+
+
+def _capture(model: nn.Module, example: torch.Tensor, input_name: str, fixed: dict[str, Any]) -> Capture:
+    x2 = _batch(example, 2)
+    try:
+        expected = model(x2, **fixed)
+    except Exception as exc:  # noqa: BLE001 - report, never raise on the user's model
+        return Capture(None, failure=f"the model fails on a batch of 2 samples ({_short(exc)})")
+    opaque: dict[str, str] = {}
+    for _ in range(_MAX_ATTEMPTS):
+        tracer = _ValueTracer(x2, set(opaque))
+        constants_before = set(vars(model))
+        try:
+            with _int_attributes(model, set(opaque)):
+                graph = tracer.trace(model, concrete_args=_concrete_args(model, fixed))
+        except Exception as exc:  # noqa: BLE001 - decide which module to keep whole, then retry
+            culprit = getattr(exc, "specprune_module", "")
+            while culprit in opaque or (culprit and _is_leaf(tracer, model, culprit)):
+                culprit = culprit.rpartition(".")[0]  # a leaf cannot fail on its own: blame its parent
+            reason = str(exc) if isinstance(exc, _Untraceable) else \
+                f"torch.fx cannot trace it: {_short(exc)} at {getattr(exc, 'specprune_where', None) or '?'}"
+            if not culprit:
+                return Capture(None, opaque, failure=f"specprune cannot capture {type(model).__name__}.forward: "
+                                                     f"{reason}")
+            opaque[culprit] = reason
+            continue
+        finally:
+            for attr in set(vars(model)) - constants_before:  # fx parks constants on the model
+                if attr.startswith("_tensor_constant"):
+                    delattr(model, attr)
+        gm, int_attrs = _build(model, graph, tracer)
+        result = Capture(gm, opaque, int_attrs=int_attrs, guards={n.name for n in tracer.guards})
+        _check(result, model, example, fixed, expected)
+        return result
+    return Capture(None, opaque, failure=f"specprune cannot capture {type(model).__name__}: too many submodules "
+                                         "fail to trace")
+
+
+def _is_leaf(tracer: _ValueTracer, model: nn.Module, name: str) -> bool:
+    return tracer.is_leaf_module(model.get_submodule(name), name)
+
+
+def _concrete_args(model: nn.Module, fixed: dict[str, Any]) -> dict[str, Any]:
+    """fx's ``concrete_args`` for the named arguments; extra keys go through ``**kwargs``."""
+    params = inspect.signature(model.forward).parameters
+    out = {k: v for k, v in fixed.items() if k in params}
+    extra = {k: v for k, v in fixed.items() if k not in params}
+    for p in params.values():
+        if p.kind == p.VAR_POSITIONAL:
+            out["*" + p.name] = ()
+        elif p.kind == p.VAR_KEYWORD:
+            out["**" + p.name] = extra
+    return out
+
+
+def _build(model: nn.Module, graph: fx.Graph, tracer: _ValueTracer) -> tuple[fx.GraphModule, dict]:
+    """The GraphModule, without fx's placeholders and checks for the fixed arguments, reading int
+    attributes live from the model."""
+    for node in reversed(tracer.arg_nodes):
+        graph.erase_node(node)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    int_attrs: dict[str, tuple[str, str]] = {}
+    for i, ((owner, attr), node) in enumerate(sorted(tracer.int_attrs.items(), key=lambda kv: kv[1].name)):
+        target = f"_specprune_int_{i}"
+        holder = model.get_submodule(owner)
+        # GraphModule creates one class per instance, so the property is seen by this gm only.
+        setattr(type(gm), target, property(lambda _self, m=holder, a=attr: getattr(m, a)))
+        node.target = target
+        int_attrs[target] = (owner, attr)
+    gm.recompile()
+    return gm, int_attrs
+
+
+def _check(result: Capture, model: nn.Module, example: torch.Tensor, fixed: dict[str, Any], expected: Any) -> None:
+    """The captured graph must give the model's outputs; at another batch size it may only be marked
+    not replayable."""
+    gm = result.gm
+    assert gm is not None
+    try:
+        same = _same(gm(_batch(example, 2)), expected)
+    except Exception:  # noqa: BLE001 - a graph that does not run is as wrong as one that differs
+        same = False
+    if not same:
+        result.gm = None
+        result.failure = (f"the captured graph of {type(model).__name__} does not reproduce its outputs (its "
+                          "forward depends on something torch.fx cannot see, such as isinstance checks on the "
+                          "input); nothing pruned")
+        return
+    try:
+        x3 = _batch(example, 3)
+        result.replayable = _same(gm(x3), model(x3, **fixed))
+    except Exception:  # noqa: BLE001 - a graph that fails at another batch size is not replayable
+        result.replayable = False
+
+
+def _same(a: Any, b: Any) -> bool:
+    fa, sa = torch.utils._pytree.tree_flatten(a)
+    fb, sb = torch.utils._pytree.tree_flatten(b)
+    if sa != sb or len(fa) != len(fb):
+        return False
+    for x, y in zip(fa, fb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return False
+            if x.is_floating_point() and not torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True):
+                return False
+            if not x.is_floating_point() and not torch.equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return False
+    return True
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
