@@ -93,7 +93,7 @@ class _AttrInt(int):
 
 
 def forward_arguments(model: nn.Module, forward_kwargs: Mapping[str, Any] | None = None
-                      ) -> tuple[str, dict[str, Any]]:
+                      ) -> tuple[str | None, dict[str, Any]]:
     """The name of ``forward``'s input and the fixed values of its other arguments.
 
     Args:
@@ -102,7 +102,8 @@ def forward_arguments(model: nn.Module, forward_kwargs: Mapping[str, Any] | None
             defaults.
 
     Returns:
-        (input argument name, {argument: value} for every other named argument).
+        (input argument name, {argument: value} for every other named argument); the name is None
+        when ``forward`` takes only ``*args``.
 
     Raises:
         ConfigError: ``forward_kwargs`` names an argument ``forward`` does not take, or ``forward``
@@ -112,9 +113,11 @@ def forward_arguments(model: nn.Module, forward_kwargs: Mapping[str, Any] | None
     params = list(inspect.signature(model.forward).parameters.values())
     named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
-    if not named:
-        raise ConfigError(f"{type(model).__name__}.forward takes no named input argument; specprune calls "
-                          "model(x) with one tensor: wrap the model in a module whose forward(x) calls it")
+    if not named or (params[0].kind == params[0].VAR_POSITIONAL):
+        if forward_kwargs:
+            raise ConfigError(f"model.forward_kwargs is set but {type(model).__name__}.forward takes no named "
+                              "arguments; remove model.forward_kwargs")
+        return None, {}
     first, rest = named[0], named[1:]
     unknown = [k for k in forward_kwargs if k not in {p.name for p in rest}]
     if unknown and not takes_any:
@@ -381,16 +384,19 @@ def capture(model: nn.Module, example_input: torch.Tensor, forward_kwargs: Mappi
         ConfigError: ``forward_kwargs`` does not fit ``forward`` (see ``forward_arguments``).
     """
     input_name, fixed = forward_arguments(model, forward_kwargs)
+    if input_name is None:
+        return Capture(None, failure=f"{type(model).__name__}.forward takes its input through *args, which "
+                                     "specprune cannot capture; give forward a named input argument")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _capture(model, example_input, input_name, fixed)
+            return _capture(model, example_input, fixed)
     finally:
         model.train(was_training)
 
 
-def _capture(model: nn.Module, example: torch.Tensor, input_name: str, fixed: dict[str, Any]) -> Capture:
+def _capture(model: nn.Module, example: torch.Tensor, fixed: dict[str, Any]) -> Capture:
     x2 = _batch(example, 2)
     try:
         expected = model(x2, **fixed)

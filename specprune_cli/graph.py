@@ -24,8 +24,9 @@ from torch import fx, nn
 
 from specprune_cli.capture import Capture, capture
 from specprune_cli.layers import LayerKind, follower_kind, layer_kind
-from specprune_cli.layout import (BINARY, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_READS, Layout,
-                                  ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors, rule_for, shape_of)
+from specprune_cli.layout import (BINARY, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER, SHAPE_READS,
+                                  Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors, rule_for,
+                                  shape_of)
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,11 @@ class _Finder:
                               "concatenation needs group-aware pruning, not supported yet")
         if _hashable(target) and (target in BINARY or (label in ("max", "min") and _two_tensors(user))):
             return self._binary(sp, src, user, layout)
+        if user.op == "call_method" and target in SHAPE_FROM_OTHER:
+            if user.args[0] is not src:
+                return None  # src only lends its shape or dtype
+            if target != "type_as" and (len(user.args) < 2 or user.args[1] not in sp.nodes):
+                raise Unsupported(f"`{user.name}` takes its shape from a tensor that does not carry the channels")
         rule = rule_for(user, None)
         if rule is None:
             raise Unsupported(f"channels flow into `{label}` (`{user.name}`), which is not known to keep "
@@ -426,7 +432,7 @@ class _Finder:
                 continue
             value = node.meta.get("value")
             try:
-                changed = _int_value(node, sp, sp.width - 1) != value
+                changed = any(_int_value(node, sp, w) != value for w in {sp.width - 1, sp.width // 2, 1})
             except Unsupported:
                 changed = True
             if changed:

@@ -111,8 +111,10 @@ def require_layer_kind(mod: nn.Module) -> LayerKind:
 
 
 def _conv_plain(mod: nn.Module, layout: Layout, in_shape: tuple[int, ...], width: int) -> None:
-    if not layout.plain or layout.cdim != 1 or layout.bdim != 0:
+    if layout.parts is not None or layout.cdim != 1 or layout.bdim != 0:
         raise Unsupported(f"{type(mod).__name__} reads a tensor whose channels are not on dimension 1")
+    if layout.labels is not None:
+        raise Unsupported(f"{type(mod).__name__} reads the channels reordered or merged with other coordinates")
     if mod.in_channels != width:
         raise Unsupported(f"{type(mod).__name__} reads {mod.in_channels} channels, not the unit's {width}")
 

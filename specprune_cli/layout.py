@@ -463,9 +463,12 @@ def _size_entries(call: OpCall, out: Layout) -> None:
 @channel_op(getattr)
 def attribute(call: OpCall) -> Layout:
     """``x.T`` / ``x.mT`` move data; other attributes (shape, dtype) carry no channels and never get here."""
-    if call.node.args[1] in ("T", "mT"):
+    name = call.node.args[1]
+    if name in ("T", "mT"):
         return movement(call)
-    raise Unsupported(f"channels flow into the attribute `{call.node.args[1]}`")
+    if call.layout.parts is not None and name in ("values", "indices"):
+        return call.layout.parts[0 if name == "values" else 1]  # torch.max(x, dim) and friends
+    raise Unsupported(f"channels flow into the attribute `{name}`")
 
 
 #: element-wise binary operations: a scalar or a tensor broadcast along the channels keeps them; a
@@ -478,6 +481,8 @@ BINARY = {operator.add, operator.mul, operator.sub, operator.truediv, operator.f
 #: joins of whole tensors: group-aware handling is not supported yet.
 JOINS = {torch.cat, torch.stack, torch.concat, torch.concatenate, torch.hstack, torch.vstack, torch.dstack,
          torch.where}
+#: methods whose second tensor only lends its shape or dtype.
+SHAPE_FROM_OTHER = {"view_as", "reshape_as", "expand_as", "type_as"}
 #: reading these gives shapes or dtypes, not channels.
 SHAPE_READS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device"}
 SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
