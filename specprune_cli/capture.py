@@ -1,4 +1,6 @@
-"""Capturing a model as an fx graph of its real leaf modules, whatever Python its forward runs (docs/method.md §1).
+"""Capturing a model as an fx graph of its own leaf modules, whatever Python its forward runs.
+
+See docs/method.md §1.
 
 Unit finding, surgery and the sequential statistics all speak in module names and replay the graph
 node by node, so the capture is an ``fx.GraphModule`` whose ``call_module`` nodes are the model's own
@@ -55,6 +57,7 @@ LEAF_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.b
 _SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device"}
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
 _MAX_ATTEMPTS = 64
+_PLAIN = (int, float, bool, str, torch.Size, torch.dtype, torch.device, type(None))
 
 
 @dataclass
@@ -115,17 +118,18 @@ def forward_arguments(model: nn.Module, forward_kwargs: Mapping[str, Any] | None
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
     if not named or (params[0].kind == params[0].VAR_POSITIONAL):
         if forward_kwargs:
-            raise ConfigError(f"model.forward_kwargs is set but {type(model).__name__}.forward takes no named "
-                              "arguments; remove model.forward_kwargs")
+            raise ConfigError(f"model.forward_kwargs is set but {type(model).__name__}.forward takes no "
+                              "named arguments; remove model.forward_kwargs")
         return None, {}
     first, rest = named[0], named[1:]
     unknown = [k for k in forward_kwargs if k not in {p.name for p in rest}]
     if unknown and not takes_any:
         names = [p.name for p in rest]
         hint = difflib.get_close_matches(unknown[0], names, n=1)
-        raise ConfigError(f"model.forward_kwargs names {unknown[0]!r}, which {type(model).__name__}.forward does "
-                          f"not take" + (f"; did you mean {hint[0]!r}?" if hint else
-                                         f"; it takes {', '.join(names) or 'only the input'}"))
+        takes = ", ".join(names) or "only the input"
+        tail = f"; did you mean {hint[0]!r}?" if hint else f"; it takes {takes}"
+        raise ConfigError(f"model.forward_kwargs names {unknown[0]!r}, which {type(model).__name__}.forward "
+                          f"does not take{tail}")
     values: dict[str, Any] = {}
     for p in rest:
         if p.name in forward_kwargs:
@@ -133,9 +137,10 @@ def forward_arguments(model: nn.Module, forward_kwargs: Mapping[str, Any] | None
         elif p.default is not p.empty:
             values[p.name] = p.default
         else:
-            raise ConfigError(f"{type(model).__name__}.forward needs argument {p.name!r}, which has no default; "
-                              "specprune feeds one input tensor: set it in model.forward_kwargs if it is not a "
-                              "tensor, or wrap the model in a module whose forward(x) supplies it")
+            raise ConfigError(f"{type(model).__name__}.forward needs argument {p.name!r}, which has no "
+                              "default; specprune feeds one input tensor: set it in model.forward_kwargs if "
+                              "it is not a tensor, or wrap the model in a module whose forward(x) supplies "
+                              "it")
     values.update({k: v for k, v in forward_kwargs.items() if k not in values})
     return first.name, values
 
@@ -241,8 +246,8 @@ class _ValueTracer(fx.Tracer):
         except Exception as exc:
             if not hasattr(exc, "specprune_module"):  # the innermost module whose code failed
                 exc.specprune_module = self.path_of_module(m)  # type: ignore[attr-defined]
-                exc.specprune_where = getattr(exc, "specprune_where", None) or _where(  # type: ignore[attr-defined]
-                    traceback.extract_tb(exc.__traceback__))
+                where = _where(traceback.extract_tb(exc.__traceback__))
+                exc.specprune_where = where  # type: ignore[attr-defined]
             raise
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
@@ -355,8 +360,8 @@ def record_meta(node: fx.Node, value: Any) -> None:
             node.meta["value"] = value.detach().clone()
     elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
         node.meta["tensor_meta"] = tuple(_extract_tensor_metadata(v) for v in value)
-    elif isinstance(value, (int, float, bool, str, torch.Size, torch.dtype, torch.device, type(None))) or (
-            isinstance(value, (tuple, list)) and all(isinstance(v, (int, float, bool, type(None))) for v in value)):
+    elif isinstance(value, _PLAIN) or (isinstance(value, (tuple, list))
+                                       and all(isinstance(v, _PLAIN) for v in value)):
         node.meta["value"] = value
 
 
@@ -416,8 +421,8 @@ def _capture(model: nn.Module, example: torch.Tensor, fixed: dict[str, Any]) -> 
             reason = str(exc) if isinstance(exc, _Untraceable) else \
                 f"torch.fx cannot trace it: {_short(exc)} at {getattr(exc, 'specprune_where', None) or '?'}"
             if not culprit:
-                return Capture(None, opaque, failure=f"specprune cannot capture {type(model).__name__}.forward: "
-                                                     f"{reason}")
+                return Capture(None, opaque,
+                               failure=f"specprune cannot capture {type(model).__name__}.forward: {reason}")
             opaque[culprit] = reason
             continue
         finally:
@@ -428,8 +433,8 @@ def _capture(model: nn.Module, example: torch.Tensor, fixed: dict[str, Any]) -> 
         result = Capture(gm, opaque, int_attrs=int_attrs, guards={n.name for n in tracer.guards})
         _check(result, model, example, fixed, expected)
         return result
-    return Capture(None, opaque, failure=f"specprune cannot capture {type(model).__name__}: too many submodules "
-                                         "fail to trace")
+    return Capture(None, opaque, failure=f"specprune cannot capture {type(model).__name__}: too many "
+                                         "submodules fail to trace")
 
 
 def _is_leaf(tracer: _ValueTracer, model: nn.Module, name: str) -> bool:
@@ -467,7 +472,8 @@ def _build(model: nn.Module, graph: fx.Graph, tracer: _ValueTracer) -> tuple[fx.
     return gm, int_attrs
 
 
-def _check(result: Capture, model: nn.Module, example: torch.Tensor, fixed: dict[str, Any], expected: Any) -> None:
+def _check(result: Capture, model: nn.Module, example: torch.Tensor, fixed: dict[str, Any],
+           expected: Any) -> None:
     """The captured graph must give the model's outputs; at another batch size it may only be marked
     not replayable."""
     gm = result.gm
@@ -478,9 +484,9 @@ def _check(result: Capture, model: nn.Module, example: torch.Tensor, fixed: dict
         same = False
     if not same:
         result.gm = None
-        result.failure = (f"the captured graph of {type(model).__name__} does not reproduce its outputs (its "
-                          "forward depends on something torch.fx cannot see, such as isinstance checks on the "
-                          "input); nothing pruned")
+        result.failure = (f"the captured graph of {type(model).__name__} does not reproduce its outputs "
+                          "(its forward depends on something torch.fx cannot see, such as isinstance checks "
+                          "on the input)")
         return
     try:
         x3 = _batch(example, 3)

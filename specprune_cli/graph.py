@@ -24,9 +24,9 @@ from torch import fx, nn
 
 from specprune_cli.capture import Capture, capture
 from specprune_cli.layers import LayerKind, follower_kind, layer_kind
-from specprune_cli.layout import (BINARY, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER, SHAPE_READS,
-                                  Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors, rule_for,
-                                  shape_of)
+from specprune_cli.layout import Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors, shape_of
+from specprune_cli.ops import (BINARY, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,
+                               SHAPE_READS, rule_for)
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,8 @@ class _Space:
     nodes: dict[fx.Node, Layout] = field(default_factory=dict)
     followers: list[Follower] = field(default_factory=list)
     consumers: list[tuple[Consumer, fx.Node]] = field(default_factory=list)
-    joins: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)  # (op node, other, own operand)
+    # (op node, the other operand, its own operand) of every element-wise op with another tensor
+    joins: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)
     shape_attrs: dict[tuple[str, str, int | None], ShapeAttr] = field(default_factory=dict)
     attr_nodes: list[fx.Node] = field(default_factory=list)  # get_attr nodes of int attributes it rewrites
     failure: str | None = None
@@ -321,8 +322,9 @@ class _Finder:
             return None  # a shape read: no channels flow on (its uses are checked by _check_guards)
         if _hashable(target) and target in FUNCTIONAL_LAYERS and any(
                 isinstance(a, fx.Node) and a.op == "get_attr" for a in user.all_input_nodes):
-            raise Unsupported(f"channels flow into the functional layer `{label}` (`{user.name}`) whose weights "
-                              f"are module parameters; write it as {FUNCTIONAL_LAYERS[target]} to prune it")
+            raise Unsupported(f"channels flow into the functional layer `{label}` (`{user.name}`) whose "
+                              f"weights are module parameters; write it as {FUNCTIONAL_LAYERS[target]} to "
+                              "prune it")
         if _hashable(target) and target in JOINS:
             raise Unsupported(f"channels are joined with other tensors by `{label}` (`{user.name}`); "
                               "concatenation needs group-aware pruning, not supported yet")
@@ -332,7 +334,8 @@ class _Finder:
             if user.args[0] is not src:
                 return None  # src only lends its shape or dtype
             if target != "type_as" and (len(user.args) < 2 or user.args[1] not in sp.nodes):
-                raise Unsupported(f"`{user.name}` takes its shape from a tensor that does not carry the channels")
+                raise Unsupported(f"`{user.name}` takes its shape from a tensor that does not carry the "
+                                  "channels")
         rule = rule_for(user, None)
         if rule is None:
             raise Unsupported(f"channels flow into `{label}` (`{user.name}`), which is not known to keep "
@@ -401,11 +404,12 @@ class _Finder:
             width = sp.width - 1
             if _int_value(entry, sp, width) == per * width:
                 return  # computed from the channels' own shape: it follows the pruned width
-            raise Unsupported(f"`{node.name}` sizes the channels' dimension with `{entry.name}`, which does not "
-                              "scale with the channel count; compute it from the tensor's shape or use -1")
+            raise Unsupported(f"`{node.name}` sizes the channels' dimension with `{entry.name}`, which "
+                              "does not scale with the channel count; compute it from the tensor's shape or "
+                              "use -1")
         raise Unsupported(f"`{node.name}` sizes the channels' dimension with the literal {entry!r}; use -1, "
-                          "compute it from x.shape, or keep it in an int attribute of the module so specprune "
-                          "can rewrite it")
+                          "compute it from x.shape, or keep it in an int attribute of the module so "
+                          "specprune can rewrite it")
 
     def _add_attr(self, sp: _Space, attr: ShapeAttr) -> None:
         key = (attr.module, attr.attr, attr.index)
@@ -420,8 +424,8 @@ class _Finder:
             others = [u for u in node.users if u not in sp.nodes]
             if others:
                 owner, attr = self.cap.int_attrs[str(node.target)]
-                _fail(sp, f"the int attribute {owner or '<model>'}.{attr} sizes this unit's channels and is also "
-                          f"used by `{others[0].name}`; specprune cannot rewrite it")
+                _fail(sp, f"the int attribute {owner or '<model>'}.{attr} sizes this unit's channels and is "
+                          f"also used by `{others[0].name}`; specprune cannot rewrite it")
 
     def _check_guards(self, sp: _Space) -> None:
         """Python that read the channel count (a branch, a loop, ``int(x.size(1))``) would not follow a
@@ -470,8 +474,8 @@ class _Finder:
         owner, _, attr = target.rpartition(".")
         holder = self.gm.get_submodule(owner)
         value = getattr(holder, attr, None)
-        if target.startswith("_tensor_constant") or not layout.plain or not isinstance(value, torch.Tensor) or \
-                value.shape[dim] != sp.width:
+        sliceable = isinstance(value, torch.Tensor) and value.shape[dim] == sp.width
+        if target.startswith("_tensor_constant") or not layout.plain or not sliceable:
             raise Unsupported(f"channels are scaled per channel by `{target}` in `{user.name}`, which "
                               "specprune cannot slice")
         if len(other.users) > 1:
@@ -618,4 +622,3 @@ def _is_gate(sp: _Space, operand: fx.Node | None, op_node: fx.Node) -> bool:
     if sp.failure not in (None, "gate"):
         return False
     return _per_sample(shape_of(operand)) == sp.width and sp.kind.name == "conv"
-

@@ -1,4 +1,4 @@
-"""What specprune knows about each kind of layer: how it is read and how it is cut (docs/method.md §1, §3, §4).
+"""What specprune knows about each kind of layer: how it is read and cut (docs/method.md §1, §3, §4).
 
 Two registries, keyed by module class (a user subclass counts if it keeps the parent's ``forward``):
 
@@ -114,7 +114,8 @@ def _conv_plain(mod: nn.Module, layout: Layout, in_shape: tuple[int, ...], width
     if layout.parts is not None or layout.cdim != 1 or layout.bdim != 0:
         raise Unsupported(f"{type(mod).__name__} reads a tensor whose channels are not on dimension 1")
     if layout.labels is not None:
-        raise Unsupported(f"{type(mod).__name__} reads the channels reordered or merged with other coordinates")
+        raise Unsupported(f"{type(mod).__name__} reads the channels reordered or merged with other "
+                          "coordinates")
     if mod.in_channels != width:
         raise Unsupported(f"{type(mod).__name__} reads {mod.in_channels} channels, not the unit's {width}")
 
@@ -231,7 +232,10 @@ class Linear(LayerKind):
     def matrix(self, mod, consumer):
         w = mod.weight.detach().to(torch.float64)
         m = consumer_width(consumer, w.shape[1])
-        blocks = w.reshape(w.shape[0], m, consumer.spatial) if consumer.columns is None else w[:, consumer.columns]
+        if consumer.columns is None:
+            blocks = w.reshape(w.shape[0], m, consumer.spatial)
+        else:
+            blocks = w[:, consumer.columns]
         return blocks.permute(0, 2, 1).reshape(-1, m)
 
     def fold(self, mod, consumer, a, keep):
@@ -427,5 +431,6 @@ def slice_follower(mod: nn.Module, follower: Any, keep: torch.Tensor) -> None:
     """Slice ``mod`` to the channels ``keep`` in the way ``follower.role`` says."""
     kind = FOLLOWER_ROLES.get(follower.role)
     if kind is None:
-        raise ValueError(f"unknown follower role {follower.role!r}; supported: {', '.join(sorted(FOLLOWER_ROLES))}")
+        raise ValueError(f"unknown follower role {follower.role!r}; supported: "
+                         f"{', '.join(sorted(FOLLOWER_ROLES))}")
     kind.slice(mod, keep, follower)

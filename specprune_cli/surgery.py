@@ -23,7 +23,8 @@ def _local(keep: torch.Tensor, offset: int, width: int) -> torch.Tensor:
     return inside - offset
 
 
-def prune_unit(model: nn.Module, unit: Unit, keep: torch.Tensor, a_by_tap: Mapping[str, torch.Tensor]) -> None:
+def prune_unit(model: nn.Module, unit: Unit, keep: torch.Tensor,
+               a_by_tap: Mapping[str, torch.Tensor]) -> None:
     """Remove all channels of ``unit`` but ``keep`` and fold the reconstructions into its consumers.
 
     Every producer loses the rows of the dropped channels, every follower the matching parameters,
@@ -125,7 +126,8 @@ def _where_failed(module: str | None, units: Sequence[Unit]) -> str:
     if module is None:
         return ""
     for u in units:
-        names = {p.module for p in u.producers} | {f.module for f in u.followers} | {c.module for c in u.consumers}
+        names = {p.module for p in u.producers} | {f.module for f in u.followers}
+        names |= {c.module for c in u.consumers}
         if module in names:
             return f" in {module} (unit {u.name})"
     return f" in {module}"

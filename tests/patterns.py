@@ -55,7 +55,7 @@ class MnistClassic(nn.Module):
 
 
 class KeywordSpotter(nn.Module):
-    """Conv1d on raw audio with BatchNorm1d, MaxPool1d, AdaptiveAvgPool1d, an `if x.dim() == 2` shape branch."""
+    """Conv1d on raw audio with BatchNorm1d, MaxPool1d, AdaptiveAvgPool1d and a shape branch."""
 
     def __init__(self):
         super().__init__()

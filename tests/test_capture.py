@@ -31,8 +31,8 @@ def test_forward_kwargs_that_do_not_fit_forward_are_config_errors():
     model = AudioHead()
     with pytest.raises(ConfigError) as err:
         find_units(model, torch.zeros(1, 1, 8, 6), forward_kwargs={"embd": True})
-    assert str(err.value) == "model.forward_kwargs names 'embd', which AudioHead.forward does not take; did you " \
-                             "mean 'embed'?"
+    assert str(err.value) == ("model.forward_kwargs names 'embd', which AudioHead.forward does not take; "
+                              "did you mean 'embed'?")
 
     class TwoInputs(nn.Module):
         def forward(self, x, y):
@@ -40,9 +40,9 @@ def test_forward_kwargs_that_do_not_fit_forward_are_config_errors():
 
     with pytest.raises(ConfigError) as err:
         find_units(TwoInputs(), torch.zeros(1, 3))
-    assert str(err.value) == ("TwoInputs.forward needs argument 'y', which has no default; specprune feeds one "
-                              "input tensor: set it in model.forward_kwargs if it is not a tensor, or wrap the "
-                              "model in a module whose forward(x) supplies it")
+    assert str(err.value) == ("TwoInputs.forward needs argument 'y', which has no default; specprune feeds "
+                              "one input tensor: set it in model.forward_kwargs if it is not a tensor, or "
+                              "wrap the model in a module whose forward(x) supplies it")
 
 
 class Masked(nn.Module):
@@ -100,7 +100,8 @@ def test_a_branch_on_tensor_values_keeps_that_module_whole_and_says_where():
     assert why == f"its forward uses a tensor's values in Python (`if`/`while`/`and`/`or` on a tensor at " \
                   f"test_capture.py:{line})"
     reasons = _reasons(graph)
-    assert reasons["a"] == f"channels flow into branchy (Branchy), which specprune cannot trace ({why}); it is kept whole"
+    assert reasons["a"] == f"channels flow into branchy (Branchy), which specprune cannot trace ({why}); " \
+                           "it is kept whole"
     assert reasons["branchy.conv"] == f"inside branchy, which specprune cannot trace ({why}); kept whole"
 
 
@@ -201,8 +202,8 @@ def test_a_subclass_with_its_own_forward_is_kept_whole():
 
     graph = find_units(Net(), torch.zeros(1, 3, 4, 4))
     assert graph.units == []
-    assert _reasons(graph)["a"] == "channels flow into b (ScaledConv), which subclasses Conv2d with its own " \
-                                   "forward; it is kept whole"
+    assert _reasons(graph)["a"] == ("channels flow into b (ScaledConv), which subclasses Conv2d with its "
+                                    "own forward; it is kept whole")
 
 
 def test_a_subclass_keeping_the_parent_forward_is_that_layer():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specprune_cli.graph import find_units
-from specprune_cli.layout import supported
+from specprune_cli.ops import supported
 from specprune_cli.spectral import reconstruction_matrix
 from specprune_cli.stats import collect_oneshot
 from specprune_cli.surgery import prune_unit
@@ -24,7 +24,8 @@ class Case(nn.Module):
         self.a = nn.Conv2d(3, 6, 1)
         self.op = op
         self.mod = module if module is not None else nn.Identity()
-        self.reader = {"conv": nn.Conv2d(6, 2, 1), "conv1d": nn.Conv1d(6, 2, 1), "linear": nn.Linear(6, 2)}[reader]
+        readers = {"conv": nn.Conv2d(6, 2, 1), "conv1d": nn.Conv1d(6, 2, 1), "linear": nn.Linear(6, 2)}
+        self.reader = readers[reader]
 
     def forward(self, x):
         return self.reader(self.op(self.mod(torch.relu(self.a(x)))))
@@ -62,9 +63,11 @@ FOLLOWED = {
 SKIPPED = {
     "F.pad on channels": (lambda y: F.pad(y, (0, 0, 0, 0, 1, 1))[:, 1:-1], "conv", "mixes the channels"),
     "softmax over channels": (lambda y: torch.softmax(y, dim=1), "conv", "mixes the channels"),
-    "mean over channels": (lambda y: y.mean(1, keepdim=True).expand(-1, 6, -1, -1), "conv", "mixes the channels"),
+    "mean over channels": (lambda y: y.mean(1, keepdim=True).expand(-1, 6, -1, -1), "conv",
+                           "mixes the channels"),
     "sum of everything": (lambda y: y * y.sum(), "conv", "over all dimensions mixes the channels"),
-    "some channels": (lambda y: F.pad(y[:, :3], (0, 0, 0, 0, 0, 3)), "conv", "keeps only some of the channels"),
+    "some channels": (lambda y: F.pad(y[:, :3], (0, 0, 0, 0, 0, 3)), "conv",
+                      "keeps only some of the channels"),
     "mean over batch": (lambda y: y - y.mean(0), "conv", "mixes the samples of the batch"),
     "concatenation": (lambda y: torch.cat([y, y], 1)[:, ::2], "conv", "`cat`"),
     "reversed channels": (lambda y: torch.flip(y, [1]), "conv", "channels reordered"),

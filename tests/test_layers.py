@@ -13,7 +13,8 @@ from specprune_cli.surgery import prune_unit, selection_matrix
 def test_conv_transpose_is_sliced_on_its_second_weight_dimension_and_folded_on_its_first():
     """ConvTranspose2d weights are (in, out, kh, kw): as a producer it keeps columns, as a consumer rows."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ConvTranspose2d(4, 6, 2, stride=2), nn.ReLU(), nn.Conv2d(6, 1, 1))
+    net = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ConvTranspose2d(4, 6, 2, stride=2), nn.ReLU(),
+                        nn.Conv2d(6, 1, 1))
     w_up, b_up = net[1].weight.detach().clone(), net[1].bias.detach().clone()
     graph = find_units(net, torch.zeros(1, 2, 4, 4))
     assert [(u.name, [c.kind for c in u.consumers]) for u in graph.units] == [("0", ["conv_transpose"]),
@@ -26,10 +27,11 @@ def test_conv_transpose_is_sliced_on_its_second_weight_dimension_and_folded_on_i
     assert net[1].out_channels == 2 and net[3].in_channels == 2
 
 
-@pytest.mark.parametrize("norm,role", [(nn.InstanceNorm1d(6), "batchnorm"),
-                                       (nn.InstanceNorm1d(6, affine=True, track_running_stats=True), "batchnorm"),
-                                       (nn.GroupNorm(6, 6), "groupnorm"), (nn.PReLU(6), "prelu"),
-                                       (nn.Conv1d(6, 6, 3, padding=1, groups=6), "depthwise")])
+@pytest.mark.parametrize("norm,role", [
+    (nn.InstanceNorm1d(6), "batchnorm"),
+    (nn.InstanceNorm1d(6, affine=True, track_running_stats=True), "batchnorm"),
+    (nn.GroupNorm(6, 6), "groupnorm"), (nn.PReLU(6), "prelu"),
+    (nn.Conv1d(6, 6, 3, padding=1, groups=6), "depthwise")])
 def test_per_channel_layers_follow_the_unit_and_are_sliced(norm, role):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv1d(2, 6, 1), norm, nn.Conv1d(6, 2, 1)).eval()
@@ -76,7 +78,8 @@ def test_unknown_kinds_and_roles_name_what_is_supported():
                               "ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, Linear")
     with pytest.raises(ValueError) as err:
         slice_follower(nn.ReLU(), Follower("x", "bogus"), torch.tensor([0]))
-    assert str(err.value).startswith("unknown follower role 'bogus'; supported: batchnorm, depthwise, groupnorm")
+    assert str(err.value) == ("unknown follower role 'bogus'; supported: batchnorm, depthwise, groupnorm, "
+                              "param, prelu, rows")
 
 
 def test_linear_z_has_one_column_per_channel_for_every_column_map():
