@@ -24,139 +24,14 @@ from torch import fx, nn
 
 from specprune_cli.capture import Capture, capture
 from specprune_cli.layers import LayerKind, follower_kind, layer_kind
-from specprune_cli.layout import Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors, shape_of
+from specprune_cli.layout import (Layout, ModuleEntry, OpCall, Unsupported, is_tensor, reads_shape_of,
+                                  resized_value, shape_of)
 from specprune_cli.ops import (BINARY, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,
                                SHAPE_READS, rule_for)
+from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped, Unit, UnitGraph
 
-
-@dataclass(frozen=True)
-class Producer:
-    """A layer whose output rows are unit channels: unit channel c is its output row c - offset."""
-
-    module: str
-    offset: int = 0
-
-
-@dataclass(frozen=True)
-class Consumer:
-    """A channel-mixing layer that reads a unit's channels.
-
-    Attributes:
-        module: qualified module name.
-        kind: the ``LayerKind`` name: "conv", "conv_transpose" or "linear".
-        tap: name of the fx node that is the consumer's input (where statistics are taken).
-        spatial: for a Linear, the number of input columns each channel owns (H*W after a flatten,
-            F of a time-major (B, T, C*F) input); 1 otherwise.
-        columns: for a Linear whose columns are not channel-major blocks (channel c owning columns
-            c*spatial ... c*spatial + spatial - 1), the (m, spatial) column indices of each channel.
-    """
-
-    module: str
-    kind: str
-    tap: str
-    spatial: int = 1
-    columns: torch.Tensor | None = field(default=None, compare=False, hash=False)
-
-
-@dataclass(frozen=True)
-class Follower:
-    """A layer sliced with the unit. ``role``: "batchnorm", "groupnorm", "prelu", "depthwise", "rows"
-    (a gate producer, e.g. squeeze-excitation's second conv) or "param" (parameter ``attr`` of
-    ``module`` along dimension ``dim``). It holds unit channels ``offset ... offset + width - 1``
-    (width None: all of them)."""
-
-    module: str
-    role: str
-    offset: int = 0
-    width: int | None = None
-    attr: str | None = None
-    dim: int = 0
-
-
-@dataclass(frozen=True)
-class ShapeAttr:
-    """An int module attribute (or entry ``index`` of a tuple attribute) that sizes the channels'
-    dimension in a reshape: surgery sets it to ``per_channel`` * kept channels."""
-
-    module: str
-    attr: str
-    per_channel: int
-    index: int | None = None
-
-
-@dataclass
-class Unit:
-    """One prunable unit: its producers, the layers that follow its channels, and its consumers.
-
-    Attributes:
-        position: index of the (first) producer's node in the captured graph.
-        end_position: index of the last consumer's node.
-        channel_nodes: fx node name -> Layout of every node that carries the unit's channels, the
-            producer included: slicing such a value with ``Layout.keep`` gives what the pruned network
-            computes, as long as its inputs were unchanged or sliced alike (``SegmentRunner`` relies
-            on this).
-        producers: the layers whose output rows are the unit's channels (one, at offset 0, for a
-            plain unit).
-        type: "plain" (one producer).
-        shape_attrs: int attributes to rewrite after surgery.
-    """
-
-    name: str
-    kind: str
-    width: int
-    channel_dim: int
-    followers: list[Follower] = field(default_factory=list)
-    consumers: list[Consumer] = field(default_factory=list)
-    position: int = 0
-    end_position: int = 0
-    channel_nodes: dict[str, Layout] = field(default_factory=dict)
-    producers: list[Producer] = field(default_factory=list)
-    type: str = "plain"
-    shape_attrs: list[ShapeAttr] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.producers:
-            self.producers = [Producer(self.name)]
-
-    @property
-    def taps(self) -> list[str]:
-        """Tap node names in order of first appearance."""
-        seen: list[str] = []
-        for c in self.consumers:
-            if c.tap not in seen:
-                seen.append(c.tap)
-        return seen
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A producer left unpruned, and why."""
-
-    name: str
-    reason: str
-
-
-@dataclass
-class UnitGraph:
-    """The captured model with its units (in graph order) and the producers it skipped.
-
-    Attributes:
-        replayable: the graph may be replayed node by node on batches of any size (``stats``); when
-            False, gather statistics with hooks and whole forward passes of the model.
-        opaque: modules kept whole because their code could not be captured, with the reason.
-    """
-
-    gm: fx.GraphModule | None
-    units: list[Unit]
-    skipped: list[Skipped]
-    replayable: bool = True
-    opaque: dict[str, str] = field(default_factory=dict)
-
-    def unit(self, name: str) -> Unit:
-        for u in self.units:
-            if u.name == name:
-                return u
-        raise KeyError(name)
+# The data model lives in units.py; importing it from here keeps working.
+__all__ = ["Consumer", "Follower", "Producer", "ShapeAttr", "Skipped", "Unit", "UnitGraph", "find_units"]
 
 
 @dataclass
@@ -402,7 +277,7 @@ class _Finder:
             return
         if isinstance(entry, fx.Node):
             width = sp.width - 1
-            if _int_value(entry, sp, width) == per * width:
+            if resized_value(entry, sp.nodes, sp.width, width) == per * width:
                 return  # computed from the channels' own shape: it follows the pruned width
             raise Unsupported(f"`{node.name}` sizes the channels' dimension with `{entry.name}`, which "
                               "does not scale with the channel count; compute it from the tensor's shape or "
@@ -432,11 +307,12 @@ class _Finder:
         pruned width: the captured graph is specialised to it."""
         for name in self.cap.guards:
             node = self.by_name.get(name)
-            if node is None or not _reads_shape_of(node, sp.nodes):
+            if node is None or not reads_shape_of(node, sp.nodes):
                 continue
             value = node.meta.get("value")
             try:
-                changed = any(_int_value(node, sp, w) != value for w in {sp.width - 1, sp.width // 2, 1})
+                changed = any(resized_value(node, sp.nodes, sp.width, w) != value
+                              for w in {sp.width - 1, sp.width // 2, 1})
             except Unsupported:
                 changed = True
             if changed:
@@ -507,59 +383,6 @@ def _per_sample(shape: tuple[int, ...]) -> int:
     for s in shape[1:]:
         total *= s
     return total
-
-
-def _reads_shape_of(node: fx.Node, tensors: Mapping[fx.Node, Layout]) -> bool:
-    """True if ``node`` (an int computation) reads the shape of one of ``tensors``."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in tensors:
-            return True
-        if n in seen or (n is not node and (is_tensor(n) or is_tensors(n))):
-            continue  # stop at other tensors: their contents are not shapes
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return False
-
-
-def _int_value(node: Any, sp: _Space, width: int) -> Any:
-    """The value ``node`` (a shape computation) would have if the unit had ``width`` channels.
-
-    Re-evaluates the small graph of shape reads and arithmetic that computes it, with the channels'
-    dimension of every tensor carrying the unit resized.
-
-    Raises:
-        Unsupported: the computation reads tensor contents or something unknown.
-    """
-    if not isinstance(node, fx.Node):
-        if isinstance(node, (tuple, list)):
-            return type(node)(_int_value(a, sp, width) for a in node)
-        return node
-    if node.op == "call_method" and node.target in ("size", "dim", "numel") or \
-            node.target is getattr and node.args[1] in ("shape", "ndim"):
-        tensor = node.args[0]
-        shape = list(shape_of(tensor))
-        lay = sp.nodes.get(tensor)
-        if lay is not None and lay.parts is None:
-            shape[lay.cdim] = shape[lay.cdim] // sp.width * width
-        if node.target == "numel":
-            return int(torch.Size(shape).numel())
-        if node.target in ("dim", "ndim"):
-            return len(shape)
-        dim = node.args[1] if node.op == "call_method" and len(node.args) > 1 else node.kwargs.get("dim")
-        return torch.Size(shape) if dim is None else shape[dim]
-    if node.op == "get_attr" or is_tensor(node) or is_tensors(node):
-        if "value" in node.meta and not isinstance(node.meta["value"], torch.Tensor):
-            return node.meta["value"]
-        raise Unsupported(f"`{node.name}` is not a shape")
-    args = [_int_value(a, sp, width) for a in node.args]
-    kwargs = {k: _int_value(v, sp, width) for k, v in node.kwargs.items()}
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-    raise Unsupported(f"`{node.name}` is not a shape computation")
 
 
 def _resolve_joins(spaces: list[_Space], owner: dict[fx.Node, _Space]) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from specprune_cli.layout import Layout, Unsupported
 
 if TYPE_CHECKING:
-    from specprune_cli.graph import Consumer, Unit
+    from specprune_cli.units import Consumer, Unit
 
 
 def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:

@@ -13,7 +13,7 @@ dimensions, merges it with the batch, or drops some channels is recognised and r
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,3 +192,56 @@ def concrete(a: Any) -> Any:
     if isinstance(a, slice):
         return slice(concrete(a.start), concrete(a.stop), concrete(a.step))
     return a
+
+
+def reads_shape_of(node: fx.Node, tensors: Mapping[fx.Node, Layout]) -> bool:
+    """True if ``node`` (a computation on shapes) reads the shape of one of ``tensors``."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in tensors:
+            return True
+        if n in seen or (n is not node and (is_tensor(n) or is_tensors(n))):
+            continue  # stop at other tensors: their contents are not shapes
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def resized_value(node: Any, tensors: Mapping[fx.Node, Layout], width: int, new_width: int) -> Any:
+    """The value ``node`` (a computation on shapes) would have if ``tensors`` carried ``new_width``
+    channels instead of ``width``: the small graph of shape reads and arithmetic is evaluated again
+    with their channels' dimension resized.
+
+    Raises:
+        Unsupported: the computation reads tensor contents or something unknown.
+    """
+    def again(a: Any) -> Any:
+        return resized_value(a, tensors, width, new_width)
+
+    if not isinstance(node, fx.Node):
+        return type(node)(again(a) for a in node) if isinstance(node, (tuple, list)) else node
+    attribute = node.args[1] if node.target is getattr else None
+    reads = node.op == "call_method" and node.target in ("size", "dim", "numel")
+    if reads or attribute in ("shape", "ndim"):
+        shape = list(shape_of(node.args[0]))
+        lay = tensors.get(node.args[0])
+        if lay is not None and lay.parts is None:
+            shape[lay.cdim] = shape[lay.cdim] // width * new_width
+        if node.target == "numel":
+            return int(torch.Size(shape).numel())
+        if node.target == "dim" or attribute == "ndim":
+            return len(shape)
+        dim = node.args[1] if node.op == "call_method" and len(node.args) > 1 else node.kwargs.get("dim")
+        return torch.Size(shape) if dim is None or attribute == "shape" else shape[dim]
+    if node.op == "get_attr" or is_tensor(node) or is_tensors(node):
+        if "value" in node.meta and not isinstance(node.meta["value"], torch.Tensor):
+            return node.meta["value"]
+        raise Unsupported(f"`{node.name}` is not a shape")
+    args = [again(a) for a in node.args]
+    kwargs = {k: again(v) for k, v in node.kwargs.items()}
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    raise Unsupported(f"`{node.name}` is not a shape computation")
