@@ -70,6 +70,8 @@ SKIPPED = {
                       "keeps only some of the channels"),
     "mean over batch": (lambda y: y - y.mean(0), "conv", "mixes the samples of the batch"),
     "concatenation": (lambda y: torch.cat([y, y], 1)[:, ::2], "conv", "`cat`"),
+    "chunk along channels": (lambda y: y.chunk(2, dim=1)[0].repeat(1, 2, 1, 1), "conv",
+                             "keeps only some of the channels"),
     "reversed channels": (lambda y: torch.flip(y, [1]), "conv", "channels reordered"),
     "layer_norm over channels": (lambda y: F.layer_norm(y.permute(0, 2, 3, 1), (6,)), "linear",
                                  "mixes the channels"),

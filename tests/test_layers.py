@@ -91,3 +91,18 @@ def test_linear_z_has_one_column_per_channel_for_every_column_map():
     assert torch.equal(plain, w)
     assert torch.equal(blocks[:, 1], torch.stack([w[0, 3], w[0, 4], w[0, 5], w[1, 3], w[1, 4], w[1, 5]]))
     assert torch.equal(interleaved[:, 1], torch.stack([w[0, 1], w[0, 3], w[0, 5], w[1, 1], w[1, 3], w[1, 5]]))
+
+
+def test_a_matmul_with_a_parameter_is_a_functional_layer():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.w = nn.Parameter(torch.randn(4, 2))
+
+        def forward(self, x):
+            return torch.relu(self.a(x)) @ self.w
+
+    reasons = {s.name: s.reason for s in find_units(Functional(), torch.zeros(1, 3)).skipped}
+    assert reasons["a"] == ("channels flow into the functional layer `matmul` (`matmul`) whose weights are "
+                            "module parameters; write it as nn.Linear to prune it")
