@@ -72,7 +72,8 @@ class Capture:
         replayable: the graph gives the model's outputs on batches of other sizes too.
         int_attrs: ``get_attr`` target in ``gm`` -> (owner module name, attribute name) of an int
             attribute the forward reads (``""`` is the model itself).
-        guards: names of nodes whose value Python read (branch, loop count, ``len``, ``int``): the
+        guards: node name -> "len" or "value" for the nodes Python read (a branch, a loop count,
+            ``int()``; "len" where only the length was read, by ``len()`` or iteration): the
             graph is specialised to those values.
     """
 
@@ -81,7 +82,7 @@ class Capture:
     failure: str | None = None
     replayable: bool = True
     int_attrs: dict[str, tuple[str, str]] = field(default_factory=dict)
-    guards: set[str] = field(default_factory=set)
+    guards: dict[str, str] = field(default_factory=dict)
 
 
 class _Untraceable(Exception):
@@ -186,13 +187,24 @@ def _where(frames: traceback.StackSummary | None = None) -> str:
 
 
 class _ValueProxy(fx.Proxy):
-    """A proxy that answers Python's questions from the node's value (see ``_ValueTracer.python_value``)."""
+    """A proxy that answers Python's questions from the node's value (see ``_ValueTracer.python_value``).
+
+    It also answers ``isinstance`` as its value would: code that checks ``isinstance(x, torch.Tensor)``
+    (einops, input normalisation) takes the path the real tensor takes.
+    """
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        own = vars(self)  # not self.node: an Attribute creates its node lazily, through isinstance checks
+        tracer, node = own.get("tracer"), own.get("node")
+        value = tracer.values.get(node) if isinstance(tracer, _ValueTracer) and node is not None else None
+        return type(value) if type(value) is torch.Tensor or type(value) is nn.Parameter else type(self)
 
     def __getattr__(self, k: str) -> "_ValueAttribute":
         return _ValueAttribute(self, k)
 
     def __len__(self) -> int:
-        return len(self.tracer.python_value(self, "len()"))
+        return len(self.tracer.python_value(self, "len()", length_only=True))
 
     def __index__(self) -> int:
         return operator.index(self.tracer.python_value(self, "an integer conversion"))
@@ -217,7 +229,7 @@ class _ValueTracer(fx.Tracer):
         self.leaves = leaves
         self.values: dict[fx.Node, Any] = {}
         self.tainted: set[fx.Node] = set()  # nodes whose value depends on tensor contents
-        self.guards: set[fx.Node] = set()
+        self.guards: dict[fx.Node, str] = {}
         self.int_attrs: dict[tuple[str, str], fx.Node] = {}
         self.arg_nodes: list[fx.Node] = []  # nodes fx makes for the fixed arguments (removed later)
         self.input_node: fx.Node | None = None
@@ -256,6 +268,8 @@ class _ValueTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def create_arg(self, a: Any) -> Any:
+        if issubclass(type(a), fx.Proxy):  # first: a proxy claims its value's class to isinstance
+            return a.node
         if isinstance(a, _AttrInt):
             key = (a.owner, a.attr)
             if key not in self.int_attrs:
@@ -326,12 +340,13 @@ class _ValueTracer(fx.Tracer):
         finally:
             self._concrete -= 1
 
-    def python_value(self, proxy: fx.Proxy, use: str) -> Any:
+    def python_value(self, proxy: fx.Proxy, use: str, *, length_only: bool = False) -> Any:
         """The value behind ``proxy`` for Python to use, if it does not depend on tensor contents."""
         node = proxy.node
         if node in self.tainted:
             raise _Untraceable(f"its forward uses a tensor's values in Python ({use} at {_where()})")
-        self.guards.add(node)
+        if self.guards.get(node) != "value":
+            self.guards[node] = "len" if length_only else "value"
         return self.values[node]
 
     def to_bool(self, obj: fx.Proxy) -> bool:
@@ -342,8 +357,9 @@ class _ValueTracer(fx.Tracer):
         if isinstance(value, torch.Tensor):
             count = value.shape[0]  # iterating a tensor: its first dimension, a shape
         else:
-            count = len(self.python_value(obj, "iteration"))
-        self.guards.add(obj.node)
+            count = len(self.python_value(obj, "iteration", length_only=True))
+        if obj.node not in self.guards:
+            self.guards[obj.node] = "len"
         return (obj[i] for i in range(count))
 
     def keys(self, obj: fx.Proxy) -> Any:
@@ -430,7 +446,8 @@ def _capture(model: nn.Module, example: torch.Tensor, fixed: dict[str, Any]) -> 
                 if attr.startswith("_tensor_constant"):
                     delattr(model, attr)
         gm, int_attrs = _build(model, graph, tracer)
-        result = Capture(gm, opaque, int_attrs=int_attrs, guards={n.name for n in tracer.guards})
+        guards = {n.name: use for n, use in tracer.guards.items()}
+        result = Capture(gm, opaque, int_attrs=int_attrs, guards=guards)
         _check(result, model, example, fixed, expected)
         return result
     return Capture(None, opaque, failure=f"specprune cannot capture {type(model).__name__}: too many "

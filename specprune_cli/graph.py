@@ -24,8 +24,8 @@ from torch import fx, nn
 
 from specprune_cli.capture import Capture, capture
 from specprune_cli.layers import LayerKind, follower_kind, layer_kind
-from specprune_cli.layout import (Layout, ModuleEntry, OpCall, Unsupported, is_tensor, reads_shape_of,
-                                  resized_value, shape_of)
+from specprune_cli.layout import (Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors,
+                                  reads_shape_of, resized_value, shape_of)
 from specprune_cli.ops import (BINARY, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,
                                SHAPE_READS, rule_for)
 from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped, Unit, UnitGraph
@@ -305,10 +305,12 @@ class _Finder:
     def _check_guards(self, sp: _Space) -> None:
         """Python that read the channel count (a branch, a loop, ``int(x.size(1))``) would not follow a
         pruned width: the captured graph is specialised to it."""
-        for name in self.cap.guards:
+        for name, use in self.cap.guards.items():
             node = self.by_name.get(name)
             if node is None or not reads_shape_of(node, sp.nodes):
                 continue
+            if use == "len" and not (is_tensor(node) or is_tensors(node)):
+                continue  # only the length of a shape or a list was read: it does not follow the width
             value = node.meta.get("value")
             try:
                 changed = any(resized_value(node, sp.nodes, sp.width, w) != value

@@ -161,16 +161,27 @@ def test_a_branch_on_the_batch_size_is_captured_but_not_replayable():
     assert graph.replayable is False
 
 
-def test_isinstance_on_a_proxy_would_take_another_path_so_nothing_is_captured():
-    class Checks(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(3, 4)
+class Checks(nn.Module):
+    """Checks the input's type: isinstance sees a tensor while tracing, ``type(x) is`` does not."""
 
-        def forward(self, x):
-            return self.a(x) if isinstance(x, torch.Tensor) else self.a(x) * 0
+    def __init__(self, exact: bool):
+        super().__init__()
+        self.exact = exact
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
 
-    cap = capture(Checks(), torch.ones(1, 3))
+    def forward(self, x):
+        tensor = type(x) is torch.Tensor if self.exact else isinstance(x, torch.Tensor)
+        return self.b(torch.relu(self.a(x))) if tensor else self.b(self.a(x)) * 0
+
+
+def test_isinstance_checks_see_a_tensor_while_tracing():
+    graph = find_units(Checks(exact=False), torch.ones(1, 3))
+    assert [u.name for u in graph.units] == ["a"] and "relu" in graph.gm.code
+
+
+def test_a_graph_that_does_not_reproduce_the_model_is_not_used():
+    cap = capture(Checks(exact=True), torch.ones(1, 3))
     assert cap.gm is None
     assert cap.failure.startswith("the captured graph of Checks does not reproduce its outputs")
 
