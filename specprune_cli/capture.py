@@ -445,7 +445,11 @@ def _capture(model: nn.Module, example: torch.Tensor, fixed: dict[str, Any]) -> 
             for attr in set(vars(model)) - constants_before:  # fx parks constants on the model
                 if attr.startswith("_tensor_constant"):
                     delattr(model, attr)
-        gm, int_attrs = _build(model, graph, tracer)
+        try:
+            gm, int_attrs = _build(model, graph, tracer)
+        except Exception as exc:  # noqa: BLE001 - e.g. a constant Python code cannot spell
+            return Capture(None, opaque, failure=f"specprune could not build the graph of "
+                                                 f"{type(model).__name__} ({_short(exc)})")
         guards = {n.name: use for n, use in tracer.guards.items()}
         result = Capture(gm, opaque, int_attrs=int_attrs, guards=guards)
         _check(result, model, example, fixed, expected)

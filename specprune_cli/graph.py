@@ -74,8 +74,12 @@ def find_units(model: nn.Module, example_input: torch.Tensor, exclude: Callable[
     if cap.gm is None:
         return UnitGraph(None, [], [Skipped("<model>", f"{cap.failure}; nothing pruned")], replayable=False,
                          opaque=cap.opaque)
-    finder = _Finder(model, cap)
-    units, skipped = finder.run(exclude)
+    try:
+        units, skipped = _Finder(model, cap).run(exclude)
+    except Exception as exc:  # noqa: BLE001 - a bug here must not stop the run: report it, prune nothing
+        reason = f"internal error while finding units ({type(exc).__name__}: {exc}); please report it"
+        return UnitGraph(cap.gm, [], [Skipped("<model>", reason)], replayable=cap.replayable,
+                         opaque=cap.opaque)
     return UnitGraph(cap.gm, units, skipped, replayable=cap.replayable, opaque=cap.opaque)
 
 

@@ -62,3 +62,22 @@ def test_fold_equals_reconstructing_the_consumer_input(name, unit_name, consumer
         handle.remove()
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_check_pass_names_the_unit():
+    """A consumer left at its old width fails in the forward check: the error names it and its unit."""
+    from specprune_cli.errors import ModelError
+    from specprune_cli.layers import require_layer_kind
+    from specprune_cli.surgery import verify_forward
+
+    model, shape = build("keyword_spotter")
+    x = torch.randn(2, *shape)
+    expected = model(x).shape
+    graph = find_units(model, x[:1])
+    unit = graph.unit("conv1")
+    keep = torch.tensor([0, 1, 2])
+    require_layer_kind(model.conv1).slice_out(model.conv1, keep)  # producer cut, followers and consumer not
+    with pytest.raises(ModelError) as err:
+        verify_forward(model, x, expected, graph.units)
+    assert str(err.value).startswith("the pruned model failed its check forward pass in bn1 (unit conv1) (")
+    assert unit.followers[0].module == "bn1"
