@@ -219,6 +219,9 @@ class _Finder:
         if rule is None:
             raise Unsupported(f"channels flow into `{label}` (`{user.name}`), which is not known to keep "
                               "channel identity")
+        first = user.args[0] if user.args else user.kwargs.get("input")
+        if first is not src:  # rules describe what happens to their main tensor, not to the others
+            raise Unsupported(f"channels enter `{label}` (`{user.name}`) as a secondary argument")
         return self._apply(sp, rule, OpCall(user, src, layout, sp.width))
 
     def _module(self, sp: _Space, src: fx.Node, user: fx.Node, layout: Layout) -> Layout | None:
