@@ -430,9 +430,9 @@ def capture(model: nn.Module, example_input: torch.Tensor, forward_kwargs: Mappi
 def _capture(model: nn.Module, example: torch.Tensor, fixed: dict[str, Any]) -> Capture:
     x2 = _batch(example, 2)
     try:
-        expected = model(x2, **fixed)
+        expected = model(_batch(example, 1), **fixed)
     except Exception as exc:  # noqa: BLE001 - report, never raise on the user's model
-        return Capture(None, failure=f"the model fails on a batch of 2 samples ({_short(exc)})")
+        return Capture(None, failure=f"the model fails on its example input ({_short(exc)})")
     opaque: dict[str, str] = {}
     for _ in range(_MAX_ATTEMPTS):
         tracer = _ValueTracer(x2, set(opaque))
@@ -511,25 +511,36 @@ def _build(model: nn.Module, graph: fx.Graph, tracer: _ValueTracer) -> tuple[fx.
 
 def _check(result: Capture, model: nn.Module, example: torch.Tensor, fixed: dict[str, Any],
            expected: Any, traced: Any) -> None:
-    """The traced run must have given the model's outputs (``traced``: the values the tracer computed
-    on the same batch, so the graph follows the path the model takes); at another batch size the
-    graph may only be marked not replayable. One forward of each at batch size 1: models are big."""
+    """The traced run (``traced``: what the tracer computed on two copies of the sample) must give the
+    model's outputs (``expected``: the model on one copy), so the graph follows the path the model
+    takes; run on one copy, the graph must give them too, or it is marked not replayable. Only when
+    the first check fails does the model run on two copies, to tell a graph that took another path
+    from a model whose path depends on the batch size. Models are big: forward passes are counted."""
     gm = result.gm
     assert gm is not None
-    if not _same(traced, expected):
+    first = torch.utils._pytree.tree_map(
+        lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 2 else t, traced)
+    if _same(first, expected, loose=True):
+        try:
+            result.replayable = _same(gm(_batch(example, 1)), expected, loose=True)
+        except Exception:  # noqa: BLE001 - a graph that fails at another batch size is not replayable
+            result.replayable = False
+        return
+    try:
+        same = _same(traced, model(_batch(example, 2), **fixed))
+    except Exception:  # noqa: BLE001 - the model itself fails on two samples: nothing to compare
+        same = False
+    result.replayable = False
+    if not same:
         result.gm = None
         result.failure = (f"the captured graph of {type(model).__name__} does not reproduce its outputs "
                           "(its forward depends on something torch.fx cannot see, such as isinstance checks "
                           "on the input)")
-        return
-    try:
-        x1 = _batch(example, 1)
-        result.replayable = _same(gm(x1), model(x1, **fixed))
-    except Exception:  # noqa: BLE001 - a graph that fails at another batch size is not replayable
-        result.replayable = False
 
 
-def _same(a: Any, b: Any) -> bool:
+def _same(a: Any, b: Any, loose: bool = False) -> bool:
+    """Same structure and values. ``loose`` for runs at different batch sizes, whose kernels may sum
+    in another order: a path that differs changes outputs by far more than 1e-3 of their scale."""
     fa, sa = torch.utils._pytree.tree_flatten(a)
     fb, sb = torch.utils._pytree.tree_flatten(b)
     if sa != sb or len(fa) != len(fb):
@@ -538,7 +549,9 @@ def _same(a: Any, b: Any) -> bool:
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
             if x.shape != y.shape or x.dtype != y.dtype:
                 return False
-            if x.is_floating_point() and not torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True):
+            scale = float(y.detach().abs().max()) if y.numel() and y.is_floating_point() else 1.0
+            rtol, atol = (1e-3, 1e-3 * max(scale, 1e-6)) if loose else (1e-5, 1e-6)
+            if x.is_floating_point() and not torch.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True):
                 return False
             if not x.is_floating_point() and not torch.equal(x, y):
                 return False
