@@ -1,213 +1,37 @@
-"""Finding prunable units in a traced model (SPEC §1).
+"""Finding prunable units in a captured model (docs/method.md §1).
 
-A *unit* is the set of output channels of one producer (a ``Conv2d`` with ``groups == 1`` or a
-``Linear``), followed through every layer that keeps channel identity (BatchNorm, element-wise
-activations, dropout, pooling, depthwise convolution, flatten) up to the channel-mixing layers that
-read them (the *consumers*). The signal the reconstruction must reproduce is what arrives at a
-consumer's input: that node is the consumer's *tap*.
+A *unit* is a set of channels created by one or more producers (Conv1d/2d/3d and ConvTranspose with
+``groups == 1``, Linear), followed through everything that keeps channel identity (norms, element-wise
+activations, dropout, pooling, padding, interpolation, depthwise convolution, and any data movement:
+view, reshape, flatten, permute, transpose, squeeze, slicing...) up to the channel-mixing layers that
+read them (the *consumers*). What arrives at a consumer's input is its *tap*: the signal the
+reconstruction must reproduce. For each consumer, ``Consumer.columns`` records exactly which input
+columns belong to which channel, found by running the data movement on labelled tensors
+(``layout.py``), never by assuming a channel-major ``flatten``.
 
-We trace with ``torch.fx.symbolic_trace`` rather than the autograd graph because fx keeps module
-names (the plan, the surgery and the user's ``exclude`` patterns all speak in module names) and gives
-the call order of modules, which the sequential statistics need. Modules whose own code cannot be
-traced are kept as opaque leaves; channels that flow into them are reported, not pruned.
-
-Anything that cannot be pruned safely is listed in ``UnitGraph.skipped`` with the reason; nothing here
-raises on a model that runs.
+The model is captured by ``capture.py`` (module names survive: plans, surgery and ``exclude`` use
+them). Anything that cannot be pruned safely is listed in ``UnitGraph.skipped`` with the reason;
+nothing here raises on a model that runs.
 """
 from __future__ import annotations
 
-import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
-from torchvision.ops import stochastic_depth
 
-# -- registry of layers that keep channel identity -------------------------------------------------
+from specprune_cli.capture import Capture, capture
+from specprune_cli.layers import LayerKind, follower_kind, layer_kind
+from specprune_cli.layout import (Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors,
+                                  reads_shape_of, resized_value, shape_of)
+from specprune_cli.ops import (BINARY, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,
+                               SHAPE_READS, rule_for)
+from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped, Unit, UnitGraph
 
-#: role of a module type on the channel path: "elementwise" (no parameters per channel),
-#: "spatial" (pooling: needs channels on dim 1), "batchnorm" (per-channel parameters, dim 1).
-CHANNELWISE_MODULES: dict[type, str] = {}
-
-
-def register_channelwise(role: str) -> Callable[[type], type]:
-    """Class decorator / function registering a module type that keeps channel identity.
-
-    Args:
-        role: "elementwise", "spatial" or "batchnorm".
-
-    Returns:
-        A decorator that records the class and returns it unchanged.
-    """
-    if role not in ("elementwise", "spatial", "batchnorm"):
-        raise ValueError(f"unknown role {role!r}; supported: elementwise, spatial, batchnorm")
-
-    def decorate(cls: type) -> type:
-        CHANNELWISE_MODULES[cls] = role
-        return cls
-
-    return decorate
-
-
-for _cls in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-             nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
-             nn.Dropout2d, nn.AlphaDropout, nn.Hardtanh, nn.SELU, nn.CELU):
-    register_channelwise("elementwise")(_cls)
-for _cls in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
-    register_channelwise("spatial")(_cls)
-for _cls in (nn.BatchNorm1d, nn.BatchNorm2d):
-    register_channelwise("batchnorm")(_cls)
-
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
-    F.softplus, F.dropout, F.hardtanh, F.selu, F.celu, torch.relu, torch.sigmoid, torch.tanh,
-    F.sigmoid, F.tanh, torch.nn.functional.dropout2d, stochastic_depth, torch.relu_, F.relu_, F.leaky_relu_,
-    F.elu_, F.hardtanh_,
-}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"}
-_SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-_BINARY_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, operator.iadd,
-                     operator.imul, torch.add, torch.mul, torch.sub, torch.div}
-_BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "div"}
-_FLATTEN_FUNCTIONS = {torch.flatten}
-_FLATTEN_METHODS = {"flatten", "view", "reshape"}
-_IGNORED_USERS_METHODS = {"size", "dim"}  # read shape only: no channel flows through them
-
-
-@dataclass(frozen=True)
-class Consumer:
-    """A channel-mixing layer that reads a unit's channels.
-
-    Attributes:
-        module: qualified module name.
-        kind: "conv" or "linear".
-        tap: name of the fx node that is the consumer's input (where statistics are taken).
-        spatial: for a Linear after flatten, the number of consecutive features each channel owns
-            (H*W); 1 otherwise.
-    """
-
-    module: str
-    kind: str
-    tap: str
-    spatial: int = 1
-
-
-@dataclass(frozen=True)
-class Follower:
-    """A layer whose per-channel parameters are sliced with the unit: role "batchnorm",
-    "depthwise" (conv with groups == channels) or "rows" (a gate producer, e.g. SE's second conv)."""
-
-    module: str
-    role: str
-
-
-@dataclass
-class Unit:
-    """One prunable unit: a producer, the layers that follow its channels, and its consumers.
-
-    Attributes:
-        position: index of the producer's node in the traced graph.
-        end_position: index of the last consumer's node.
-        channel_nodes: fx node name -> (channel dim, features per channel after a flatten, else None)
-            for every node that carries the unit's channels, the producer included: slicing such a
-            value to the kept channels gives what the pruned network computes, as long as its inputs
-            were unchanged or sliced alike (``SegmentRunner`` relies on this).
-    """
-
-    name: str
-    kind: str
-    width: int
-    channel_dim: int
-    followers: list[Follower] = field(default_factory=list)
-    consumers: list[Consumer] = field(default_factory=list)
-    position: int = 0
-    end_position: int = 0
-    channel_nodes: dict[str, tuple[int, int | None]] = field(default_factory=dict)
-
-    @property
-    def taps(self) -> list[str]:
-        """Tap node names in order of first appearance."""
-        seen: list[str] = []
-        for c in self.consumers:
-            if c.tap not in seen:
-                seen.append(c.tap)
-        return seen
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A producer left unpruned, and why."""
-
-    name: str
-    reason: str
-
-
-@dataclass
-class UnitGraph:
-    """The traced model with its units (in topological order) and the producers it skipped."""
-
-    gm: fx.GraphModule | None
-    units: list[Unit]
-    skipped: list[Skipped]
-
-    def unit(self, name: str) -> Unit:
-        for u in self.units:
-            if u.name == name:
-                return u
-        raise KeyError(name)
-
-
-class _LeafTracer(fx.Tracer):
-    """The default tracer, plus extra modules kept opaque because their code does not trace."""
-
-    def __init__(self, leaves: set[str]):
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> tuple[fx.GraphModule, set[str]]:
-    """Symbolically trace ``model``; modules whose code does not trace become opaque leaves.
-
-    Returns:
-        The GraphModule and the set of module names kept opaque.
-
-    Raises:
-        torch.fx.proxy.TraceError and friends if even the top level does not trace.
-    """
-    try:
-        return fx.symbolic_trace(model), set()
-    except Exception:  # noqa: BLE001 - any tracing failure: fall back to finding the culprits
-        pass
-    leaves: set[str] = set()
-    # Bottom-up: a module fails if its own forward does not trace with the failing children as leaves.
-    names = [n for n, _ in model.named_modules() if n]
-    for name in sorted(names, key=lambda n: -n.count(".")):
-        sub = model.get_submodule(name)
-        if fx.Tracer().is_leaf_module(sub, name):
-            continue
-        prefix = name + "."
-        inner = {n[len(prefix):] for n in leaves if n.startswith(prefix)}
-        try:
-            _LeafTracer(inner).trace(sub)
-        except Exception:  # noqa: BLE001 - this module's python control flow is not traceable
-            leaves.add(name)
-    tracer = _LeafTracer(leaves)
-    graph = tracer.trace(model)
-    return fx.GraphModule(model, graph), leaves
-
-
-def _meta_shape(node: Any) -> tuple[int, ...] | None:
-    if not isinstance(node, fx.Node):
-        return None
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
+# The data model lives in units.py; importing it from here keeps working.
+__all__ = ["Consumer", "Follower", "Producer", "ShapeAttr", "Skipped", "Unit", "UnitGraph", "find_units"]
 
 
 @dataclass
@@ -216,114 +40,334 @@ class _Space:
 
     producer: fx.Node
     width: int
-    kind: str
-    nodes: dict[fx.Node, tuple[int, int | None]] = field(default_factory=dict)  # node -> (cdim, flat)
+    kind: LayerKind
+    nodes: dict[fx.Node, Layout] = field(default_factory=dict)
     followers: list[Follower] = field(default_factory=list)
     consumers: list[tuple[Consumer, fx.Node]] = field(default_factory=list)
-    joins: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (op node, other operand)
+    # (op node, the other operand, its own operand) of every element-wise op with another tensor
+    joins: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)
+    shape_attrs: dict[tuple[str, str, int | None], ShapeAttr] = field(default_factory=dict)
+    attr_nodes: list[fx.Node] = field(default_factory=list)  # get_attr nodes of int attributes it rewrites
     failure: str | None = None
 
 
-def find_units(model: nn.Module, example_input: torch.Tensor,
-               exclude: Callable[[str], bool] | None = None) -> UnitGraph:
-    """Trace ``model`` and find its prunable units.
+def find_units(model: nn.Module, example_input: torch.Tensor, exclude: Callable[[str], bool] | None = None,
+               forward_kwargs: Mapping[str, Any] | None = None) -> UnitGraph:
+    """Capture ``model`` and find its prunable units.
 
     Args:
-        model: the network (left unchanged; the returned GraphModule shares its leaf modules, so
-            surgery on those modules is seen by both).
-        example_input: a batch the model accepts (used for shape propagation only).
+        model: the network (left unchanged; the returned GraphModule shares its leaf modules, and
+            reads its int attributes live, so surgery on the model is seen by both).
+        example_input: a batch the model accepts (its first sample is used to capture the graph).
         exclude: predicate on producer names to leave unpruned (reported as skipped).
+        forward_kwargs: values for ``forward``'s non-tensor arguments (``model.forward_kwargs``);
+            others keep their defaults.
 
     Returns:
-        A UnitGraph. If the model cannot be traced at all, ``gm`` is None and the reason is in
+        A UnitGraph. If the model cannot be captured at all, ``gm`` is None and the reason is in
         ``skipped``.
+
+    Raises:
+        ConfigError: ``forward_kwargs`` does not fit the model's ``forward``.
     """
+    cap = capture(model, example_input, forward_kwargs)
+    if cap.gm is None:
+        return UnitGraph(None, [], [Skipped("<model>", f"{cap.failure}; nothing pruned")], replayable=False,
+                         opaque=cap.opaque)
     try:
-        gm, opaque = trace(model)
-    except Exception as exc:  # noqa: BLE001 - untraceable: report, never raise on a model that runs
-        return UnitGraph(None, [], [Skipped("<model>", f"not traceable by torch.fx ({type(exc).__name__}: "
-                                                        f"{str(exc).splitlines()[0][:200]}); nothing pruned")])
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
-    finally:
-        gm.train(was_training)
-
-    nodes = list(gm.graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    module_calls: dict[str, int] = {}
-    for n in nodes:
-        if n.op == "call_module":
-            module_calls[str(n.target)] = module_calls.get(str(n.target), 0) + 1
-
-    spaces: list[_Space] = []
-    skipped: list[Skipped] = []
-    for n in nodes:
-        if n.op != "call_module":
-            continue
-        mod = gm.get_submodule(str(n.target))
-        if isinstance(mod, nn.Conv2d) and mod.groups == 1:
-            sp = _Space(n, mod.out_channels, "conv")
-        elif isinstance(mod, nn.Linear):
-            sp = _Space(n, mod.out_features, "linear")
-        else:
-            continue
-        if module_calls[str(n.target)] > 1:
-            sp.failure = "module is called more than once (shared weights)"
-        else:
-            _propagate(gm, sp, module_calls, opaque)
-        spaces.append(sp)
-
-    owner: dict[fx.Node, _Space] = {}
-    for sp in spaces:
-        for node in sp.nodes:
-            owner.setdefault(node, sp)
-    _resolve_joins(spaces, owner)
-
-    units: list[Unit] = []
-    for sp in spaces:
-        name = str(sp.producer.target)
-        if sp.failure == "gate":
-            continue  # its rows are sliced by the unit it gates; not a unit of its own
-        if sp.failure is None and not sp.consumers:
-            sp.failure = "no consumer reads its channels"
-        if sp.failure is None and exclude is not None and exclude(name):
-            sp.failure = "excluded by config (prune.exclude)"
-        if sp.failure is not None:
-            skipped.append(Skipped(name, sp.failure))
-            continue
-        cdim = next(iter(sp.nodes.values()))[0]
-        units.append(Unit(
-            name=name, kind=sp.kind, width=sp.width, channel_dim=cdim,
-            followers=list(sp.followers), consumers=[c for c, _ in sp.consumers],
-            position=index[sp.producer], end_position=max(index[cn] for _, cn in sp.consumers),
-            channel_nodes={n.name: where for n, where in sp.nodes.items()}))
-    return UnitGraph(gm, units, skipped)
+        units, skipped = _Finder(model, cap).run(exclude)
+    except Exception as exc:  # noqa: BLE001 - a bug here must not stop the run: report it, prune nothing
+        reason = f"internal error while finding units ({type(exc).__name__}: {exc}); please report it"
+        return UnitGraph(cap.gm, [], [Skipped("<model>", reason)], replayable=cap.replayable,
+                         opaque=cap.opaque)
+    return UnitGraph(cap.gm, units, skipped, replayable=cap.replayable, opaque=cap.opaque)
 
 
-def _propagate(gm: fx.GraphModule, sp: _Space, module_calls: dict[str, int], opaque: set[str]) -> None:
-    """Follow the producer's channels forward, filling ``sp`` (or setting ``sp.failure``)."""
-    shape = _meta_shape(sp.producer)
-    if shape is None:
-        sp.failure = "output shape unknown after tracing"
-        return
-    cdim = 1 if sp.kind == "conv" else len(shape) - 1
-    sp.nodes[sp.producer] = (cdim, None)
-    frontier = [sp.producer]
-    while frontier and sp.failure is None:
-        node = frontier.pop(0)
-        node_cdim, flat = sp.nodes[node]
-        for user in list(node.users):
-            if user in sp.nodes:
+class _Finder:
+    """Unit discovery on one capture."""
+
+    def __init__(self, model: nn.Module, cap: Capture):
+        assert cap.gm is not None
+        self.model, self.cap, self.gm = model, cap, cap.gm
+        self.nodes = list(self.gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.by_name = {n.name: n for n in self.nodes}
+        self.calls: dict[str, int] = {}
+        for n in self.nodes:
+            if n.op == "call_module":
+                self.calls[str(n.target)] = self.calls.get(str(n.target), 0) + 1
+
+    def run(self, exclude: Callable[[str], bool] | None) -> tuple[list[Unit], list[Skipped]]:
+        spaces: list[_Space] = []
+        for n in self.nodes:
+            if n.op != "call_module":
                 continue
-            out = _step(gm, sp, node, user, node_cdim, flat, module_calls, opaque)
+            mod = self.gm.get_submodule(str(n.target))
+            kind = layer_kind(mod)
+            if kind is None or not kind.dense(mod):
+                continue
+            sp = _Space(n, kind.out_channels(mod), kind)
+            if self.calls[str(n.target)] > 1:
+                sp.failure = "module is called more than once (shared weights)"
+            elif sp.width < 2:
+                sp.failure = "it has a single output channel"
+            else:
+                self._propagate(sp)
+            spaces.append(sp)
+        owner: dict[fx.Node, _Space] = {}
+        for sp in spaces:
+            for node in sp.nodes:
+                owner.setdefault(node, sp)
+        _resolve_joins(spaces, owner)
+        units, skipped = [], []
+        for sp in spaces:
+            name = str(sp.producer.target)
+            if sp.failure == "gate":
+                continue  # its rows are sliced by the unit it gates; not a unit of its own
+            if sp.failure is None and not sp.consumers:
+                sp.failure = "no consumer reads its channels"
+            if sp.failure is None and exclude is not None and exclude(name):
+                sp.failure = "excluded by config (prune.exclude)"
             if sp.failure is not None:
+                skipped.append(Skipped(name, sp.failure))
+                continue
+            units.append(Unit(
+                name=name, kind="linear" if sp.kind.name == "linear" else "conv", width=sp.width,
+                channel_dim=sp.nodes[sp.producer].cdim, followers=list(sp.followers),
+                consumers=[c for c, _ in sp.consumers], position=self.index[sp.producer],
+                end_position=max(self.index[cn] for _, cn in sp.consumers),
+                channel_nodes={n.name: lay for n, lay in sp.nodes.items()},
+                shape_attrs=list(sp.shape_attrs.values())))
+        skipped.extend(self._hidden_producers())
+        return units, skipped
+
+    def _hidden_producers(self) -> list[Skipped]:
+        """Producers inside modules that could not be captured: listed so the user sees them."""
+        out = []
+        for name, why in self.cap.opaque.items():
+            for sub, mod in self.model.get_submodule(name).named_modules():
+                kind = layer_kind(mod)
+                if kind is not None and kind.dense(mod):
+                    out.append(Skipped(f"{name}.{sub}" if sub else name,
+                                       f"inside {name}, which specprune cannot trace ({why}); kept whole"))
+        return out
+
+    # -- propagation -------------------------------------------------------------------------------
+
+    def _propagate(self, sp: _Space) -> None:
+        """Follow the producer's channels forward, filling ``sp`` (or setting ``sp.failure``)."""
+        try:
+            sp.nodes[sp.producer] = sp.kind.out_layout(shape_of(sp.producer))
+        except Unsupported as exc:
+            sp.failure = str(exc)
+            return
+        frontier = [sp.producer]
+        while frontier and sp.failure is None:
+            node = frontier.pop(0)
+            for user in list(node.users):
+                if user in sp.nodes:
+                    continue
+                try:
+                    out = self._step(sp, node, user)
+                except Unsupported as exc:
+                    _fail(sp, str(exc))
+                except Exception as exc:  # noqa: BLE001 - a bug here must not stop the run: skip the unit
+                    _fail(sp, f"internal error while following its channels through `{user.name}` "
+                              f"({type(exc).__name__}: {exc}); please report it")
+                    return
+                else:
+                    if out is not None and sp.failure is None:
+                        sp.nodes[user] = out
+                        frontier.append(user)
+                if sp.failure is not None:
+                    return
+        if sp.failure is None:
+            self._check_guards(sp)
+            self._check_attr_uses(sp)
+
+    def _step(self, sp: _Space, src: fx.Node, user: fx.Node) -> Layout | None:
+        """Classify one use of a channel tensor. Returns the user's layout if channels flow on."""
+        layout = sp.nodes[src]
+        if user.op == "output":
+            raise Unsupported("its channels reach the model output")
+        if user.op == "call_module":
+            return self._module(sp, src, user, layout)
+        if user.op not in ("call_function", "call_method"):
+            raise Unsupported(f"channels flow into an fx node of kind {user.op}")
+        target = user.target
+        label = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        if (user.op == "call_method" and target in SHAPE_READS) or (
+                target is getattr and user.args[1] in SHAPE_ATTRIBUTES):
+            return None  # a shape read: no channels flow on (its uses are checked by _check_guards)
+        if _hashable(target) and target in FUNCTIONAL_LAYERS and any(
+                isinstance(a, fx.Node) and a.op == "get_attr" for a in user.all_input_nodes):
+            raise Unsupported(f"channels flow into the functional layer `{label}` (`{user.name}`) whose "
+                              f"weights are module parameters; write it as {FUNCTIONAL_LAYERS[target]} to "
+                              "prune it")
+        if _hashable(target) and target in JOINS:
+            raise Unsupported(f"channels are joined with other tensors by `{label}` (`{user.name}`); "
+                              "concatenation needs group-aware pruning, not supported yet")
+        if _hashable(target) and (target in BINARY or (label in ("max", "min") and _two_tensors(user))):
+            return self._binary(sp, src, user, layout)
+        if user.op == "call_method" and target in SHAPE_FROM_OTHER:
+            if user.args[0] is not src:
+                return None  # src only lends its shape or dtype
+            if target != "type_as" and (len(user.args) < 2 or user.args[1] not in sp.nodes):
+                raise Unsupported(f"`{user.name}` takes its shape from a tensor that does not carry the "
+                                  "channels")
+        rule = rule_for(user, None)
+        if rule is None:
+            raise Unsupported(f"channels flow into `{label}` (`{user.name}`), which is not known to keep "
+                              "channel identity")
+        first = user.args[0] if user.args else user.kwargs.get("input")
+        if first is not src:  # rules describe what happens to their main tensor, not to the others
+            raise Unsupported(f"channels enter `{label}` (`{user.name}`) as a secondary argument")
+        return self._apply(sp, rule, OpCall(user, src, layout, sp.width))
+
+    def _module(self, sp: _Space, src: fx.Node, user: fx.Node, layout: Layout) -> Layout | None:
+        name = str(user.target)
+        mod = self.gm.get_submodule(name)
+        what = f"{name} ({type(mod).__name__})"
+        if name in self.cap.opaque:
+            raise Unsupported(f"channels flow into {what}, which specprune cannot trace "
+                              f"({self.cap.opaque[name]}); it is kept whole")
+        if self.calls.get(name, 0) > 1 and any(True for _ in mod.parameters(recurse=False)):
+            raise Unsupported(f"channels flow into {name}, which is called more than once (shared weights)")
+        if not user.args or user.args[0] is not src:
+            raise Unsupported(f"channels enter {name} as a secondary argument")
+        kind = layer_kind(mod)
+        if kind is not None and kind.dense(mod):
+            try:
+                per, columns = kind.consumer(mod, layout, shape_of(src), sp.width)
+            except Unsupported as exc:
+                raise Unsupported(f"{name}: {exc}") from None
+            sp.consumers.append((Consumer(name, kind.name, src.name, per, columns), user))
+            return None
+        if kind is not None and not mod.groups == mod.in_channels == mod.out_channels:
+            raise Unsupported(f"grouped convolution {name} (groups={mod.groups}) needs group-aware pruning, "
+                              "not supported yet")
+        fkind = follower_kind(mod)
+        if fkind is not None:
+            try:
+                role = fkind.check(mod, layout, sp.width)
+            except Unsupported as exc:
+                raise Unsupported(f"{what}: {exc}") from None
+            if role is not None:
+                sp.followers.append(Follower(name, role))
+            return layout
+        rule = rule_for(user, mod)
+        if rule is not None:
+            return self._apply(sp, rule, OpCall(user, src, layout, sp.width, mod))
+        if layer_kind(mod) is None and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+            raise Unsupported(f"channels flow into {what}, which subclasses {type(mod).__mro__[1].__name__} "
+                              "with its own forward; it is kept whole")
+        raise Unsupported(f"channels flow into {what}, which does not keep channel identity or is not "
+                          "supported")
+
+    def _apply(self, sp: _Space, rule: Callable[[OpCall], Layout], call: OpCall) -> Layout:
+        out = rule(call)
+        for entry, per in call.shape_entries:
+            self._size_entry(sp, call.node, entry, per)
+        return out
+
+    def _size_entry(self, sp: _Space, node: fx.Node, entry: Any, per: int) -> None:
+        """The size an op gives the channels' dimension must follow a pruned width."""
+        if isinstance(entry, ModuleEntry):
+            self._add_attr(sp, ShapeAttr(entry.module, entry.attr, per, entry.index))
+            return
+        if entry == -1 and not isinstance(entry, fx.Node):
+            return
+        if isinstance(entry, fx.Node) and entry.op == "get_attr" and str(entry.target) in self.cap.int_attrs:
+            owner, attr = self.cap.int_attrs[str(entry.target)]
+            self._add_attr(sp, ShapeAttr(owner, attr, per))
+            sp.attr_nodes.append(entry)
+            return
+        if isinstance(entry, fx.Node):
+            width = sp.width - 1
+            if resized_value(entry, sp.nodes, sp.width, width) == per * width:
+                return  # computed from the channels' own shape: it follows the pruned width
+            raise Unsupported(f"`{node.name}` sizes the channels' dimension with `{entry.name}`, which "
+                              "does not scale with the channel count; compute it from the tensor's shape or "
+                              "use -1")
+        raise Unsupported(f"`{node.name}` sizes the channels' dimension with the literal {entry!r}; use -1, "
+                          "compute it from x.shape, or keep it in an int attribute of the module so "
+                          "specprune can rewrite it")
+
+    def _add_attr(self, sp: _Space, attr: ShapeAttr) -> None:
+        key = (attr.module, attr.attr, attr.index)
+        if key in sp.shape_attrs and sp.shape_attrs[key] != attr:
+            raise Unsupported(f"attribute {attr.module or '<model>'}.{attr.attr} sizes the channels in two "
+                              "different ways")
+        sp.shape_attrs[key] = attr
+
+    def _check_attr_uses(self, sp: _Space) -> None:
+        """An int attribute rewritten for this unit must size nothing else."""
+        for node in sp.attr_nodes:
+            others = [u for u in node.users if u not in sp.nodes]
+            if others:
+                owner, attr = self.cap.int_attrs[str(node.target)]
+                _fail(sp, f"the int attribute {owner or '<model>'}.{attr} sizes this unit's channels and is "
+                          f"also used by `{others[0].name}`; specprune cannot rewrite it")
+
+    def _check_guards(self, sp: _Space) -> None:
+        """Python that read the channel count (a branch, a loop, ``int(x.size(1))``) would not follow a
+        pruned width: the captured graph is specialised to it."""
+        for name, use in self.cap.guards.items():
+            node = self.by_name.get(name)
+            if node is None or not reads_shape_of(node, sp.nodes):
+                continue
+            if use == "len" and not (is_tensor(node) or is_tensors(node)):
+                continue  # only the length of a shape or a list was read: it does not follow the width
+            value = node.meta.get("value")
+            try:
+                changed = any(resized_value(node, sp.nodes, sp.width, w) != value
+                              for w in {sp.width - 1, sp.width // 2, 1})
+            except Unsupported:
+                changed = True
+            if changed:
+                _fail(sp, f"Python code reads its channel count (`{node.name}`, in a branch, loop or int()); "
+                          "the pruned model would take another path")
                 return
-            if out is not None:
-                sp.nodes[user] = out
-                frontier.append(user)
+
+    def _binary(self, sp: _Space, src: fx.Node, user: fx.Node, layout: Layout) -> Layout | None:
+        """An element-wise binary op: scalars and tensors broadcast along the channels keep them; a
+        per-channel parameter is sliced with the unit; a tensor of the same width from elsewhere is a
+        join (residual add, or a squeeze-excitation gate)."""
+        others = [a for a in list(user.args) + list(user.kwargs.values()) if a is not src]
+        if layout.parts is not None:
+            raise Unsupported(f"`{user.name}` combines a tuple of tensors")
+        sshape, oshape_out = shape_of(src), shape_of(user)
+        shift = len(oshape_out) - len(sshape)
+        result = layout.shifted(shift)
+        for other in others:
+            if not is_tensor(other):
+                continue
+            oshape = shape_of(other)
+            pos = result.cdim - (len(oshape_out) - len(oshape))
+            if not 0 <= pos < len(oshape) or oshape[pos] == 1:
+                continue  # broadcast along the channels: identity kept
+            if other.op == "get_attr":
+                self._channel_parameter(sp, user, other, layout, pos)
+                continue
+            sp.joins.append((user, other, src))
+            if _per_sample(sshape) == sp.width and _per_sample(oshape) > sp.width:
+                return None  # src is a per-channel gate (squeeze-excitation): its channels end here
+        return result
+
+    def _channel_parameter(self, sp: _Space, user: fx.Node, other: fx.Node, layout: Layout, dim: int) -> None:
+        target = str(other.target)
+        owner, _, attr = target.rpartition(".")
+        holder = self.gm.get_submodule(owner)
+        value = getattr(holder, attr, None)
+        sliceable = isinstance(value, torch.Tensor) and value.shape[dim] == sp.width
+        if target.startswith("_tensor_constant") or not layout.plain or not sliceable:
+            raise Unsupported(f"channels are scaled per channel by `{target}` in `{user.name}`, which "
+                              "specprune cannot slice")
+        if len(other.users) > 1:
+            raise Unsupported(f"the per-channel parameter `{target}` is used by more than `{user.name}`")
+        if value is not getattr(self.model.get_submodule(owner), attr, None):
+            raise Unsupported(f"`{target}` is not a parameter of the model")
+        sp.followers.append(Follower(owner, "param", attr=attr, dim=dim))
 
 
 def _fail(sp: _Space, reason: str) -> None:
@@ -331,133 +375,16 @@ def _fail(sp: _Space, reason: str) -> None:
         sp.failure = reason
 
 
-def _step(gm: fx.GraphModule, sp: _Space, src: fx.Node, user: fx.Node, cdim: int, flat: int | None,
-          module_calls: dict[str, int], opaque: set[str]) -> tuple[int, int | None] | None:
-    """Classify one use of a channel tensor. Returns the user's (cdim, flat) if channels flow on."""
-    op = user.op
-    if op == "output":
-        _fail(sp, "its channels reach the model output")
-        return None
-    if op == "call_module":
-        name = str(user.target)
-        mod = gm.get_submodule(name)
-        if name in opaque:
-            _fail(sp, f"channels flow into {name} ({type(mod).__name__}), whose code torch.fx cannot trace")
-            return None
-        if module_calls.get(name, 0) > 1 and any(True for _ in mod.parameters(recurse=False)):
-            _fail(sp, f"channels flow into {name}, which is called more than once (shared weights)")
-            return None
-        if user.args[0] is not src:
-            _fail(sp, f"channels enter {name} as a secondary argument")
-            return None
-        spatial_ok = flat is None and cdim == 1
-        if isinstance(mod, nn.Conv2d):
-            if not spatial_ok:
-                _fail(sp, f"{name} reads a reshaped tensor")
-            elif mod.groups == 1:
-                sp.consumers.append((Consumer(name, "conv", src.name), user))
-            elif mod.groups == mod.in_channels == mod.out_channels:
-                sp.followers.append(Follower(name, "depthwise"))
-                return (cdim, None)
-            else:
-                _fail(sp, f"grouped convolution {name} (groups={mod.groups}) needs group-aware pruning, "
-                          "not supported yet")
-            return None
-        if isinstance(mod, nn.Linear):
-            ndim = len(_meta_shape(src) or ())
-            if cdim != ndim - 1:
-                _fail(sp, f"{name} (Linear) reads a dimension other than the channels")
-            else:
-                sp.consumers.append((Consumer(name, "linear", src.name, flat or 1), user))
-            return None
-        if isinstance(mod, nn.Flatten):
-            return _flatten(sp, src, user, cdim, flat, mod.start_dim, mod.end_dim)
-        role = CHANNELWISE_MODULES.get(type(mod))
-        if role == "elementwise":
-            return (cdim, flat)
-        if role in ("spatial", "batchnorm") and spatial_ok:
-            if role == "batchnorm":
-                sp.followers.append(Follower(name, "batchnorm"))
-            return (cdim, flat)
-        if isinstance(mod, nn.PReLU):
-            if mod.num_parameters == 1:
-                return (cdim, flat)
-            if spatial_ok:
-                sp.followers.append(Follower(name, "prelu"))
-                return (cdim, flat)
-        _fail(sp, f"channels flow into {name} ({type(mod).__name__}), which does not keep channel identity "
-                  "or is not supported")
-        return None
-    if op in ("call_function", "call_method"):
-        target = user.target
-        label = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        if op == "call_method" and target in _IGNORED_USERS_METHODS:
-            return None
-        if op == "call_function" and target is getattr:
-            return None  # x.shape and friends
-        if (op == "call_function" and target in _ELEMENTWISE_FUNCTIONS) or \
-                (op == "call_method" and target in _ELEMENTWISE_METHODS):
-            if user.args[0] is not src:
-                _fail(sp, f"channels enter {label} as a secondary argument")
-                return None
-            return (cdim, flat)
-        if op == "call_function" and target in _SPATIAL_FUNCTIONS:
-            if flat is None and cdim == 1 and user.args[0] is src:
-                return (cdim, flat)
-        if (op == "call_function" and target in _FLATTEN_FUNCTIONS) or \
-                (op == "call_method" and target in _FLATTEN_METHODS):
-            if user.args[0] is src:
-                return _flatten(sp, src, user, cdim, flat, None, None)
-        if (op == "call_function" and target in _BINARY_FUNCTIONS) or \
-                (op == "call_method" and target in _BINARY_METHODS):
-            return _binary(sp, src, user, cdim, flat, label)
-        _fail(sp, f"channels flow into `{label}`, which is not known to keep channel identity")
-        return None
-    _fail(sp, f"channels flow into an fx node of kind {op}")
-    return None
+def _hashable(target: Any) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
 
 
-def _flatten(sp: _Space, src: fx.Node, user: fx.Node, cdim: int, flat: int | None,
-             start_dim: int | None, end_dim: int | None) -> tuple[int, int | None] | None:
-    """Accept a flatten that turns (N, C, *spatial) into (N, C * prod(spatial)), channel-major."""
-    in_shape, out_shape = _meta_shape(src), _meta_shape(user)
-    if flat is not None or cdim != 1 or in_shape is None or out_shape is None or len(out_shape) != 2:
-        _fail(sp, f"channels are reshaped by `{user.name}` in a way not supported")
-        return None
-    per_channel = 1
-    for s in in_shape[2:]:
-        per_channel *= s
-    if out_shape[0] != in_shape[0] or out_shape[1] != in_shape[1] * per_channel:
-        _fail(sp, f"channels are reshaped by `{user.name}` into {list(out_shape)}, not flattened per sample")
-        return None
-    return (1, per_channel)
-
-
-def _binary(sp: _Space, src: fx.Node, user: fx.Node, cdim: int, flat: int | None, label: str
-            ) -> tuple[int, int | None] | None:
-    """An element-wise binary op: scalars and broadcast per-sample constants keep channels; a tensor
-    of the same width from elsewhere is a join (residual add, or a squeeze-excitation gate)."""
-    others = [a for a in list(user.args) + list(user.kwargs.values()) if a is not src]
-    if any(a is src for a in others):
-        return (cdim, flat)
-    tensor_others = [a for a in others if isinstance(a, fx.Node) and _meta_shape(a) is not None]
-    for other in tensor_others:
-        oshape = _meta_shape(other) or ()
-        sshape = _meta_shape(src) or ()
-        channel_size = None
-        if oshape and len(oshape) == len(sshape):
-            channel_size = oshape[cdim]
-        elif oshape and len(oshape) < len(sshape) and len(sshape) - cdim <= len(oshape):
-            channel_size = oshape[len(oshape) - (len(sshape) - cdim)]
-        if channel_size in (None, 1) or not oshape:
-            continue  # broadcast along channels: identity kept
-        if other.op == "get_attr":
-            _fail(sp, f"channels are scaled per channel by parameter `{other.target}` in `{user.name}`")
-            return None
-        sp.joins.append((user, other))
-        if _per_sample(sshape) == sp.width and _per_sample(oshape) > sp.width:
-            return None  # src is a per-channel gate (squeeze-excitation): its channels end here
-    return (cdim, flat)
+def _two_tensors(node: fx.Node) -> bool:
+    return len(node.args) > 1 and is_tensor(node.args[1])
 
 
 def _per_sample(shape: tuple[int, ...]) -> int:
@@ -470,17 +397,18 @@ def _per_sample(shape: tuple[int, ...]) -> int:
 def _resolve_joins(spaces: list[_Space], owner: dict[fx.Node, _Space]) -> None:
     """Decide every join: a squeeze-excitation gate is absorbed; anything else leaves both unpruned."""
     for sp in spaces:
-        for op_node, other in sp.joins:
+        for op_node, other, own in sp.joins:
             if other in sp.nodes:
+                if not _aligned(sp, own, other, op_node):
+                    _fail(sp, f"`{op_node.name}` combines its channels in two different orders")
                 continue
             gate = owner.get(other)
             if gate is not None and gate is not sp and _is_gate(gate, other, op_node):
                 continue
             if gate is not None and gate is not sp and _is_gate(sp, _operand_in(sp, op_node), op_node):
-                # sp itself is the gate of `gate`: the gated space absorbs it in its own turn.
-                sp.failure = "gate"
+                sp.failure = "gate"  # sp itself is the gate of `gate`: the gated space absorbs it
                 continue
-            if sp.failure in (None,):
+            if sp.failure is None:
                 what = f"the output of {gate.producer.target}" if gate is not None else f"`{other.name}`"
                 sp.failure = (f"residual stream: its channels are joined with {what} by `{op_node.name}`; "
                               "group-aware pruning is not supported yet")
@@ -491,13 +419,24 @@ def _resolve_joins(spaces: list[_Space], owner: dict[fx.Node, _Space]) -> None:
     for sp in spaces:
         if sp.failure is not None:
             continue
-        for op_node, other in sp.joins:
+        for op_node, other, _ in sp.joins:
             gate = owner.get(other)
             if other in sp.nodes or gate is None or gate is sp:
                 continue
             sp.followers.append(Follower(str(gate.producer.target), "rows"))
             sp.followers.extend(gate.followers)
             gate.failure = "gate"
+
+
+def _aligned(sp: _Space, a: fx.Node, b: fx.Node, op_node: fx.Node) -> bool:
+    """Two tensors of the same unit meet element-wise: each element must hold the same channel in both."""
+    la, lb = sp.nodes[a], sp.nodes[b]
+    if la.parts is not None or lb.parts is not None:
+        return False
+    out = shape_of(op_node)
+    ca = la.shifted(len(out) - len(shape_of(a))).tensors(out)[0] if shape_of(a) == out else None
+    cb = lb.shifted(len(out) - len(shape_of(b))).tensors(out)[0] if shape_of(b) == out else None
+    return ca is not None and cb is not None and torch.equal(ca, cb)
 
 
 def _operand_in(sp: _Space, op_node: fx.Node) -> fx.Node | None:
@@ -514,4 +453,4 @@ def _is_gate(sp: _Space, operand: fx.Node | None, op_node: fx.Node) -> bool:
         return False
     if sp.failure not in (None, "gate"):
         return False
-    return _per_sample(_meta_shape(operand) or ()) == sp.width and sp.kind == "conv"
+    return _per_sample(shape_of(operand)) == sp.width and sp.kind.name == "conv"

@@ -20,6 +20,7 @@ from specprune_cli.config import PruneConfig
 from specprune_cli.errors import ConfigError, ModelError
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import Unit, UnitGraph, find_units
+from specprune_cli.layers import consumer_matrix
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
 from specprune_cli.spectral import (SecondMoment, degrees_of_freedom, greedy_select, reconstruction_matrix,
                                     relative_lambda)
@@ -48,17 +49,7 @@ def consumer_gram(model: nn.Module, unit: Unit, tap: str) -> torch.Tensor:
 
     Only the Gram matrix enters the objective, and it is m x m whatever the consumers' size.
     """
-    blocks = []
-    for c in unit.consumers:
-        if c.tap != tap:
-            continue
-        w = model.get_submodule(c.module).weight.detach().to(torch.float64)
-        if c.kind == "conv":
-            blocks.append(w.permute(0, 2, 3, 1).reshape(-1, w.shape[1]))
-        elif c.spatial > 1:
-            blocks.append(w.reshape(w.shape[0], -1, c.spatial).permute(0, 2, 1).reshape(-1, unit.width))
-        else:
-            blocks.append(w)
+    blocks = [consumer_matrix(model.get_submodule(c.module), c) for c in unit.consumers if c.tap == tap]
     return sum(b.T @ b for b in blocks)
 
 

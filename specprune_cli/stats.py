@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from specprune_cli.errors import StatisticsError
 from specprune_cli.graph import Unit
+from specprune_cli.layers import tap_rows
 from specprune_cli.spectral import SecondMoment
 
 TapKey = tuple[str, str]  # (unit name, tap node name)
@@ -51,29 +52,13 @@ def no_inplace_modules(model: nn.Module) -> Iterator[None]:
             m.inplace = True
 
 
-def tap_rows(x: torch.Tensor, unit: Unit, spatial: int) -> torch.Tensor:
-    """Reshape a consumer's input into the layout ``SecondMoment.update`` expects (N, C, *positions).
-
-    Args:
-        x: the tensor arriving at the consumer.
-        unit: the unit whose channels it carries.
-        spatial: H*W features per channel for a Linear after flatten, else 1.
-    """
-    x = x.detach()
-    if spatial > 1:  # flatten -> Linear: channel c owns `spatial` consecutive features
-        return x.reshape(x.shape[0], -1, spatial)
-    if unit.kind == "linear" or x.dim() == 2:
-        return x.reshape(-1, x.shape[-1])
-    return x
-
-
 def tap_reader(unit: Unit, tap: str, acc: SecondMoment) -> Callable[[torch.Tensor], None]:
     """A function that adds the value of ``unit``'s ``tap`` (a consumer's input) to ``acc``."""
     consumer = next(c for c in unit.consumers if c.tap == tap)
 
     def read(x: torch.Tensor) -> None:
         try:
-            acc.update(tap_rows(x, unit, consumer.spatial))
+            acc.update(tap_rows(x, unit, consumer))
         except StatisticsError as exc:
             raise StatisticsError(f"at the input of {consumer.module} (unit {unit.name}): {exc}") from None
 
@@ -248,7 +233,7 @@ class SegmentRunner:
             for node, value in env.items():
                 where = unit.channel_nodes.get(node.name)
                 if where is not None:
-                    env[node] = _keep_channels(value, keep, *where)
+                    env[node] = where.keep(value, keep)
 
     def _run_node(self, node: fx.Node, env: dict[fx.Node, Any], b: int) -> Any:
         if node.op == "placeholder":
@@ -275,12 +260,3 @@ class SegmentRunner:
         if node.op == "call_module":
             return self.gm.get_submodule(str(node.target))(*args, **kwargs)
         raise RuntimeError(f"unknown fx node kind {node.op}")
-
-
-def _keep_channels(x: torch.Tensor, keep: torch.Tensor, dim: int, per_channel: int | None) -> torch.Tensor:
-    """``x`` with only the channels ``keep`` along ``dim``; after a flatten, channel c owns the
-    ``per_channel`` consecutive features starting at c * per_channel."""
-    if per_channel is None:
-        return x.index_select(dim, keep)
-    n = x.shape[0]
-    return x.reshape(n, -1, per_channel).index_select(1, keep).reshape(n, -1)

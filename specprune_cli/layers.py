@@ -1,0 +1,436 @@
+"""What specprune knows about each kind of layer: how it is read and cut (docs/method.md §1, §3, §4).
+
+Two registries, keyed by module class (a user subclass counts if it keeps the parent's ``forward``):
+
+* ``LayerKind`` (``register_layer``): channel-mixing layers, the producers and consumers of units:
+  Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear. A kind knows how a producer's output channels are
+  sliced, how a consumer's weight is seen as a matrix Z with one column per unit channel (the
+  output-aware loss), how W' = W A is folded into it, and how its input becomes statistics rows.
+* ``FollowerKind`` (``register_follower``): layers with one parameter per channel between a producer
+  and its consumers (BatchNorm, InstanceNorm, per-channel GroupNorm and PReLU, depthwise convolution),
+  sliced with the unit.
+
+A consumer's input columns for each unit channel come from ``Consumer.columns`` when they are not the
+channel-major blocks of a plain ``flatten``; ``tap_rows`` and ``fold`` read the same map.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from specprune_cli.layout import Layout, Unsupported
+
+if TYPE_CHECKING:
+    from specprune_cli.units import Consumer, Unit
+
+
+def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.to(like.dtype).contiguous(), requires_grad=like.requires_grad)
+
+
+def _overrides_forward(mod: nn.Module, base: type) -> bool:
+    return type(mod).forward is not base.forward
+
+
+class LayerKind:
+    """A family of channel-mixing layers (see the module docstring). Subclasses set ``name``."""
+
+    name = ""
+    base: type = nn.Module
+
+    def dense(self, mod: nn.Module) -> bool:
+        """Every output reads every input channel (no groups)."""
+        return True
+
+    def out_channels(self, mod: nn.Module) -> int:
+        raise NotImplementedError
+
+    def out_layout(self, out_shape: tuple[int, ...]) -> Layout:
+        raise NotImplementedError
+
+    def slice_out(self, mod: nn.Module, keep: torch.Tensor) -> None:
+        """Keep output channels ``keep`` (weights and bias)."""
+        raise NotImplementedError
+
+    def consumer(self, mod: nn.Module, layout: Layout, in_shape: tuple[int, ...], width: int
+                 ) -> tuple[int, torch.Tensor | None]:
+        """(entries per channel, column map or None) for reading a unit laid out as ``layout``.
+
+        Raises:
+            Unsupported: the layer reads a dimension other than the channels.
+        """
+        raise NotImplementedError
+
+    def matrix(self, mod: nn.Module, consumer: "Consumer") -> torch.Tensor:
+        """The weight as Z, float64, one column per unit channel."""
+        raise NotImplementedError
+
+    def fold(self, mod: nn.Module, consumer: "Consumer", a: torch.Tensor, keep: torch.Tensor) -> None:
+        """W' = W A: read the kept channels and reconstruct the dropped ones."""
+        raise NotImplementedError
+
+    def rows(self, x: torch.Tensor, consumer: "Consumer") -> torch.Tensor:
+        """The consumer's input as statistics rows: (N, C, *positions) or (rows, C)."""
+        raise NotImplementedError
+
+
+LAYER_KINDS: dict[type, LayerKind] = {}
+
+
+def register_layer(*classes: type) -> Callable[[type[LayerKind]], type[LayerKind]]:
+    """Class decorator: instances of ``classes`` (and subclasses keeping their forward) are of this kind."""
+    def decorate(kind_cls: type[LayerKind]) -> type[LayerKind]:
+        for c in classes:
+            kind = kind_cls()
+            kind.base = c
+            LAYER_KINDS[c] = kind
+        return kind_cls
+    return decorate
+
+
+def layer_kind(mod: nn.Module) -> LayerKind | None:
+    """The kind of ``mod``, or None (not a channel-mixing layer specprune knows, or a subclass with
+    its own forward, whose meaning it cannot know)."""
+    for c in type(mod).__mro__:
+        kind = LAYER_KINDS.get(c)
+        if kind is not None:
+            return None if _overrides_forward(mod, c) else kind
+    return None
+
+
+def require_layer_kind(mod: nn.Module) -> LayerKind:
+    """``layer_kind`` or an error listing what is supported."""
+    kind = layer_kind(mod)
+    if kind is None:
+        names = ", ".join(sorted(c.__name__ for c in LAYER_KINDS))
+        raise ValueError(f"{type(mod).__name__} is not a layer specprune can prune; supported: {names}")
+    return kind
+
+
+def _conv_plain(mod: nn.Module, layout: Layout, in_shape: tuple[int, ...], width: int) -> None:
+    if layout.parts is not None or layout.cdim != 1 or layout.bdim != 0:
+        raise Unsupported(f"{type(mod).__name__} reads a tensor whose channels are not on dimension 1")
+    if layout.labels is not None:
+        raise Unsupported(f"{type(mod).__name__} reads the channels reordered or merged with other "
+                          "coordinates")
+    if mod.in_channels != width:
+        raise Unsupported(f"{type(mod).__name__} reads {mod.in_channels} channels, not the unit's {width}")
+
+
+@register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class Conv(LayerKind):
+    """Weight (out, in/groups, *kernel)."""
+
+    name = "conv"
+
+    def dense(self, mod: nn.Module) -> bool:
+        return mod.groups == 1
+
+    def out_channels(self, mod: nn.Module) -> int:
+        return mod.out_channels
+
+    def out_layout(self, out_shape: tuple[int, ...]) -> Layout:
+        return Layout(1)
+
+    def slice_out(self, mod: nn.Module, keep: torch.Tensor) -> None:
+        mod.weight = _param(mod.weight.detach()[keep], mod.weight)
+        if mod.bias is not None:
+            mod.bias = _param(mod.bias.detach()[keep], mod.bias)
+        mod.out_channels = int(keep.numel())
+
+    def consumer(self, mod, layout, in_shape, width):
+        _conv_plain(mod, layout, in_shape, width)
+        return 1, None
+
+    def matrix(self, mod, consumer):
+        w = mod.weight.detach().to(torch.float64)
+        return w.movedim(1, -1).reshape(-1, w.shape[1])
+
+    def fold(self, mod, consumer, a, keep):
+        w = mod.weight.detach().to(torch.float64)
+        new = (w.movedim(1, -1) @ a.to(torch.float64)).movedim(-1, 1)
+        mod.in_channels = a.shape[1]
+        mod.weight = _param(new, mod.weight)
+
+    def rows(self, x, consumer):
+        return x
+
+
+@register_layer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+class ConvTranspose(LayerKind):
+    """Weight (in, out/groups, *kernel): rows are inputs, columns outputs, the other way round."""
+
+    name = "conv_transpose"
+
+    def dense(self, mod: nn.Module) -> bool:
+        return mod.groups == 1
+
+    def out_channels(self, mod: nn.Module) -> int:
+        return mod.out_channels
+
+    def out_layout(self, out_shape: tuple[int, ...]) -> Layout:
+        return Layout(1)
+
+    def slice_out(self, mod: nn.Module, keep: torch.Tensor) -> None:
+        mod.weight = _param(mod.weight.detach()[:, keep], mod.weight)
+        if mod.bias is not None:
+            mod.bias = _param(mod.bias.detach()[keep], mod.bias)
+        mod.out_channels = int(keep.numel())
+
+    def consumer(self, mod, layout, in_shape, width):
+        _conv_plain(mod, layout, in_shape, width)
+        return 1, None
+
+    def matrix(self, mod, consumer):
+        w = mod.weight.detach().to(torch.float64)
+        return w.reshape(w.shape[0], -1).T
+
+    def fold(self, mod, consumer, a, keep):
+        w = mod.weight.detach().to(torch.float64)
+        new = (a.to(torch.float64).T @ w.reshape(w.shape[0], -1)).reshape(a.shape[1], *w.shape[1:])
+        mod.in_channels = a.shape[1]
+        mod.weight = _param(new, mod.weight)
+
+    def rows(self, x, consumer):
+        return x
+
+
+@register_layer(nn.Linear)
+class Linear(LayerKind):
+    """Weight (out, in) over the last dimension; every leading dimension is rows."""
+
+    name = "linear"
+
+    def out_channels(self, mod: nn.Module) -> int:
+        return mod.out_features
+
+    def out_layout(self, out_shape: tuple[int, ...]) -> Layout:
+        return Layout(len(out_shape) - 1)
+
+    def slice_out(self, mod: nn.Module, keep: torch.Tensor) -> None:
+        mod.weight = _param(mod.weight.detach()[keep], mod.weight)
+        if mod.bias is not None:
+            mod.bias = _param(mod.bias.detach()[keep], mod.bias)
+        mod.out_features = int(keep.numel())
+
+    def consumer(self, mod, layout, in_shape, width):
+        if layout.parts is not None or layout.cdim != len(in_shape) - 1:
+            raise Unsupported("Linear reads a dimension other than the channels")
+        labels = layout.channels(in_shape[-1])
+        counts = torch.bincount(labels, minlength=width)
+        if bool((counts != counts[0]).any()):
+            raise Unsupported("Linear reads a different number of columns from each channel")
+        per = int(counts[0])
+        columns = torch.argsort(labels, stable=True).view(width, per)
+        if torch.equal(columns, torch.arange(width * per).view(width, per)):
+            return per, None  # channel-major blocks: flatten(1) of (N, C, *spatial), or a plain Linear
+        return per, columns
+
+    def matrix(self, mod, consumer):
+        w = mod.weight.detach().to(torch.float64)
+        m = consumer_width(consumer, w.shape[1])
+        if consumer.columns is None:
+            blocks = w.reshape(w.shape[0], m, consumer.spatial)
+        else:
+            blocks = w[:, consumer.columns]
+        return blocks.permute(0, 2, 1).reshape(-1, m)
+
+    def fold(self, mod, consumer, a, keep):
+        w = mod.weight.detach().to(torch.float64)
+        a = a.to(torch.float64)
+        m, k, per = a.shape[0], a.shape[1], consumer.spatial
+        if consumer.columns is None:
+            new = torch.einsum("oif,ik->okf", w.reshape(w.shape[0], m, per), a).reshape(w.shape[0], k * per)
+        else:
+            folded = torch.einsum("oif,ik->okf", w[:, consumer.columns], a)
+            # The pruned input keeps the kept channels' columns in their original order.
+            kept_columns = consumer.columns[keep]
+            position = torch.empty(w.shape[1], dtype=torch.long)
+            position[kept_columns.flatten().sort().values] = torch.arange(k * per)
+            new = torch.empty(w.shape[0], k * per, dtype=torch.float64)
+            new[:, position[kept_columns].flatten()] = folded.reshape(w.shape[0], k * per)
+        mod.in_features = k * per
+        mod.weight = _param(new, mod.weight)
+
+    def rows(self, x, consumer):
+        flat = x.reshape(-1, x.shape[-1])
+        if consumer.columns is not None:
+            return flat[:, consumer.columns]
+        if consumer.spatial > 1:
+            return flat.reshape(flat.shape[0], -1, consumer.spatial)
+        return flat
+
+
+def consumer_width(consumer: "Consumer", columns: int) -> int:
+    return consumer.columns.shape[0] if consumer.columns is not None else columns // consumer.spatial
+
+
+def consumer_matrix(module: nn.Module, consumer: "Consumer") -> torch.Tensor:
+    """The consumer's weight as Z (rows x m, float64), one column per unit channel (docs/method.md §3).
+
+    Args:
+        module: the consumer module.
+        consumer: its entry in the unit (kind and column map).
+    """
+    return require_layer_kind(module).matrix(module, consumer)
+
+
+def tap_rows(x: torch.Tensor, unit: "Unit", consumer: "Consumer") -> torch.Tensor:
+    """A consumer's input as rows for ``SecondMoment.update``: (N, C, *positions) for a convolution,
+    (rows, C, per-channel columns) for a Linear reading several columns per channel, else (rows, C).
+
+    Args:
+        x: the tensor arriving at the consumer.
+        unit: the unit whose channels it carries.
+        consumer: the consumer (its kind and column map).
+    """
+    return LAYER_KINDS_BY_NAME[consumer.kind].rows(x.detach(), consumer)
+
+
+LAYER_KINDS_BY_NAME: dict[str, LayerKind] = {k.name: k for k in LAYER_KINDS.values()}
+
+
+# -- followers: one parameter per channel --------------------------------------------------------------
+
+class FollowerKind:
+    """Layers sliced with a unit. ``role`` names the slicing (``Follower.role``)."""
+
+    role = ""
+
+    def check(self, mod: nn.Module, layout: Layout, width: int) -> str | None:
+        """The role if ``mod`` acts per channel on ``layout`` (None: per element, nothing to slice).
+
+        Raises:
+            Unsupported: it mixes channels, or reads them on another dimension.
+        """
+        if not layout.plain or layout.cdim != 1:
+            raise Unsupported(f"{type(mod).__name__} needs the channels on dimension 1")
+        return self.role
+
+    def slice(self, mod: nn.Module, keep: torch.Tensor, follower: Any) -> None:
+        raise NotImplementedError
+
+
+FOLLOWER_KINDS: dict[type, FollowerKind] = {}
+FOLLOWER_ROLES: dict[str, FollowerKind] = {}
+
+
+def register_follower(*classes: type) -> Callable[[type[FollowerKind]], type[FollowerKind]]:
+    """Class decorator registering a follower kind for ``classes`` (and for its role name)."""
+    def decorate(kind_cls: type[FollowerKind]) -> type[FollowerKind]:
+        kind = kind_cls()
+        FOLLOWER_ROLES[kind.role] = kind
+        for c in classes:
+            FOLLOWER_KINDS[c] = kind
+        return kind_cls
+    return decorate
+
+
+def follower_kind(mod: nn.Module) -> FollowerKind | None:
+    for c in type(mod).__mro__:
+        if c in FOLLOWER_KINDS:
+            return None if _overrides_forward(mod, c) else FOLLOWER_KINDS[c]
+    return None
+
+
+def _slice_attr(mod: nn.Module, name: str, keep: torch.Tensor, dim: int = 0) -> None:
+    value = getattr(mod, name, None)
+    if value is None:
+        return
+    new = value.detach().index_select(dim, keep)
+    if isinstance(value, nn.Parameter):
+        setattr(mod, name, _param(new, value))
+    else:
+        setattr(mod, name, new.clone())
+
+
+@register_follower(nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+class Norm(FollowerKind):
+    """BatchNorm / InstanceNorm: weight, bias and running statistics per channel (any of them may be None)."""
+
+    role = "batchnorm"
+
+    def slice(self, mod, keep, follower):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            _slice_attr(mod, name, keep)
+        mod.num_features = int(keep.numel())
+
+
+@register_follower(nn.GroupNorm)
+class PerChannelGroupNorm(FollowerKind):
+    """GroupNorm with one channel per group normalises each channel alone; with fewer groups it mixes them."""
+
+    role = "groupnorm"
+
+    def check(self, mod, layout, width):
+        if mod.num_groups != mod.num_channels:
+            raise Unsupported(f"GroupNorm with {mod.num_groups} groups mixes the channels of each group")
+        return super().check(mod, layout, width)
+
+    def slice(self, mod, keep, follower):
+        _slice_attr(mod, "weight", keep)
+        _slice_attr(mod, "bias", keep)
+        mod.num_groups = mod.num_channels = int(keep.numel())
+
+
+@register_follower(nn.PReLU)
+class PReLU(FollowerKind):
+    role = "prelu"
+
+    def check(self, mod, layout, width):
+        if mod.num_parameters == 1:
+            return None
+        return super().check(mod, layout, width)
+
+    def slice(self, mod, keep, follower):
+        _slice_attr(mod, "weight", keep)
+        mod.num_parameters = int(keep.numel())
+
+
+@register_follower(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class Depthwise(FollowerKind):
+    """A convolution with groups == in == out channels filters each channel alone."""
+
+    role = "depthwise"
+
+    def check(self, mod, layout, width):
+        if not (mod.groups == mod.in_channels == mod.out_channels == width):
+            raise Unsupported(f"grouped convolution (groups={mod.groups}) needs group-aware pruning, "
+                              "not supported yet")
+        return super().check(mod, layout, width)
+
+    def slice(self, mod, keep, follower):
+        LAYER_KINDS[nn.Conv2d].slice_out(mod, keep)
+        mod.in_channels = mod.groups = int(keep.numel())
+
+
+@register_follower()
+class GateRows(FollowerKind):
+    """The producer of a squeeze-excitation gate: its output rows scale the unit's channels one to one."""
+
+    role = "rows"
+
+    def slice(self, mod, keep, follower):
+        require_layer_kind(mod).slice_out(mod, keep)
+
+
+@register_follower()
+class ChannelParameter(FollowerKind):
+    """A parameter or buffer of a module that scales or shifts the channels (``x * self.gamma``)."""
+
+    role = "param"
+
+    def slice(self, mod, keep, follower):
+        _slice_attr(mod, follower.attr, keep, follower.dim)
+
+
+def slice_follower(mod: nn.Module, follower: Any, keep: torch.Tensor) -> None:
+    """Slice ``mod`` to the channels ``keep`` in the way ``follower.role`` says."""
+    kind = FOLLOWER_ROLES.get(follower.role)
+    if kind is None:
+        raise ValueError(f"unknown follower role {follower.role!r}; supported: "
+                         f"{', '.join(sorted(FOLLOWER_ROLES))}")
+    kind.slice(mod, keep, follower)

@@ -1,0 +1,298 @@
+"""Small models, one per pattern people write, for the capture / layout / layer tests.
+
+Each has a few hundred parameters and takes a short 1-D signal or an 8x8 image. ``PATTERNS`` maps a
+name to (factory, input shape without batch).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AudioHead(nn.Module):
+    """The published audio model's shape: a flag argument, a (B, C, T, 1) map permuted to time-major
+    order and reshaped to a width held in an int attribute (T * C features, channel c at t * C + c)."""
+
+    def __init__(self, t: int = 8, f: int = 6, channels: int = 6, literal: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, channels, (1, f))
+        self.flat_dim = t * channels
+        self.literal = literal
+        self.fc = nn.Linear(t * channels, 5)
+
+    def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.bn1(self.conv1(x)))))  # (B, C, T, 1)
+        if embed:
+            return x.mean((2, 3))
+        x = x.permute(0, 2, 1, 3)  # (B, T, C, 1)
+        x = x.reshape(-1, 48) if self.literal else x.reshape(-1, self.flat_dim)
+        return self.fc(x)
+
+
+class AudioHeadLiteral(AudioHead):
+    def __init__(self):
+        super().__init__(literal=True)
+
+
+class MnistClassic(nn.Module):
+    """The PyTorch MNIST example: ``view(-1, 320)`` with the width written as a literal."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.conv2 = nn.Conv2d(4, 5, 3)
+        self.fc1 = nn.Linear(80, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 1))
+        x = F.relu(self.conv2(x))
+        x = x.view(-1, 80)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class KeywordSpotter(nn.Module):
+    """Conv1d on raw audio with BatchNorm1d, MaxPool1d, AdaptiveAvgPool1d and a shape branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, 8, 5, padding=2)
+        self.bn1 = nn.BatchNorm1d(8)
+        self.pool = nn.MaxPool1d(2)
+        self.conv2 = nn.Conv1d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm1d(8)
+        self.gap = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = self.gap(F.relu(self.bn2(self.conv2(x))))
+        return self.fc(x.squeeze(-1))
+
+
+class Volumetric(nn.Module):
+    """Conv3d, BatchNorm3d, MaxPool3d, AdaptiveAvgPool3d, flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv3d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm3d(4)
+        self.pool = nn.MaxPool3d(2)
+        self.conv2 = nn.Conv3d(4, 6, 3, padding=1)
+        self.gap = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.gap(F.relu(self.conv2(x))), 1))
+
+
+class Decoder(nn.Module):
+    """ConvTranspose2d as consumer and producer, BatchNorm placed after the activation, interpolate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        x = self.bn(F.relu(self.up(x)))  # BatchNorm after the activation
+        x = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+        return self.head(x)
+
+
+class TabularBnAfterRelu(nn.Module):
+    """Linear -> ReLU -> BatchNorm1d -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class InstanceNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(6, affine=True)
+        self.conv2 = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.norm(self.conv1(x))))
+
+
+class FunctionalConv(nn.Module):
+    """A layer written as F.conv2d with an nn.Parameter: not a module specprune can slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(4, 6, 1, 1) * 0.3)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.conv2d(F.relu(self.conv(x)), self.weight))
+
+
+class Padded(nn.Module):
+    """F.pad, nn.ZeroPad2d and nn.ConstantPad2d along the spatial dimensions, slicing x[..., 1:-1],
+    `x * scalar + scalar`, Upsample, softmax over space."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3)
+        self.pad = nn.ZeroPad2d(1)
+        self.b = nn.Conv2d(6, 6, 3)
+        self.cpad = nn.ConstantPad2d((1, 1, 0, 0), 0.5)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.c = nn.Conv2d(6, 6, 3)
+        self.d = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.a(F.pad(x, (1, 1, 1, 1))))
+        x = self.b(self.pad(x)) * 0.5 + 1.0
+        x = self.up(self.cpad(F.relu(x)))[..., 1:-1, :]
+        x = F.relu(self.c(x))
+        x = torch.softmax(x.flatten(2), dim=-1).view_as(x)
+        return self.d(x)
+
+
+class ChannelsLast(nn.Module):
+    """Pointwise Linear layers on a channels-last tensor (ConvNeXt style), back to a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).permute(0, 2, 3, 1)
+        x = self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.permute(0, 3, 1, 2))
+
+
+class SequenceToConv(nn.Module):
+    """A Linear on (B, T, F) whose output is transposed to (B, C, T) for a Conv1d; unsqueeze/squeeze
+    around a Conv2d; mean over time with torch.mean(x, dim=...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(5, 8)
+        self.conv = nn.Conv1d(8, 6, 3, padding=1)
+        self.conv2d = nn.Conv2d(6, 6, (1, 3), padding=(0, 1))
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, F)
+        x = F.relu(self.proj(x)).transpose(1, 2)
+        x = F.relu(self.conv(x)).unsqueeze(2)  # (B, C, 1, T)
+        x = torch.squeeze(F.relu(self.conv2d(x)), 2)
+        return self.fc(torch.mean(x, dim=-1))
+
+
+class ChannelSplit(nn.Module):
+    """Chunks along time are fine; ``x[:, :4]`` and a GLU split the channels and are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(2, 8, 3, padding=1)
+        self.b = nn.Conv1d(8, 8, 3, padding=1)
+        self.d = nn.Conv1d(4, 8, 1)
+        self.c = nn.Conv1d(8, 8, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.a(x))
+        first, second = x.chunk(2, dim=2)  # along time: each half carries every channel
+        x = F.relu(self.b(first + second))
+        x = F.relu(self.d(x[:, :4]))  # a slice of the channels
+        x = F.glu(self.c(x), dim=1)  # a split of the channels
+        return self.fc(x.mean(-1))
+
+
+class LayerScale(nn.Module):
+    """A per-channel parameter multiplies the channels (``x * self.gamma``); an nn.Unflatten sizes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 6).view(6, 1, 1))
+        self.flat = nn.Flatten(1)
+        self.unflat = nn.Unflatten(1, (6, 64))
+        self.head = nn.Conv1d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x)) * self.gamma
+        return self.head(self.unflat(self.flat(x)))
+
+
+class ReadsChannelCount(nn.Module):
+    """Python branches on the channel count: the pruned model could take the other path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        x = x * 2.0 if x.shape[1] > 2 else x * 0.5
+        return self.head(x)
+
+
+class DynamicFlatten(nn.Module):
+    """Widths computed from the tensor's shape follow a pruned width."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        b, c, h, w = x.shape
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w * c)  # interleaved: channel c at p * C + c
+        return self.fc(x)
+
+
+PATTERNS = {
+    "audio_head": (AudioHead, (1, 8, 6)),
+    "audio_head_literal": (AudioHeadLiteral, (1, 8, 6)),
+    "mnist_classic": (MnistClassic, (1, 8, 8)),
+    "keyword_spotter": (KeywordSpotter, (32,)),
+    "volumetric": (Volumetric, (1, 4, 8, 8)),
+    "decoder": (Decoder, (3, 8, 8)),
+    "tabular_bn_after_relu": (TabularBnAfterRelu, (12,)),
+    "instance_norm": (InstanceNormNet, (3, 8, 8)),
+    "functional_conv": (FunctionalConv, (3, 8, 8)),
+    "padded": (Padded, (3, 8, 8)),
+    "channels_last": (ChannelsLast, (3, 8, 8)),
+    "sequence_to_conv": (SequenceToConv, (6, 5)),
+    "channel_split": (ChannelSplit, (2, 8)),
+    "layer_scale": (LayerScale, (3, 8, 8)),
+    "reads_channel_count": (ReadsChannelCount, (3, 8, 8)),
+    "dynamic_flatten": (DynamicFlatten, (3, 8, 8)),
+}
+
+
+def build(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
+    """The model in eval mode with BatchNorm statistics warmed on random data."""
+    factory, shape = PATTERNS[name]
+    torch.manual_seed(seed)
+    model = factory()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, *shape))
+    return model.eval(), shape

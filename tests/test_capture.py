@@ -1,0 +1,225 @@
+"""Capturing models as people write them: flags, optional arguments, shape branches, branches on tensor
+values, code fx cannot trace, int attributes (docs/method.md §1)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specprune_cli.capture import capture
+from specprune_cli.errors import ConfigError
+from specprune_cli.graph import find_units
+from patterns import AudioHead, build
+
+
+def _reasons(graph):
+    return {s.name: s.reason for s in graph.skipped}
+
+
+def test_flag_argument_takes_its_default_or_forward_kwargs():
+    model, _ = build("audio_head")
+    x = torch.zeros(1, 1, 8, 6)
+    assert [u.name for u in find_units(model, x).units] == ["conv1", "conv2"]
+    embedded = find_units(model, x, forward_kwargs={"embed": True})  # returns the pooled features
+    assert [u.name for u in embedded.units] == ["conv1"]
+    assert _reasons(embedded)["conv2"] == "its channels reach the model output"
+    assert len([n for n in embedded.gm.graph.nodes if n.op == "placeholder"]) == 1
+
+
+def test_forward_kwargs_that_do_not_fit_forward_are_config_errors():
+    model = AudioHead()
+    with pytest.raises(ConfigError) as err:
+        find_units(model, torch.zeros(1, 1, 8, 6), forward_kwargs={"embd": True})
+    assert str(err.value) == ("model.forward_kwargs names 'embd', which AudioHead.forward does not take; "
+                              "did you mean 'embed'?")
+
+    class TwoInputs(nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    with pytest.raises(ConfigError) as err:
+        find_units(TwoInputs(), torch.zeros(1, 3))
+    assert str(err.value) == ("TwoInputs.forward needs argument 'y', which has no default; specprune feeds "
+                              "one input tensor: set it in model.forward_kwargs if it is not a tensor, or "
+                              "wrap the model in a module whose forward(x) supplies it")
+
+
+class Masked(nn.Module):
+    """An optional tensor argument left at None, and a branch on the input's rank."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(2, 6, 3, padding=1)
+        self.b = nn.Conv1d(6, 2, 1)
+
+    def forward(self, x, mask=None, scale: float = 2.0):
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        y = F.relu(self.a(x)) * scale
+        if mask is not None:
+            y = y * mask
+        return self.b(y)
+
+
+def test_none_defaults_and_shape_branches_take_the_example_path():
+    graph = find_units(Masked(), torch.zeros(1, 2, 5))
+    assert [u.name for u in graph.units] == ["a"] and graph.replayable
+    code = graph.gm.code
+    assert "mask" not in code and "* 2.0" in code
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # on tensor values: another input could take the other path
+            return self.conv(x)
+        return x
+
+
+class WithBranchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.branchy = Branchy()
+        self.b = nn.Linear(4, 5)
+        self.c = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.branchy(self.a(x)).mean((2, 3)))))
+
+
+def test_a_branch_on_tensor_values_keeps_that_module_whole_and_says_where():
+    graph = find_units(WithBranchy(), torch.zeros(1, 3, 8, 8))
+    assert [u.name for u in graph.units] == ["b"]
+    why = graph.opaque["branchy"]
+    line = Branchy.forward.__code__.co_firstlineno + 1
+    assert why == f"its forward uses a tensor's values in Python (`if`/`while`/`and`/`or` on a tensor at " \
+                  f"test_capture.py:{line})"
+    reasons = _reasons(graph)
+    assert reasons["a"] == f"channels flow into branchy (Branchy), which specprune cannot trace ({why}); " \
+                           "it is kept whole"
+    assert reasons["branchy.conv"] == f"inside branchy, which specprune cannot trace ({why}); kept whole"
+
+
+def test_a_branch_on_tensor_values_in_the_model_itself_captures_nothing():
+    class Normalises(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            if x.abs().max() > 1:
+                x = x / x.abs().max()
+            return self.b(self.a(x))
+
+    graph = find_units(Normalises(), torch.ones(1, 3, 4, 4))
+    assert graph.gm is None and graph.units == []
+    assert _reasons(graph)["<model>"].startswith(
+        "specprune cannot capture Normalises.forward: its forward uses a tensor's values in Python")
+
+
+def test_code_that_rejects_proxies_keeps_its_module_whole():
+    class Rebuilds(nn.Module):
+        def forward(self, x):
+            return x * torch.tensor(x.shape[1:]).prod().float().rsqrt()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.odd = Rebuilds()
+            self.b = nn.Conv2d(4, 4, 1)
+            self.c = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.c(F.relu(self.b(self.odd(self.a(x)))))
+
+    graph = find_units(Net(), torch.zeros(1, 3, 4, 4))
+    assert list(graph.opaque) == ["odd"] and graph.opaque["odd"].startswith("torch.fx cannot trace it: ")
+    assert [u.name for u in graph.units] == ["b"]
+    assert "odd (Rebuilds), which specprune cannot trace" in _reasons(graph)["a"]
+
+
+def test_a_branch_on_the_batch_size_is_captured_but_not_replayable():
+    class PerBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return self.b(y * 2 if x.size(0) == 2 else y)
+
+    graph = find_units(PerBatch(), torch.zeros(1, 3))
+    assert [u.name for u in graph.units] == ["a"]
+    assert graph.replayable is False
+
+
+class Checks(nn.Module):
+    """Checks the input's type: isinstance sees a tensor while tracing, ``type(x) is`` does not."""
+
+    def __init__(self, exact: bool):
+        super().__init__()
+        self.exact = exact
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        tensor = type(x) is torch.Tensor if self.exact else isinstance(x, torch.Tensor)
+        return self.b(torch.relu(self.a(x))) if tensor else self.b(self.a(x)) * 0
+
+
+def test_isinstance_checks_see_a_tensor_while_tracing():
+    graph = find_units(Checks(exact=False), torch.ones(1, 3))
+    assert [u.name for u in graph.units] == ["a"] and "relu" in graph.gm.code
+
+
+def test_a_graph_that_does_not_reproduce_the_model_is_not_used():
+    cap = capture(Checks(exact=True), torch.ones(1, 3))
+    assert cap.gm is None
+    assert cap.failure.startswith("the captured graph of Checks does not reproduce its outputs")
+
+
+def test_int_attributes_are_read_live_and_the_model_is_left_as_it_was():
+    model = AudioHead()
+    before = dict(vars(model))
+    cap = capture(model, torch.zeros(1, 1, 8, 6))
+    assert cap.int_attrs == {"_specprune_int_0": ("", "flat_dim")}
+    assert type(model.flat_dim) is int and dict(vars(model)).keys() == before.keys()
+    model.flat_dim = 24
+    assert cap.gm._specprune_int_0 == 24
+
+
+def test_a_subclass_with_its_own_forward_is_kept_whole():
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * self.weight.abs().mean()  # depends on every row: not sliceable
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = ScaledConv(4, 4, 1)
+            self.c = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    graph = find_units(Net(), torch.zeros(1, 3, 4, 4))
+    assert graph.units == []
+    assert _reasons(graph)["a"] == ("channels flow into b (ScaledConv), which subclasses Conv2d with its "
+                                    "own forward; it is kept whole")
+
+
+def test_a_subclass_keeping_the_parent_forward_is_that_layer():
+    class MyLinear(nn.Linear):
+        pass
+
+    net = nn.Sequential(MyLinear(3, 6), nn.ReLU(), MyLinear(6, 2))
+    assert [u.name for u in find_units(net, torch.zeros(1, 3)).units] == ["0"]
