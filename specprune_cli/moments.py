@@ -1,15 +1,14 @@
 """Streaming moments of the signals at a tap, accumulated in float64 (docs/method.md §2, §6).
 
 ``CrossMoment`` reads two signals at once: x, the original network's signal (m channels), and x~, the
-pruned-so-far network's signal at the same tap (k0 <= m channels), on the same sampled positions. It
-keeps the raw sums of the joint rows [x, x~]: their products give S = E[x x^T], S~ = E[x~ x~^T] and
-C = E[x x~^T] as blocks of one symmetric matrix, and their row sums the two means. As long as x~ is
-the very same tensor as x (nothing pruned upstream), only the m x m block is accumulated, so it costs
-what one second moment costs. ``SecondMoment`` is that case with a single signal.
+pruned-so-far network's signal at the same tap (k0 <= m channels), on the same sampled positions, and
+keeps the raw sums for S = E[x x^T], S~ = E[x~ x~^T], C = E[x x~^T] and both means. As long as x~ is
+the very same tensor as x (nothing pruned upstream), one product serves all three, so it costs what
+one second moment costs. ``SecondMoment`` is that case with a single signal.
 
-Cost (docs/method.md §6): the joint rows are built with one float64 copy per signal, and the
-products go through the half-triangle ``sym_addmm``, (m + k0)^2 multiply-adds per row in all, the
-same as separate half products for S and S~ and one GEMM for C.
+Cost (docs/method.md §6): the rows are built with one float64 copy per signal; S and S~ go through
+the half-triangle ``sym_addmm`` and C through one GEMM, (m + k0)^2 multiply-adds per row in all
+against m^2 for one second moment.
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from specprune_cli.errors import StatisticsError
 _SYM_TILE = 512  # rows per tile in the half-triangle products; below two tiles a plain GEMM is faster
 _CHUNK_ELEMENTS = 1 << 23  # float64 values per piece of rows converted at a time (64 MiB)
 _GRAM_TILE = 64  # fewest channels per tile when accumulating (at most 8 tiles)
+_COPY_TILE = 128  # side of the squares transposed at once (two fit in a 1 MiB L2 cache)
 
 
 def sym_addmm(out: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor,
@@ -43,7 +43,13 @@ def sym_addmm(out: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor,
     for lo, hi in zip(edges, edges[1:]):
         out[lo:hi, :hi].addmm_(left[lo:hi], right[:hi].T, alpha=alpha)
     for lo, hi in zip(edges, edges[1:]):
-        out[:lo, lo:hi].copy_(out[lo:hi, :lo].T)
+        # Mirrored in squares that fit in cache: one transposed copy of the whole strip reads a new
+        # cache line per element (measured 2x slower at n = 4096).
+        for c0 in range(lo, hi, _COPY_TILE):
+            c1 = min(c0 + _COPY_TILE, hi)
+            for r0 in range(0, lo, _COPY_TILE):
+                r1 = min(r0 + _COPY_TILE, lo)
+                out[r0:r1, c0:c1].copy_(out[c0:c1, r0:r1].T)
     return out
 
 
@@ -83,16 +89,15 @@ class CrossMoment:
         self.max_positions = max_positions
         self.channel_dim = channel_dim
         self.count = 0
-        # Sums of the joint rows: products (w x w) and values (w), w = m while x~ has been x (shared),
-        # else m + k0 with x first.
-        self._products: torch.Tensor | None = None
-        self._sums: torch.Tensor | None = None
+        # Raw sums: "target" (sum x x^T), "target_sum" (sum x) and, once x~ has differed from x,
+        # "source" (sum x~ x~^T), "cross" (sum x x~^T), "source_sum" (sum x~).
+        self._sums: dict[str, torch.Tensor] = {}
         self._generator = torch.Generator().manual_seed(seed)
 
     @property
     def shared(self) -> bool:
         """True while every update so far had x~ the very same tensor as x (then S = S~ = C)."""
-        return self._products is None or self._products.shape[0] == self.channels
+        return "source" not in self._sums
 
     def _channels_of(self, x: torch.Tensor) -> int:
         return x.shape[-1] if self.channel_dim == -1 else x.shape[1]
@@ -117,25 +122,18 @@ class CrossMoment:
                                       "the architecture, and that the model runs in eval mode")
         return channels
 
-    def _row_chunks(self, signals: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """The joint rows of ``signals`` as float64 (rows, sum of channels) pieces of bounded size.
+    def _row_chunks(self, signals: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+        """The rows of ``signals`` as float64 (rows, C) pieces, one per signal, of bounded size.
 
-        Each signal goes into its columns of a piece by one copy that changes layout and dtype
-        together: float64 before the product, not after (docs/method.md §2).
+        Each piece is made by one copy that changes layout and dtype together: float64 before the
+        product, not after (docs/method.md §2).
         """
         widths = [self._channels_of(s) for s in signals]
-        width = sum(widths)
         if self.channel_dim == -1 or signals[0].dim() == 2:
-            flats = [s.reshape(-1, s.shape[-1]) for s in signals]
-            per = max(1, _CHUNK_ELEMENTS // width)
+            flats = [s.reshape(-1, w) for s, w in zip(signals, widths)]
+            per = max(1, _CHUNK_ELEMENTS // sum(widths))
             for lo in range(0, flats[0].shape[0], per):
-                parts = [f[lo:lo + per] for f in flats]
-                rows = torch.empty(parts[0].shape[0], width, dtype=torch.float64)
-                col = 0
-                for part, w in zip(parts, widths):
-                    rows[:, col:col + w].copy_(part)
-                    col += w
-                yield rows
+                yield [f[lo:lo + per].to(torch.float64) for f in flats]
             return
         n = signals[0].shape[0]
         flats = [s.reshape(n, w, -1) for s, w in zip(signals, widths)]
@@ -146,15 +144,15 @@ class CrossMoment:
             idx = torch.rand(n, positions, generator=self._generator).argsort(1)[:, :self.max_positions]
             positions = self.max_positions
             flats = [torch.gather(f, 2, idx.unsqueeze(1).expand(n, w, positions)) for f, w in zip(flats, widths)]
-        per = max(1, _CHUNK_ELEMENTS // (positions * width))  # samples per piece
+        per = max(1, _CHUNK_ELEMENTS // (positions * sum(widths)))  # samples per piece
         for lo in range(0, n, per):
-            count = min(per, n - lo)
-            rows = torch.empty(count, positions, width, dtype=torch.float64)
-            col = 0
+            pieces = []
             for f, w in zip(flats, widths):
-                rows[:, :, col:col + w].copy_(f[lo:lo + count].permute(0, 2, 1))
-                col += w
-            yield rows.view(-1, width)
+                part = f[lo:lo + per]
+                rows = torch.empty(part.shape[0], positions, w, dtype=torch.float64)
+                rows.copy_(part.permute(0, 2, 1))
+                pieces.append(rows.view(-1, w))
+            yield pieces
 
     def update(self, x: torch.Tensor, x_tilde: torch.Tensor) -> "CrossMoment":
         """Add a batch: the two networks' signals at the tap for the same inputs.
@@ -162,7 +160,7 @@ class CrossMoment:
         Args:
             x: the original network's signal, (N, m) or (N, m, *spatial) (``channel_dim=1``), or (..., m).
             x_tilde: the pruned network's signal, the same layout with k0 channels; pass x itself when
-                nothing upstream is pruned (then only one product is accumulated).
+                nothing upstream is pruned (then one product serves S, S~ and C).
 
         Returns:
             self.
@@ -171,107 +169,117 @@ class CrossMoment:
             StatisticsError: a signal holds NaN/Inf (the message says which), a channel count differs
                 from earlier updates, or the two signals do not have the same rows.
         """
-        shared = _same_tensor(x, x_tilde)
+        same = _same_tensor(x, x_tilde)
         x, x_tilde = x.detach(), x_tilde.detach()
         m = self._validate(x, self.channels, self._names[0])
-        k0 = m if shared else self._validate(x_tilde, self.source_channels, self._names[1])
-        if shared and self.source_channels is not None and m != self.source_channels:
+        k0 = m if same else self._validate(x_tilde, self.source_channels, self._names[1])
+        if same and self.source_channels is not None and m != self.source_channels:
             raise StatisticsError(f"{self._names[1]}expected {self.source_channels} channels, got a batch "
                                   f"with {m}; the same accumulator must see the same layer")
-        if not shared:
+        if not same:
             rows_x = x.shape[:-1] if self.channel_dim == -1 else (x.shape[0], *x.shape[2:])
             rows_t = x_tilde.shape[:-1] if self.channel_dim == -1 else (x_tilde.shape[0], *x_tilde.shape[2:])
             if rows_x != rows_t:
                 raise StatisticsError(f"the two signals must come from the same inputs: x has shape "
                                       f"{tuple(x.shape)} and x~ {tuple(x_tilde.shape)} (only channels may differ)")
         self.channels, self.source_channels = m, k0
-        width = m if shared and self.shared else m + k0
-        self._grow(width)
-        tile = max(_GRAM_TILE, width // 8)
-        # x~ is x now but was not before: the joint rows are [x, x].
-        for rows in self._row_chunks([x] if width == m else [x, x_tilde]):
-            sym_addmm(self._products, rows.T, rows.T, tile=tile)
-            self._sums += rows.sum(0)
+        if not self._sums:
+            self._sums = {"target": torch.zeros(m, m, dtype=torch.float64),
+                          "target_sum": torch.zeros(m, dtype=torch.float64)}
+            if not same:
+                self._sums.update(source=torch.zeros(k0, k0, dtype=torch.float64),
+                                  cross=torch.zeros(m, k0, dtype=torch.float64),
+                                  source_sum=torch.zeros(k0, dtype=torch.float64))
+        elif not same and self.shared:
+            self._split()
+        sums = self._sums
+        # Half-triangle products for the symmetric sums, one GEMM for C (measured 20% faster than one
+        # half product of the joint rows [x, x~] at m = k0 = 288, whose narrow tiles cost more).
+        tile_x, tile_t = max(_GRAM_TILE, m // 8), max(_GRAM_TILE, k0 // 8)
+        for pieces in self._row_chunks([x] if same else [x, x_tilde]):
+            rows = pieces[0]
+            if same and not self.shared:  # x~ is x now, after updates where it was not: add x x^T thrice
+                product = sym_addmm(None, rows.T, rows.T, tile=tile_x)
+                total = rows.sum(0)
+                for key in ("target", "source", "cross"):
+                    sums[key] += product
+                for key in ("target_sum", "source_sum"):
+                    sums[key] += total
+            else:
+                sym_addmm(sums["target"], rows.T, rows.T, tile=tile_x)
+                sums["target_sum"] += rows.sum(0)
+                if not same:
+                    tilde = pieces[1]
+                    sym_addmm(sums["source"], tilde.T, tilde.T, tile=tile_t)
+                    sums["cross"].addmm_(rows.T, tilde)
+                    sums["source_sum"] += tilde.sum(0)
             self.count += rows.shape[0]
         return self
 
-    def _grow(self, width: int) -> None:
-        """Make the sums (width x width), turning shared sums [x] into joint sums [x, x] if needed."""
-        if self._products is None:
-            self._products = torch.zeros(width, width, dtype=torch.float64)
-            self._sums = torch.zeros(width, dtype=torch.float64)
-        elif self._products.shape[0] < width:
-            self._products = self._products.repeat(2, 2)
-            self._sums = self._sums.repeat(2)
+    def _split(self) -> None:
+        """Shared sums [x] -> separate sums for x and x~ (both equal to x's so far)."""
+        self._sums.update(source=self._sums["target"].clone(), cross=self._sums["target"].clone(),
+                          source_sum=self._sums["target_sum"].clone())
 
-    def _require(self) -> None:
-        if self._products is None or self.count == 0:
+    def _read(self, key: str) -> torch.Tensor:
+        if not self._sums or self.count == 0:
             raise StatisticsError("the second moment was read before any update: run the 'observe' step "
                                   "(a forward pass over calibration data) first")
-
-    def _block(self, rows: slice, cols: slice) -> torch.Tensor:
-        self._require()
-        return self._products[rows, cols] / self.count
-
-    def _source_slice(self) -> slice:
-        return slice(0, self.channels) if self.shared else slice(self.channels, None)
+        shared = {"source": "target", "cross": "target", "source_sum": "target_sum"}
+        return self._sums[shared.get(key, key) if self.shared else key] / self.count
 
     @property
     def target(self) -> torch.Tensor:
         """S = E[x x^T], symmetrised, float64 (m, m)."""
-        s = self._block(slice(0, self.channels), slice(0, self.channels))
+        s = self._read("target")
         return 0.5 * (s + s.T)
 
     @property
     def source(self) -> torch.Tensor:
-        """S~ = E[x~ x~^T], symmetrised, float64 (k0, k0)."""
-        part = self._source_slice()
-        s = self._block(part, part)
+        """S~ = E[x~ x~^T], symmetrised, float64 (k0, k0); equal to ``target`` while ``shared``."""
+        s = self._read("source")
         return 0.5 * (s + s.T)
 
     @property
     def cross(self) -> torch.Tensor:
         """C = E[x x~^T], float64 (m, k0); equal to ``target`` while ``shared``."""
-        if self.shared:
-            return self.target
-        return self._block(slice(0, self.channels), self._source_slice()).contiguous()
+        return self.target if self.shared else self._read("cross")
 
     @property
     def target_mean(self) -> torch.Tensor:
         """E[x], float64 (m,)."""
-        self._require()
-        return self._sums[:self.channels] / self.count
+        return self._read("target_sum")
 
     @property
     def source_mean(self) -> torch.Tensor:
         """E[x~], float64 (k0,)."""
-        self._require()
-        return self._sums[self._source_slice()] / self.count
+        return self._read("source_sum")
 
     def sums(self) -> dict[str, torch.Tensor]:
         """The raw sums, for ``torch.distributed.all_reduce`` then ``load_sums``.
 
         Returns:
-            {"count": 0-d float64, "products": (w, w) float64 sum of joint rows' outer products,
-            "sums": (w,) float64 sum of joint rows}, w = m while ``shared``, else m + k0 (x first).
-            The tensors are copies: reducing them leaves this accumulator as it is until ``load_sums``.
-            Every rank must be in the same mode (``shared`` or not) for the shapes to agree.
+            Copies, float64: "count" (0-d), "target" (m, m) = sum x x^T, "target_sum" (m,) = sum x, and
+            unless ``shared`` also "source" (k0, k0), "cross" (m, k0), "source_sum" (k0,). Reducing them
+            leaves this accumulator as it is until ``load_sums``. Every rank must be in the same mode
+            (``shared`` or not) for the keys to agree.
         """
-        self._require()
-        return {"count": torch.tensor(float(self.count), dtype=torch.float64),
-                "products": self._products.clone(), "sums": self._sums.clone()}
+        self._read("target")
+        out = {key: value.clone() for key, value in self._sums.items()}
+        out["count"] = torch.tensor(float(self.count), dtype=torch.float64)
+        return out
 
     def load_sums(self, sums: dict[str, torch.Tensor]) -> "CrossMoment":
         """Replace the accumulated sums by ``sums`` (as ``sums()`` gives them, e.g. all-reduced). Returns self."""
-        products = sums["products"].to(torch.float64)
-        width = products.shape[0]
         m, k0 = self.channels, self.source_channels
-        if m is None or tuple(products.shape) != (width, width) or width not in (m, m + k0) or \
-                tuple(sums["sums"].shape) != (width,):
-            raise StatisticsError(f"sums of shape {tuple(products.shape)} do not fit this accumulator "
-                                  f"({m} and {k0} channels): load them into the one that produced them")
-        self._products = products.clone()
-        self._sums = sums["sums"].to(torch.float64).clone()
+        shapes = {"target": (m, m), "target_sum": (m,)}
+        if "source" in sums:
+            shapes.update(source=(k0, k0), cross=(m, k0), source_sum=(k0,))
+        got = {key: tuple(value.shape) for key, value in sums.items() if key != "count"}
+        if m is None or got != shapes:
+            raise StatisticsError(f"sums of shapes {got} do not fit this accumulator ({m} and {k0} "
+                                  "channels): load them into the one that produced them")
+        self._sums = {key: sums[key].to(torch.float64).clone() for key in shapes}
         self.count = int(round(float(sums["count"])))
         return self
 
@@ -281,8 +289,7 @@ class CrossMoment:
         out = copy.copy(self)
         out._generator = torch.Generator()
         out._generator.set_state(self._generator.get_state())
-        out._products = None if self._products is None else self._products.clone()
-        out._sums = None if self._sums is None else self._sums.clone()
+        out._sums = {key: value.clone() for key, value in self._sums.items()}
         return out
 
     def merge(self, other: "CrossMoment") -> "CrossMoment":
@@ -291,19 +298,18 @@ class CrossMoment:
             if mine is not None and theirs is not None and mine != theirs:
                 raise StatisticsError(f"cannot merge second moments of {mine} and {theirs} channels: they "
                                       "come from different layers")
-        if other._products is None:
+        if not other._sums:
             return self
-        if self._products is None:
+        if not self._sums:
             self.channels, self.source_channels = other.channels, other.source_channels
-            self._products, self._sums = other._products.clone(), other._sums.clone()
+            self._sums = {key: value.clone() for key, value in other._sums.items()}
         else:
-            width = max(self._products.shape[0], other._products.shape[0])
-            self._grow(width)
-            theirs_p, theirs_s = other._products, other._sums
-            if theirs_p.shape[0] < width:
-                theirs_p, theirs_s = theirs_p.repeat(2, 2), theirs_s.repeat(2)
-            self._products += theirs_p
-            self._sums += theirs_s
+            if self.shared and not other.shared:
+                self._split()
+            for key in self._sums:
+                theirs = key if not other.shared else {"source": "target", "cross": "target",
+                                                         "source_sum": "target_sum"}.get(key, key)
+                self._sums[key] += other._sums[theirs]
         self.count += other.count
         return self
 

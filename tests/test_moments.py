@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from specprune_cli.errors import StatisticsError
-from specprune_cli.moments import CrossMoment, SecondMoment
+from specprune_cli import moments
+from specprune_cli.moments import CrossMoment, SecondMoment, sym_addmm
 
 
 def test_second_moment_streams_uneven_batches_exactly():
@@ -138,7 +139,7 @@ def test_cross_moment_of_x_with_itself_is_one_second_moment():
     x = torch.randn(3, 5, 4, 4, generator=torch.Generator().manual_seed(2))
     acc = CrossMoment(max_positions=6, seed=1).update(x, x)
     sigma = SecondMoment(max_positions=6, seed=1).update(x).matrix
-    assert acc.shared and acc.sums()["products"].shape == (5, 5)
+    assert acc.shared and sorted(acc.sums()) == ["count", "target", "target_sum"]
     for got in (acc.target, acc.source, acc.cross):
         assert torch.equal(got, sigma)
     torch.testing.assert_close(acc.source_mean, acc.target_mean, atol=0, rtol=0)
@@ -163,7 +164,7 @@ def test_cross_moment_merge_and_raw_sums_equal_one_pass():
     x, xt = torch.randn(30, 6, generator=g), torch.randn(30, 3, generator=g)
     whole = CrossMoment().update(x, xt)
     first, second = CrossMoment().update(x[:12], xt[:12]), CrossMoment().update(x[12:], xt[12:])
-    summed = {key: first.sums()[key] + second.sums()[key] for key in ("count", "products", "sums")}
+    summed = {key: first.sums()[key] + second.sums()[key] for key in first.sums()}
     loaded = CrossMoment(6, 3).load_sums(summed)
     merged = first.copy().merge(second)
     for acc in (merged, loaded):
@@ -176,8 +177,9 @@ def test_cross_moment_merge_and_raw_sums_equal_one_pass():
     joint = CrossMoment().update(x[12:, :3], xt[12:])
     both = torch.cat([x[:12, :3], xt[12:]]).double()
     torch.testing.assert_close(shared.merge(joint).source, both.T @ both / 30, atol=1e-14, rtol=1e-12)
-    with pytest.raises(StatisticsError, match=r"sums of shape \(4, 4\) do not fit this accumulator \(6 and 3 "):
-        CrossMoment(6, 3).load_sums({"count": torch.tensor(1.0), "products": torch.eye(4), "sums": torch.ones(4)})
+    with pytest.raises(StatisticsError, match=r"sums of shapes \{'target': \(4, 4\), 'target_sum': \(4,\)\} do not "
+                                              r"fit this accumulator \(6 and 3 channels\)"):
+        CrossMoment(6, 3).load_sums({"count": torch.tensor(1.0), "target": torch.eye(4), "target_sum": torch.ones(4)})
 
 
 def test_cross_moment_errors_name_the_bad_signal():
@@ -202,3 +204,28 @@ def test_cross_moment_errors_name_the_bad_signal():
         acc.update(x, x)
     with pytest.raises(StatisticsError, match="read before any update: run the 'observe' step"):
         CrossMoment().cross
+
+
+@pytest.mark.parametrize("n, tile", [(100, 512), (1100, 512), (700, 100)])  # one tile, 2 tiles, 7 tiles
+def test_sym_addmm_gives_the_whole_symmetric_product(n, tile):
+    """Only the lower block triangle is multiplied and the rest mirrored in squares of 128: every
+    entry must still be left @ right^T, here for a product that is symmetric (U V^T + V U^T)."""
+    g = torch.Generator().manual_seed(n)
+    u, v = torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randn(n, 5, generator=g, dtype=torch.float64)
+    start = torch.eye(n, dtype=torch.float64)
+    out = sym_addmm(start.clone(), torch.cat([u, v], 1), torch.cat([v, u], 1), alpha=-0.5, tile=tile)
+    torch.testing.assert_close(out, start - 0.5 * (u @ v.T + v @ u.T), atol=1e-13, rtol=0)
+
+
+def test_accumulation_does_not_depend_on_how_rows_are_split(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    x, xt = torch.randn(5, 6, 4, 3, generator=g), torch.randn(5, 4, 4, 3, generator=g)
+    whole = CrossMoment(max_positions=7, seed=1).update(x, xt)
+    monkeypatch.setattr(moments, "_CHUNK_ELEMENTS", 40)  # 1 sample (7 rows x 10 values) per piece
+    pieces = CrossMoment(max_positions=7, seed=1).update(x, xt)
+    flat = CrossMoment(channel_dim=-1).update(x.permute(0, 2, 3, 1), xt.permute(0, 2, 3, 1))  # 4 rows a piece
+    assert pieces.count == whole.count == 35 and flat.count == 60
+    torch.testing.assert_close(pieces.cross, whole.cross, atol=1e-14, rtol=1e-13)
+    torch.testing.assert_close(pieces.source_mean, whole.source_mean, atol=1e-14, rtol=1e-13)
+    rx, rt = _rows(x), _rows(xt)
+    torch.testing.assert_close(flat.cross, rx.T @ rt / 60, atol=1e-14, rtol=1e-13)

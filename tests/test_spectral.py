@@ -395,3 +395,18 @@ def test_select_rejects_what_does_not_fit():
         select([signal, signal], 2, weights=[1.0, -1.0])
     with pytest.raises(ValueError, match=r"k must be in \[1, 4\], got 5"):
         select(signal, 5)
+
+
+def test_slightly_asymmetric_statistics_are_symmetrised_and_a_broken_one_rejected():
+    """Round-off asymmetry (as from a GEMM) is averaged out tile by tile, over several tiles."""
+    sigma = random_psd(300, 12)
+    noise = 1e-10 * float(sigma.abs().max()) * torch.randn(300, 300, generator=torch.Generator().manual_seed(1),
+                                                             dtype=torch.float64)
+    keep, a = greedy_select(sigma + noise, 40, theta=0.0)
+    sym_keep, sym_a = greedy_select(0.5 * ((sigma + noise) + (sigma + noise).T), 40, theta=0.0)
+    assert torch.equal(keep, sym_keep) and torch.equal(a, sym_a)
+    broken = sigma.clone()
+    broken[250, 3] += 1e-3 * float(sigma.abs().max())
+    with pytest.raises(ValueError, match=r"sigma must be symmetric \(a second moment\); got an asymmetry above "
+                                         "1e-6 relative"):
+        greedy_select(broken, 4)
