@@ -6,8 +6,8 @@ Three tables:
 * selection: ``greedy_select`` (x~ = x, input-aware and theta = 0.5 with Z^T Z) and ``select`` with a
   cross moment (x~ != x, theta = 0.5) for growing (m, k), with the memory of each call. S has rank
   m/2 plus a ridge of noise, x~ = x D + noise (``problem``); z (the consumers' weights) has 2m rows
-  and is passed as Z^T Z, formed beforehand (its time is a column of its own). The plain transcription of docs/method.md §3 is timed where it finishes in reasonable
-  time, for the ratio;
+  and is passed as Z^T Z, formed beforehand (its time is a column of its own). The plain
+  transcription of docs/method.md §3 is timed where it finishes in reasonable time, for the ratio;
 * accumulation: one ``update`` of SecondMoment and CrossMoment on a batch of 16 x 288 x 28 x 28
   (12,544 rows of 288 channels);
 * degrees of freedom: ``degrees_of_freedom`` against the explicit triangular inverse it replaced.
@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import cpu_name, format_table  # noqa: E402
 from spectral_oracle import greedy_select_reference  # noqa: E402
 from specprune_cli.moments import CrossMoment, SecondMoment, sym_addmm  # noqa: E402
-from specprune_cli.spectral import Signal, degrees_of_freedom, greedy_select, relative_lambda, select  # noqa: E402
+from specprune_cli.spectral import (Signal, degrees_of_freedom, greedy_select, relative_lambda,  # noqa: E402
+                                    select)
 
 GIB = 1 << 30
 
@@ -74,9 +75,9 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(fn: Callable[[], object]) -> tuple[float, float, int]:
+def measure(fn: Callable[[], object]) -> tuple[float, float, int, float]:
     """(seconds, 1-minute load average at the start, peak resident memory during the call above the
-    memory before it, in bytes)."""
+    memory before it in bytes, CPU seconds of the process: all its threads, spin-waits included)."""
     before = _rss()
     peak = [before]
     done = threading.Event()
@@ -88,18 +89,22 @@ def measure(fn: Callable[[], object]) -> tuple[float, float, int]:
     watcher = threading.Thread(target=sample, daemon=True)
     load = os.getloadavg()[0]
     watcher.start()
+    cpu = time.process_time()
     t = time.perf_counter()
     fn()
     seconds = time.perf_counter() - t
+    cpu = time.process_time() - cpu
     done.set()
     watcher.join()
-    return seconds, load, max(peak[0], _rss()) - before
+    return seconds, load, max(peak[0], _rss()) - before, cpu
 
 
-def _median(runs: list[tuple[float, float, int]]) -> str:
+def _median(runs: list[tuple[float, float, int, float]]) -> str:
+    """Median wall seconds, median CPU seconds in brackets, the loads in parentheses."""
     seconds = statistics.median(r[0] for r in runs)
+    cpu = statistics.median(r[3] for r in runs)
     loads = "/".join(f"{r[1]:.1f}" for r in runs)
-    return f"{seconds:.2f} ({loads})"
+    return f"{seconds:.2f} [{cpu:.1f}] ({loads})"
 
 
 def selection_table(sizes: list[tuple[int, int]], rounds: int, reference_up_to: int) -> str:
@@ -116,8 +121,9 @@ def selection_table(sizes: list[tuple[int, int]], rounds: int, reference_up_to: 
     for r in range(rounds):
         for key, fn in jobs.items():
             runs[key].append(measure(fn))
-            print(f"round {r + 1}: m={key[0]} {key[1]}: {runs[key][-1][0]:.2f}s load {runs[key][-1][1]:.1f} "
-                  f"peak {runs[key][-1][2] / GIB:.2f} GiB", flush=True)
+            seconds, load, extra, cpu = runs[key][-1]
+            print(f"round {r + 1}: m={key[0]} {key[1]}: {seconds:.2f}s (cpu {cpu:.2f}s) load {load:.1f} "
+                  f"memory +{extra / GIB:.2f} GiB", flush=True)
     for m, k in sizes:
         ref, same = "-", "-"
         if m <= reference_up_to:
@@ -159,8 +165,10 @@ def accumulation_table(rounds: int, reps: int = 10) -> str:
                 fn()
                 runs[key].append(time.perf_counter() - t)
     base = statistics.median(runs["SecondMoment.update(x)"])
-    rows = [[key, f"{statistics.median(v) * 1e3:.1f}", f"{statistics.median(v) / base:.2f}"] for key, v in runs.items()]
-    table = format_table(["update on 16 x 288 x 28 x 28 (12,544 rows)", "ms (median)", "x SecondMoment"], rows)
+    rows = [[key, f"{statistics.median(v) * 1e3:.1f}", f"{statistics.median(v) / base:.2f}"]
+            for key, v in runs.items()]
+    table = format_table(["update on 16 x 288 x 28 x 28 (12,544 rows)", "ms (median)", "x SecondMoment"],
+                         rows)
     return table + f"\n\nLoad average during these timings: {min(loads):.1f} to {max(loads):.1f}.\n"
 
 
@@ -199,18 +207,25 @@ def main() -> None:
     print(dof, flush=True)
     selection = selection_table(sizes, args.rounds, args.reference_up_to)
     print(selection, flush=True)
-    text = (f"# Spectral core timings\n\nProduced by `python scripts/bench_spectral.py --rounds {args.rounds}` on "
-            f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python "
-            f"{platform.python_version()}. The cores may be shared with other work: each cell is the median of "
-            f"{args.rounds} interleaved runs, with the 1-minute load average at the start of each run in "
-            "parentheses.\n\n"
-            "## Selection\n\nSeconds for one call, A_J included (statistics not included). input-aware and "
-            "theta=0.5: `greedy_select` (x~ = x); cross moment: `select` with S~, C and S of a noisy copy x~ "
-            "of x (k0 = m). z has 2m rows and is passed as Z^T Z, formed beforehand by the half-triangle "
-            "product (its own column). Memory of the cross-moment call: its inputs (S~, C, S, Z^T Z) and the "
-            "peak resident memory above what the process held before the call (the largest of the runs).\n\n" + selection + "\n\n"
-            "## Accumulation\n\nOne update of a fresh accumulator, float32 input, float64 sums.\n\n" + accumulation +
-            "\n## Degrees of freedom\n\nN(lambda) at ridge 1e-3 for S of the selection table.\n\n" + dof + "\n")
+    intro = (f"Produced by `python scripts/bench_spectral.py --rounds {args.rounds}` on {cpu_name()}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+             f"Python {platform.python_version()}. "
+             "The cores may be shared with other work: each cell is the median of "
+             f"{args.rounds} interleaved runs, with the median CPU seconds of the process in brackets (all "
+             "threads, spin-waits included; less sensitive to other work than wall time) and the 1-minute "
+             "load average at the start of each run in parentheses.")
+    about_selection = (
+        "Seconds for one call, A_J included (statistics not included). input-aware and theta=0.5: "
+        "`greedy_select` (x~ = x); cross moment: `select` with S~, C and S of x~ = x D + noise (D a random "
+        "diagonal gain, k0 = m). z has 2m rows and is passed as Z^T Z, formed beforehand by the "
+        "half-triangle product (its own column). Memory of the cross-moment call: its inputs (S~, C, S, "
+        "Z^T Z) and the peak resident memory above what the process held before the call (the largest of "
+        "the runs).")
+    text = "\n\n".join([
+        "# Spectral core timings", intro, "## Selection", about_selection, selection,
+        "## Accumulation", "One update of a fresh accumulator, float32 input, float64 sums.",
+        accumulation.strip(),
+        "## Degrees of freedom", "N(lambda) at ridge 1e-3 for S of the selection table.", dof]) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(text)

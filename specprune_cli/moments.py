@@ -118,8 +118,8 @@ class CrossMoment:
             bad = int(x.numel() - torch.isfinite(x).sum())
             if bad:
                 raise StatisticsError(f"{name}{bad} of {x.numel()} activation values are NaN or Inf; check "
-                                      "the input normalisation (data.*.mean/std), that the checkpoint matches "
-                                      "the architecture, and that the model runs in eval mode")
+                                      "the input normalisation (data.*.mean/std), that the checkpoint "
+                                      "matches the architecture, and that the model runs in eval mode")
         return channels
 
     def _row_chunks(self, signals: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
@@ -143,7 +143,8 @@ class CrossMoment:
             # the same positions for every signal.
             idx = torch.rand(n, positions, generator=self._generator).argsort(1)[:, :self.max_positions]
             positions = self.max_positions
-            flats = [torch.gather(f, 2, idx.unsqueeze(1).expand(n, w, positions)) for f, w in zip(flats, widths)]
+            flats = [torch.gather(f, 2, idx.unsqueeze(1).expand(n, w, positions))
+                     for f, w in zip(flats, widths)]
         per = max(1, _CHUNK_ELEMENTS // (positions * sum(widths)))  # samples per piece
         for lo in range(0, n, per):
             pieces = []
@@ -181,7 +182,8 @@ class CrossMoment:
             rows_t = x_tilde.shape[:-1] if self.channel_dim == -1 else (x_tilde.shape[0], *x_tilde.shape[2:])
             if rows_x != rows_t:
                 raise StatisticsError(f"the two signals must come from the same inputs: x has shape "
-                                      f"{tuple(x.shape)} and x~ {tuple(x_tilde.shape)} (only channels may differ)")
+                                      f"{tuple(x.shape)} and x~ {tuple(x_tilde.shape)} (only channels may "
+                                      "differ)")
         self.channels, self.source_channels = m, k0
         if not self._sums:
             self._sums = {"target": torch.zeros(m, m, dtype=torch.float64),
@@ -270,7 +272,11 @@ class CrossMoment:
         return out
 
     def load_sums(self, sums: dict[str, torch.Tensor]) -> "CrossMoment":
-        """Replace the accumulated sums by ``sums`` (as ``sums()`` gives them, e.g. all-reduced). Returns self."""
+        """Replace the accumulated sums by ``sums`` (as ``sums()`` gives them, e.g. all-reduced).
+
+        Returns:
+            self.
+        """
         m, k0 = self.channels, self.source_channels
         shapes = {"target": (m, m), "target_sum": (m,)}
         if "source" in sums:

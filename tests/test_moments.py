@@ -147,7 +147,8 @@ def test_cross_moment_of_x_with_itself_is_one_second_moment():
 
 def test_cross_moment_switching_from_shared_to_separate_signals_keeps_every_row():
     g = torch.Generator().manual_seed(4)
-    x1, x2, xt2 = torch.randn(10, 4, generator=g), torch.randn(7, 4, generator=g), torch.randn(7, 4, generator=g)
+    x1, x2 = torch.randn(10, 4, generator=g), torch.randn(7, 4, generator=g)
+    xt2 = torch.randn(7, 4, generator=g)
     acc = CrossMoment().update(x1, x1).update(x2, xt2).update(x1, x1)  # shared again at the end
     assert not acc.shared and acc.count == 27
     rx = torch.cat([x1, x2, x1]).double()
@@ -177,9 +178,10 @@ def test_cross_moment_merge_and_raw_sums_equal_one_pass():
     joint = CrossMoment().update(x[12:, :3], xt[12:])
     both = torch.cat([x[:12, :3], xt[12:]]).double()
     torch.testing.assert_close(shared.merge(joint).source, both.T @ both / 30, atol=1e-14, rtol=1e-12)
-    with pytest.raises(StatisticsError, match=r"sums of shapes \{'target': \(4, 4\), 'target_sum': \(4,\)\} do not "
-                                              r"fit this accumulator \(6 and 3 channels\)"):
-        CrossMoment(6, 3).load_sums({"count": torch.tensor(1.0), "target": torch.eye(4), "target_sum": torch.ones(4)})
+    wrong = {"count": torch.tensor(1.0), "target": torch.eye(4), "target_sum": torch.ones(4)}
+    with pytest.raises(StatisticsError, match=r"sums of shapes \{'target': \(4, 4\), 'target_sum': \(4,\)\} "
+                                              r"do not fit this accumulator \(6 and 3 channels\)"):
+        CrossMoment(6, 3).load_sums(wrong)
 
 
 def test_cross_moment_errors_name_the_bad_signal():
@@ -188,9 +190,9 @@ def test_cross_moment_errors_name_the_bad_signal():
     bad[0, 1] = float("inf")
     with pytest.raises(StatisticsError) as err:
         CrossMoment().update(x, bad)
-    assert str(err.value) == ("the pruned network's signal x~: 1 of 8 activation values are NaN or Inf; check "
-                              "the input normalisation (data.*.mean/std), that the checkpoint matches the "
-                              "architecture, and that the model runs in eval mode")
+    assert str(err.value) == ("the pruned network's signal x~: 1 of 8 activation values are NaN or Inf; "
+                              "check the input normalisation (data.*.mean/std), that the checkpoint matches "
+                              "the architecture, and that the model runs in eval mode")
     bad = x.clone()
     bad[0, :2] = float("nan")
     with pytest.raises(StatisticsError, match="^the original network's signal x: 2 of 12 activation values"):
@@ -199,8 +201,8 @@ def test_cross_moment_errors_name_the_bad_signal():
                                               r"\(4, 3\) and x~ \(5, 2\)"):
         CrossMoment().update(x, torch.randn(5, 2))
     acc = CrossMoment().update(x, xt)
-    with pytest.raises(StatisticsError, match="^the pruned network's signal x~: expected 2 channels, got a batch "
-                                              "with 3"):
+    with pytest.raises(StatisticsError, match="^the pruned network's signal x~: expected 2 channels, got a "
+                                              "batch with 3"):
         acc.update(x, x)
     with pytest.raises(StatisticsError, match="read before any update: run the 'observe' step"):
         CrossMoment().cross
@@ -211,7 +213,8 @@ def test_sym_addmm_gives_the_whole_symmetric_product(n, tile):
     """Only the lower block triangle is multiplied and the rest mirrored in squares of 128: every
     entry must still be left @ right^T, here for a product that is symmetric (U V^T + V U^T)."""
     g = torch.Generator().manual_seed(n)
-    u, v = torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randn(n, 5, generator=g, dtype=torch.float64)
+    u = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    v = torch.randn(n, 5, generator=g, dtype=torch.float64)
     start = torch.eye(n, dtype=torch.float64)
     out = sym_addmm(start.clone(), torch.cat([u, v], 1), torch.cat([v, u], 1), alpha=-0.5, tile=tile)
     torch.testing.assert_close(out, start - 0.5 * (u @ v.T + v @ u.T), atol=1e-13, rtol=0)

@@ -1,4 +1,4 @@
-"""The spectral core against brute force, exhaustive search and known structure (docs/method.md §2, §3, §6)."""
+"""The spectral core against brute force, exhaustive search and known structure (docs/method.md §2, 3, 6)."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from specprune_cli.spectral import (Signal, degrees_of_freedom, greedy_select, loss_curve, reconstruction,
                                     reconstruction_matrix, relative_lambda, select, selection_loss)
-from spectral_oracle import brute_force_greedy, exhaustive_best, greedy_reference, greedy_select_reference, loss
+from spectral_oracle import (brute_force_greedy, exhaustive_best, greedy_reference, greedy_select_reference,
+                             loss)
 
 
 def random_psd(m: int, seed: int, rank: int | None = None) -> torch.Tensor:
@@ -203,7 +204,8 @@ def test_invalid_k_is_rejected():
 def random_pair(m: int, k0: int, seed: int, n: int = 200, offset: float = 0.0):
     """Moments of a random 'original' signal x (m) and a 'pruned' one x~ (k0) correlated with it."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, m, generator=g, dtype=torch.float64) * torch.rand(m, generator=g, dtype=torch.float64) * 3
+    x = torch.randn(n, m, generator=g, dtype=torch.float64)
+    x = x * torch.rand(m, generator=g, dtype=torch.float64) * 3  # uneven channel scales
     mix = torch.randn(m, k0, generator=g, dtype=torch.float64)
     xt = x @ mix / m ** 0.5 + 0.3 * torch.randn(n, k0, generator=g, dtype=torch.float64) + offset
     x = x + offset
@@ -381,17 +383,18 @@ def test_select_rejects_what_does_not_fit():
     with pytest.raises(ValueError, match=r"pass cross \(C = E\[x x~\^T\]\) and target \(S = E\[x x\^T\]\) "
                                          r"together, or neither \(then x~ = x\)"):
         select(Signal(signal.source, cross=signal.cross), 2)
-    with pytest.raises(ValueError, match=r"cross must be 5 x 4 \(target channels x source channels\), got shape "
-                                         r"\(4, 5\)"):
+    with pytest.raises(ValueError, match=r"cross must be 5 x 4 \(target channels x source channels\), got "
+                                         r"shape \(4, 5\)"):
         select(Signal(signal.source, cross=signal.cross.T, target=signal.target), 2)
-    with pytest.raises(ValueError, match=r"intercept needs source_mean \(E\[x~\]\), and target_mean \(E\[x\]\) "
-                                         "with cross"):
+    with pytest.raises(ValueError, match=r"intercept needs source_mean \(E\[x~\]\), and target_mean "
+                                         r"\(E\[x\]\) with cross"):
         select(Signal(signal.source, signal.cross, signal.target, source_mean=signal.source_mean), 2,
                intercept=True)
-    with pytest.raises(ValueError, match=r"every signal must have the same candidate channels; got sources of "
-                                         r"sizes \[4, 5\]"):
+    with pytest.raises(ValueError, match=r"every signal must have the same candidate channels; got sources "
+                                         r"of sizes \[4, 5\]"):
         select([signal, Signal(signal.target)], 2)
-    with pytest.raises(ValueError, match=r"weights must be 2 non-negative numbers, not all 0, got \[1.0, -1.0\]"):
+    with pytest.raises(ValueError, match=r"weights must be 2 non-negative numbers, not all 0, got "
+                                         r"\[1.0, -1.0\]"):
         select([signal, signal], 2, weights=[1.0, -1.0])
     with pytest.raises(ValueError, match=r"k must be in \[1, 4\], got 5"):
         select(signal, 5)
@@ -400,13 +403,13 @@ def test_select_rejects_what_does_not_fit():
 def test_slightly_asymmetric_statistics_are_symmetrised_and_a_broken_one_rejected():
     """Round-off asymmetry (as from a GEMM) is averaged out tile by tile, over several tiles."""
     sigma = random_psd(300, 12)
-    noise = 1e-10 * float(sigma.abs().max()) * torch.randn(300, 300, generator=torch.Generator().manual_seed(1),
-                                                             dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    noise = 1e-10 * float(sigma.abs().max()) * torch.randn(300, 300, generator=g, dtype=torch.float64)
     keep, a = greedy_select(sigma + noise, 40, theta=0.0)
     sym_keep, sym_a = greedy_select(0.5 * ((sigma + noise) + (sigma + noise).T), 40, theta=0.0)
     assert torch.equal(keep, sym_keep) and torch.equal(a, sym_a)
     broken = sigma.clone()
     broken[250, 3] += 1e-3 * float(sigma.abs().max())
-    with pytest.raises(ValueError, match=r"sigma must be symmetric \(a second moment\); got an asymmetry above "
-                                         "1e-6 relative"):
+    with pytest.raises(ValueError, match=r"sigma must be symmetric \(a second moment\); got an asymmetry "
+                                         "above 1e-6 relative"):
         greedy_select(broken, 4)
