@@ -22,8 +22,8 @@ from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import Unit, UnitGraph, find_units
 from specprune_cli.layers import consumer_matrix
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
-from specprune_cli.spectral import (SecondMoment, degrees_of_freedom, greedy_select, reconstruction_matrix,
-                                    relative_lambda)
+from specprune_cli.moments import SecondMoment
+from specprune_cli.spectral import degrees_of_freedom, greedy_select, reconstruction_matrix, relative_lambda
 from specprune_cli.stats import (SegmentRunner, TapKey, collect_prefix, new_moments, no_inplace_modules,
                                  tap_reader)
 from specprune_cli.surgery import prune_unit, selection_matrix, verify_forward

@@ -29,7 +29,7 @@ from torch import fx, nn
 from specprune_cli.errors import StatisticsError
 from specprune_cli.graph import Unit
 from specprune_cli.layers import tap_rows
-from specprune_cli.spectral import SecondMoment
+from specprune_cli.moments import SecondMoment
 
 TapKey = tuple[str, str]  # (unit name, tap node name)
 
