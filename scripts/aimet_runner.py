@@ -19,15 +19,14 @@ network's activations, ``num_reconstruction_samples`` = 10 positions per calibra
 
 Modes (one job each):
   manual  ``ChannelPruningParameters.Mode.manual``: one compression ratio for every selected conv, found
-          by bisection so that the pruned model's FLOPs (``specprune_cli.flops``) meet the job's target.
+          by a search so that the pruned model's FLOPs (``specprune_cli.flops``) meet the job's target.
           The bisection runs AIMET with its reconstruction switched off (the kept widths do not depend on
           it); the final model is pruned with reconstruction.
   greedy  ``Mode.auto`` with ``GreedySelectionParameters`` (10 ratio candidates per layer, AIMET's
           default): per-layer ratios from each layer's accuracy-vs-ratio curve on the held-out images
-          (the eval callback), meeting AIMET's MAC target. AIMET's MACs (conv and Linear layers) and
-          the FLOPs the benchmark counts differ only by the factor 2, so the target is the job's FLOPs
-          fraction; it is corrected by secant steps if the achieved FLOPs miss it by more than the
-          tolerance. The per-layer eval scores are computed once per model and reused (AIMET's own
+          (the eval callback), meeting AIMET's MAC target. AIMET's MAC ratio is not the FLOPs
+          fraction the benchmark counts, so its target is searched too (see ``Job.search``). The
+          per-layer eval scores are computed once per model and reused (AIMET's own
           ``saved_eval_scores_dict``), kept in the request's work directory.
 
 Usage (the benchmark calls it): .venv-aimet/bin/python scripts/aimet_runner.py REQUEST.json
@@ -172,45 +171,31 @@ class Job:
         """The ratio whose pruned FLOPs fraction is closest to ``target``, the (ratio, fraction) pairs
         tried, and the model pruned with reconstruction at that ratio when the search made it.
 
-        Manual: interpolation search over the uniform ratio inside a shrinking bracket (FLOPs grow with
-        the ratio, in steps: widths are whole channels), without reconstruction. Greedy: the first call
-        asks AIMET for the target itself, with reconstruction (it computes and saves the per-layer eval
-        scores on networks pruned that way, and it is usually the final model: AIMET's MAC ratio is the
-        FLOPs fraction); secant steps follow only when it misses.
+        Interpolation search inside a shrinking bracket, starting at the target itself (the pruned
+        FLOPs grow with the ratio, in steps: widths are whole channels, and greedy ratios come from 10
+        candidates per layer): over the uniform ratio in manual mode (12 tries at most), over AIMET's
+        MAC target in greedy mode (5 tries at most: each runs AIMET's whole greedy search). Searches run
+        without the reconstruction, except greedy's first call: AIMET computes and saves its per-layer
+        eval scores there, on networks pruned with reconstruction, and that call is often the result.
         """
         tried: list[tuple[float, float]] = []
-
-        def close(f: float) -> bool:
-            return abs(f / target - 1) < self.tolerance / 4
-
-        if mode == "manual":
-            lo, hi = (0.0, 0.0), (1.0, 1.0)  # (ratio, fraction); ratio 0 is a virtual end point
-            while len(tried) < 12 and hi[0] - lo[0] > 1e-3:
-                width = hi[0] - lo[0]
-                r = lo[0] + (target - lo[1]) * width / (hi[1] - lo[1]) if hi[1] > lo[1] else lo[0] + width / 2
+        first = None
+        lo, hi = (0.0, 0.0), (1.0, 1.0)  # (ratio, fraction); both ends virtual
+        while len(tried) < (12 if mode == "manual" else 5) and hi[0] - lo[0] > 1e-3:
+            width = hi[0] - lo[0]
+            r = lo[0] + (target - lo[1]) * width / (hi[1] - lo[1]) if hi[1] > lo[1] else lo[0] + width / 2
+            if tried:
                 r = min(max(r, lo[0] + 0.1 * width), hi[0] - 0.1 * width)  # a step cannot stall the bracket
-                f, _ = self.fraction(mode, r, reconstruct=False)
-                tried.append((r, f))
-                if close(f):
-                    break
-                lo, hi = (lo, (r, f)) if f > target else ((r, f), hi)
-            best = min(tried, key=lambda p: abs(p[1] / target - 1))
-            return best[0], tried, None
-        r, first = target, None
-        while len(tried) < 5:
-            f, pruned = self.fraction(mode, r, reconstruct=first is None)
-            first = first or (r, pruned)
+            reconstruct = mode == "greedy" and first is None
+            f, pruned = self.fraction(mode, r, reconstruct=reconstruct)
+            if reconstruct:
+                first = (r, pruned)
             tried.append((r, f))
-            if close(f):
+            if abs(f / target - 1) < self.tolerance / 4:
                 break
-            below, above = [p for p in tried if p[1] < target], [p for p in tried if p[1] > target]
-            if below and above:  # secant between the nearest points on either side
-                (r0, f0), (r1, f1) = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
-                r = r0 + (target - f0) * (r1 - r0) / (f1 - f0) if f1 != f0 else (r0 + r1) / 2
-            else:
-                r = min(0.99, max(0.005, r * target / f))
+            lo, hi = (lo, (r, f)) if f > target else ((r, f), hi)
         best = min(tried, key=lambda p: abs(p[1] / target - 1))
-        return best[0], tried, first[1] if best[0] == first[0] else None
+        return best[0], tried, first[1] if first is not None and best[0] == first[0] else None
 
     def run(self) -> dict:
         """Search the ratio, prune with reconstruction, save the result, and return the metadata."""

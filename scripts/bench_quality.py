@@ -242,6 +242,9 @@ class ModelRun:
         self.name, self.data, self.progress, self.threads = name, data, progress, threads
         self.model, self.log = reference_model(name)
         self.flops0 = count_flops(self.model, EXAMPLE)
+        # reference_model re-measured it on the full test split; --quick scores on fewer images
+        self.test_accuracy = (self.log["test_accuracy"] if len(data.test_x) == len(load_split("t10k")[1])
+                              else accuracy(self.model, data.test_x, data.test_y))
         self.cache = RowCache(cache_root, name)
         self.cache_root = cache_root
         self.methods = methods
@@ -260,8 +263,7 @@ class ModelRun:
         elif method == "L1 (Li 2017)":
             key.update(widths=sp["unit_widths"], specprune=library_commit())
         elif method in TP_METHODS:
-            import torch_pruning
-            key.update(target_flops=sp["flops"], torch_pruning=torch_pruning.__version__)
+            key.update(target_flops=sp["flops"], torch_pruning=torch_pruning_version())
         else:
             key.update(aimet_job(self.name, method, sp["flops"], self.data))
         return key
@@ -380,6 +382,15 @@ class ModelRun:
                 elif self.cache.path(method, budget).exists():
                     print(f"{self.name}: cached {method} at {budget:.0%} is stale (settings or code changed)")
         return rows
+
+
+def torch_pruning_version() -> str | None:
+    """Torch-Pruning's version, None when it is not installed (the ``bench`` extra)."""
+    try:
+        import torch_pruning
+    except ImportError:
+        return None
+    return torch_pruning.__version__
 
 
 def eval_code() -> str:
@@ -554,12 +565,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def tool_versions(results: list[dict]) -> str:
     """Versions of the other tools, for the report's heading (AIMET's as its runner reported it)."""
-    parts = []
-    try:
-        import torch_pruning
-        parts.append(f"torch-pruning {torch_pruning.__version__}")
-    except ImportError:
-        pass
+    tp = torch_pruning_version()
+    parts = [f"torch-pruning {tp}"] if tp else []
     aimet = sorted({r["aimet_version"] for res in results for r in res["rows"] if "aimet_version" in r})
     if aimet:
         parts.append(f"aimet-torch {', '.join(aimet)}")
@@ -603,7 +610,7 @@ def main() -> None:
             for name in models:
                 t = time.perf_counter()
                 print(f"{name}: {runs[name].flops0 / 1e6:.1f} MFLOPs, test accuracy "
-                      f"{accuracy(runs[name].model, data.test_x, data.test_y):.4f}", flush=True)
+                      f"{runs[name].test_accuracy:.4f}", flush=True)
                 runs[name].run(budgets)
                 print(f"{name}: {time.perf_counter() - t:.0f}s", flush=True)
         if args.quick:
@@ -618,7 +625,7 @@ def main() -> None:
             print(f"docs not written: no results yet for {name}")
             return
         run = runs[name]
-        results.append({"model": name, "test_accuracy": accuracy(run.model, data.test_x, data.test_y),
+        results.append({"model": name, "test_accuracy": run.test_accuracy,
                         "flops": run.flops0, "params": count_params(run.model), "train_log": run.log,
                         "rows": rows})
     setup = {"machine": f"{cpu_name()}, {args.threads} thread(s) per run", "torch": torch.__version__,
