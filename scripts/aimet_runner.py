@@ -11,8 +11,8 @@ module structure as JSON. The rebuilt model is checked against the outputs AIMET
 
 What AIMET does (``aimet_torch.compress.ModelCompressor.compress_model`` with
 ``CompressionScheme.channel_pruning`` and ``CostMetric.mac``): for each selected Conv2d (groups 1, not
-the first conv, whose input is the image) it keeps the input channels with the largest squared weight
-norm, removes the producers' matching output channels where it can ("winnowing"; a channel that also
+the first conv, whose input is the image, nor one AIMET cannot prune with others: ``upsampling_convs``)
+it keeps the input channels with the largest squared weight norm, removes the producers' matching output channels where it can ("winnowing"; a channel that also
 feeds a residual add is selected by an inserted index op instead), and refits the conv by least
 squares: targets are the *original* network's outputs of that conv, inputs the already-pruned
 network's activations, ``num_reconstruction_samples`` = 10 positions per calibration image (all of them).
@@ -115,14 +115,16 @@ def describe(model: nn.Module) -> list[dict]:
 class Job:
     """One pruning job: a mode and a FLOPs target for one model."""
 
-    def __init__(self, model: nn.Module, data: dict, spec: dict, workdir: Path, tolerance: float):
+    def __init__(self, model: nn.Module, data: dict, spec: dict, workdir: Path, tolerance: float,
+                 excluded: list[str] = ()):
         self.model, self.data, self.spec, self.workdir, self.tolerance = model, data, spec, workdir, tolerance
+        self.excluded = list(excluded)
         self.example = torch.zeros(1, *data["calib_x"].shape[1:])
         self.flops0 = FLOPS.count_flops(model, self.example)
         self.loader = DataLoader(TensorDataset(data["calib_x"], data["calib_y"]), batch_size=BATCH)
         convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         self.first_conv = convs[0]
-        self.selected = [n for n in convs[1:] if model.get_submodule(n).groups == 1]
+        self.selected = [n for n in convs[1:] if model.get_submodule(n).groups == 1 and n not in excluded]
         self.scores_path = workdir / "data" / "greedy_selection_eval_scores_dict.pkl"  # AIMET's name
 
     def evaluate(self, model: nn.Module, iterations=None, use_cuda: bool = False) -> float:
@@ -135,9 +137,10 @@ class Job:
                 correct += int((model(x[i:i + 256]).argmax(1) == y[i:i + 256]).sum())
         return correct / len(x)
 
-    def compress(self, mode: str, ratio: float) -> nn.Module:
+    def compress(self, mode: str, ratio: float, layers: list[str] | None = None) -> nn.Module:
         """ModelCompressor.compress_model (channel pruning, MAC cost) on a copy of the model, in ``mode`` at
-        ``ratio``: every selected conv's ratio (manual), or the greedy search's target (auto)."""
+        ``ratio``: the ratio of every selected conv (or of ``layers``) in manual mode, the greedy search's
+        target in auto mode."""
         from aimet_torch.common.defs import CompressionScheme, CostMetric, GreedySelectionParameters
         from aimet_torch.compress import ModelCompressor
         from aimet_torch.defs import ChannelPruningParameters, ModuleCompRatioPair
@@ -145,14 +148,15 @@ class Job:
         model = copy.deepcopy(self.model)  # AIMET names layers by module identity: pairs use the copy's
         cp = ChannelPruningParameters
         if mode == "manual":
-            pairs = [ModuleCompRatioPair(model.get_submodule(n), ratio) for n in self.selected]
+            pairs = [ModuleCompRatioPair(model.get_submodule(n), ratio) for n in layers or self.selected]
             mode_enum, mode_params = cp.Mode.manual, cp.ManualModeParams(pairs)
         else:
             saved = str(self.scores_path) if self.scores_path.exists() else None
             greedy = GreedySelectionParameters(target_comp_ratio=ratio, num_comp_ratio_candidates=10,
                                                saved_eval_scores_dict=saved)
             mode_enum = cp.Mode.auto
-            mode_params = cp.AutoModeParams(greedy, modules_to_ignore=[model.get_submodule(self.first_conv)])
+            ignore = [model.get_submodule(n) for n in (self.first_conv, *self.excluded)]
+            mode_params = cp.AutoModeParams(greedy, modules_to_ignore=ignore)
         samples = SAMPLES_PER_IMAGE * len(self.data["calib_x"])  # every calibration image
         params = cp(data_loader=self.loader, num_reconstruction_samples=samples,
                     allow_custom_downsample_ops=True, mode=mode_enum, params=mode_params, multiplicity=1)
@@ -218,9 +222,31 @@ class Job:
         meta = {"mode": mode, "ratio": ratio, "flops_fraction": fraction, "target_fraction": target,
                 "tried": tried, "seconds": round(time.perf_counter() - t, 2),
                 "search_seconds": round(seconds, 2), "heldout_accuracy": self.evaluate(pruned),
-                "aimet": aimet_version(), "modules": describe(pruned)}
+                "aimet": aimet_version(), "excluded": self.excluded, "modules": describe(pruned)}
         out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
         return meta
+
+
+def upsampling_convs(model: nn.Module, data: dict, workdir: Path) -> list[str]:
+    """The convs whose pruning alone (ratio 0.5) makes AIMET put an UpsampleLayer into the model.
+
+    AIMET re-expands a BatchNorm's output with an UpsampleLayer when it removed more channels there than
+    the next op reads (on mobilenetv2_small, at the residual streams); its own winnower cannot trace
+    that layer afterwards ("Unsupported op_type zeros"), so pruning any further conv fails. Those convs
+    are left out of both modes, as a user would have to, and the result records them.
+    """
+    probe = Job(model, data, {"mode": "manual", "target_flops": 1, "out": ""}, workdir, 0.0)
+    found = []
+    for name in probe.selected:
+        with _without_reconstruction(True):
+            try:
+                pruned = probe.compress("manual", 0.5, layers=[name])
+            except NotImplementedError:
+                found.append(name)
+                continue
+        if any(type(m).__name__ == "UpsampleLayer" for m in pruned.modules()):
+            found.append(name)
+    return found
 
 
 def aimet_version() -> str:
@@ -263,8 +289,13 @@ def main() -> None:
     workdir = Path(request["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # AIMET writes its eval-score and ratio pickles to ./data
+    probe = workdir / "excluded.json"  # per model, data and code, like the work directory
+    if not probe.exists():
+        probe.write_text(json.dumps(upsampling_convs(model, data, workdir)))
+    excluded = json.loads(probe.read_text())
+    print(json.dumps({"excluded": excluded}), flush=True)
     for spec in request["jobs"]:
-        meta = Job(model, data, spec, workdir, request["tolerance"]).run()
+        meta = Job(model, data, spec, workdir, request["tolerance"], excluded).run()
         print(json.dumps({"mode": meta["mode"], "ratio": round(meta["ratio"], 4),
                           "flops_fraction": round(meta["flops_fraction"], 4),
                           "target_fraction": round(meta["target_fraction"], 4),
