@@ -12,10 +12,11 @@ module structure as JSON. The rebuilt model is checked against the outputs AIMET
 What AIMET does (``aimet_torch.compress.ModelCompressor.compress_model`` with
 ``CompressionScheme.channel_pruning`` and ``CostMetric.mac``): for each selected Conv2d (groups 1, not
 the first conv, whose input is the image, nor one AIMET cannot prune with others: ``upsampling_convs``)
-it keeps the input channels with the largest squared weight norm, removes the producers' matching output channels where it can ("winnowing"; a channel that also
-feeds a residual add is selected by an inserted index op instead), and refits the conv by least
-squares: targets are the *original* network's outputs of that conv, inputs the already-pruned
-network's activations, ``num_reconstruction_samples`` = 10 positions per calibration image (all of them).
+it keeps the input channels with the largest squared weight norm, removes the producers' matching
+output channels where it can ("winnowing"; a channel that also feeds a residual add is selected by an
+inserted index op instead), and refits the conv by least squares: targets are the *original* network's
+outputs of that conv, inputs the already-pruned network's activations, ``num_reconstruction_samples`` =
+10 positions per calibration image (all of them).
 
 Modes (one job each):
   manual  ``ChannelPruningParameters.Mode.manual``: one compression ratio for every selected conv, found
