@@ -74,6 +74,7 @@ from fashion_common import CACHE, ROOT, accuracy, load_split, normalise, referen
 from quality_cache import RowCache, files_hash, library_commit  # noqa: E402
 from specprune_cli.baselines import prune_by_criterion  # noqa: E402
 from specprune_cli.config import FinetuneConfig, PruneConfig  # noqa: E402
+from specprune_cli.errors import BudgetError  # noqa: E402
 from specprune_cli.finetune import finetune  # noqa: E402
 from specprune_cli.flops import count_flops, count_params  # noqa: E402
 from specprune_cli.prune import prune_model  # noqa: E402
@@ -261,7 +262,7 @@ class ModelRun:
         if method in self.variants:
             key.update(settings=self.variants[method], specprune=library_commit())
         elif method == "L1 (Li 2017)":
-            key.update(widths=sp["unit_widths"], specprune=library_commit())
+            key.update(widths=sp.get("unit_widths"), specprune=library_commit())
         elif method in TP_METHODS:
             key.update(target_flops=sp["flops"], torch_pruning=torch_pruning_version())
         else:
@@ -275,10 +276,16 @@ class ModelRun:
         """Compute the rows not in the cache: specprune's first (the others match its FLOPs)."""
         for budget in budgets:
             for method in self.variants:
-                if self.wanted(method):
+                if not self.wanted(method):
+                    continue
+                try:
                     self.row(method, budget, lambda m=method, b=budget: self.specprune(m, b))
+                except BudgetError as exc:  # below the smallest model specprune can make
+                    print(f"  keep {budget:.0%} {method:22s} {exc}".splitlines()[0][:200], flush=True)
+                    if method == "specprune":
+                        self.sp[budget] = self.nominal(budget)
         for budget in budgets:
-            if self.wanted("L1 (Li 2017)"):
+            if self.wanted("L1 (Li 2017)") and "unit_widths" in self.sp[budget]:
                 self.row("L1 (Li 2017)", budget, lambda b=budget: (
                     prune_by_criterion(self.model, EXAMPLE, self.sp[b]["unit_widths"], criterion="l1"), {}))
             for method in TP_METHODS:
@@ -303,6 +310,10 @@ class ModelRun:
         if method == "specprune":
             self.sp[budget] = row
         return row
+
+    def nominal(self, budget: float) -> dict:
+        """What the other rows match when specprune cannot reach ``budget``: the budget itself."""
+        return {"flops": round(budget * self.flops0), "nominal": True}
 
     def specprune(self, method: str, budget: float) -> tuple[nn.Module, dict]:
         cfg = dataclasses.replace(PruneConfig(target={"flops": budget}), **self.variants[method])
@@ -371,9 +382,7 @@ class ModelRun:
         """Every valid cached row (its key matches today's), specprune's first; notes for stale ones."""
         rows = []
         for budget in budgets:
-            sp = self.cache.get("specprune", budget, self.key("specprune", budget))
-            if sp is None:
-                continue
+            sp = self.cache.get("specprune", budget, self.key("specprune", budget)) or self.nominal(budget)
             self.sp[budget] = sp
             for method in (*self.variants, "L1 (Li 2017)", *TP_METHODS, *AIMET_METHODS):
                 row = self.cache.get(method, budget, self.key(method, budget))
@@ -445,7 +454,11 @@ def check_targets(results: list[dict]) -> tuple[list[str], int, int]:
             sp = by.get((budget, "specprune"))
             for key, label in (("accuracy", "no fine-tune"), ("accuracy_finetuned", "after the fine-tune")):
                 rival = best_aimet(res["rows"], budget, key)
-                if sp is None or rival is None:
+                if rival is None:
+                    continue
+                if sp is None:
+                    verdict(False, f"{name} at {budget:.0%} FLOPs, {label}: specprune cannot make a model that "
+                            f"small; {rival['method']} {pct(rival[key])}%")
                     continue
                 off = ("" if abs(rival["flops_vs_specprune"]) <= FLOPS_TOLERANCE else
                        f"; AIMET's FLOPs {rival['flops_vs_specprune']:+.1%} off specprune's")
@@ -475,8 +488,9 @@ def report(results: list[dict], setup: dict) -> str:
         f"test: {setup['test']} test images. AIMET's greedy mode scores its candidates on {setup['heldout']} "
         "other labelled training images. FLOPs kept is measured on the pruned model "
         "(`torch.utils.flop_counter`); every method is matched to specprune's achieved FLOPs "
-        f"(column 'vs sp', tolerance {FLOPS_TOLERANCE:.0%}; (!) beyond it). Accuracy in %; best per budget "
-        "in bold.",
+        f"(column 'vs sp', tolerance {FLOPS_TOLERANCE:.0%}; (!) beyond it), or to the budget itself where "
+        "specprune cannot reach it (its row shows '-': the layers it leaves whole cost more). Accuracy in %; "
+        "best per budget in bold.",
         "",
         "![accuracy vs FLOPs](bench_quality.png)",
     ]
@@ -508,9 +522,9 @@ def report(results: list[dict], setup: dict) -> str:
         parts.append(format_table(headers, table_rows))
         variants, _ = specprune_variants()
         for b in budgets:
-            sp = by[(b, "specprune")]
+            sp = by.get((b, "specprune"))
             others = [r for r in res["rows"] if r["budget"] == b and r["method"] not in variants]
-            if not others:
+            if sp is None or not others:
                 continue
             rival = max(others, key=lambda r: r["accuracy"])
             rival_ft = max(others, key=lambda r: r["accuracy_finetuned"])
