@@ -457,8 +457,8 @@ def check_targets(results: list[dict]) -> tuple[list[str], int, int]:
                 if rival is None:
                     continue
                 if sp is None:
-                    verdict(False, f"{name} at {budget:.0%} FLOPs, {label}: specprune cannot make a model that "
-                            f"small; {rival['method']} {pct(rival[key])}%")
+                    verdict(False, f"{name} at {budget:.0%} FLOPs, {label}: specprune cannot make a model "
+                            f"that small; {rival['method']} {pct(rival[key])}%")
                     continue
                 off = ("" if abs(rival["flops_vs_specprune"]) <= FLOPS_TOLERANCE else
                        f"; AIMET's FLOPs {rival['flops_vs_specprune']:+.1%} off specprune's")
