@@ -25,9 +25,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Every benchmark (about 1.5 hours on 2 cores the first time; models and results are cached in bench_cache/).
+# Every benchmark (hours on 2 cores the first time; models and results are cached in bench_cache/, or in
+# $SPECPRUNE_BENCH_CACHE). The AIMET rows of bench_quality run in their own .venv-aimet, made here.
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	bash scripts/setup_aimet_venv.sh $(PYTHON)
 	$(BIN)/python scripts/bench_spectral.py
 	$(BIN)/python scripts/bench_quality.py
 	$(BIN)/python scripts/bench_speed.py

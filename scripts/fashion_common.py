@@ -29,7 +29,8 @@ from specprune_cli.idx import read_idx  # noqa: E402
 DATA = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = 0.2860, 0.3530
 BATCH = 128
-CACHE = ROOT / "bench_cache"
+# Trained models and benchmark results; SPECPRUNE_BENCH_CACHE lets several checkouts share one cache.
+CACHE = Path(os.environ.get("SPECPRUNE_BENCH_CACHE") or ROOT / "bench_cache")
 
 
 def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
