@@ -23,9 +23,10 @@ on full Fashion-MNIST) and each budget (keep 50%, 30%, 15%, 5% of FLOPs):
                    by scripts/setup_aimet_venv.sh): Conv2d input channels by weight norm, each conv
                    refit by least squares to the original network's outputs from the pruned network's
                    inputs, on the same calibration images. Manual: one ratio for every conv but the
-                   first, bisected to specprune's FLOPs; greedy: AIMET's per-layer ratios from accuracy
+                   first, bisected to the budget's FLOPs; greedy: AIMET's per-layer ratios from accuracy
                    on 1,024 held-out labelled training images (disjoint from every other set here),
-                   aimed at specprune's FLOPs. The pruned model comes back as a description and
+                   aimed at the budget's FLOPs (the nominal budget, not specprune's result, so the AIMET
+                   rows do not depend on specprune's code). The pruned model comes back as a description and
                    tensors and is rebuilt here (scripts/aimet_bench.py, checked against AIMET's outputs),
                    so it is scored and fine-tuned by the same code as every other row.
 
@@ -266,7 +267,7 @@ class ModelRun:
         elif method in TP_METHODS:
             key.update(target_flops=sp["flops"], torch_pruning=torch_pruning_version())
         else:
-            key.update(aimet_job(self.name, method, sp["flops"], self.data))
+            key.update(aimet_job(self.name, method, self.nominal(budget)["flops"], self.data))
         return key
 
     def wanted(self, method: str) -> bool:
@@ -335,7 +336,7 @@ class ModelRun:
         code = aimet_job(self.name, AIMET_METHODS[0], 0, self.data)["aimet_code"]
         work = (self.cache_root / "aimet" /
                 f"{self.name}-{self.base['weights'][:12]}-{data_tag(self.data)}-{code}")
-        outs = {(m, b): work / f"{aimet_bench.MODES[m]}-{self.sp[b]['flops']}" for m, b in jobs}
+        outs = {(m, b): work / f"{aimet_bench.MODES[m]}-{self.nominal(b)['flops']}" for m, b in jobs}
         todo = [(m, b) for m, b in jobs if not outs[(m, b)].with_suffix(".json").exists()]
         if todo:
             work.mkdir(parents=True, exist_ok=True)
@@ -343,7 +344,7 @@ class ModelRun:
                         "heldout_x": self.data.heldout_x, "heldout_y": self.data.heldout_y}, work / "data.pt")
             print(f"  AIMET: {len(todo)} job(s) in {aimet_bench.VENV.name}", flush=True)
             t = time.perf_counter()
-            jobs_spec = [{"mode": aimet_bench.MODES[m], "target_flops": self.sp[b]["flops"],
+            jobs_spec = [{"mode": aimet_bench.MODES[m], "target_flops": self.nominal(b)["flops"],
                           "out": str(outs[(m, b)])} for m, b in todo]
             aimet_bench.run_runner(
                 {"model": self.name, "weights": str(weights), "data": str(work / "data.pt"),
