@@ -12,7 +12,8 @@ from specprune_cli.graph import find_units
 from specprune_cli.prune import prune_model
 from specprune_cli.spectral import reconstruction_matrix
 from specprune_cli.stats import collect_oneshot
-from specprune_cli.surgery import apply_plan_shapes, prune_unit, selection_matrix
+from specprune_cli.pruned_file import apply_plan_shapes
+from specprune_cli.surgery import prune_unit, selection_matrix
 from helpers import prune_cfg
 from patterns import PATTERNS, build
 
