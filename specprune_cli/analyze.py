@@ -1,4 +1,4 @@
-"""How compressible a model is, unit by unit, measured without changing it (SPEC §2, §5, §8).
+"""How compressible a model is, unit by unit, measured without changing it (docs/method.md §2, §5, §8).
 
 One pass of statistics on the unmodified network (``oneshot``), then per unit: degrees of freedom
 over a grid of ridges, eigen-energy widths, and the greedy reconstruction loss at a few keep
@@ -21,8 +21,8 @@ from tqdm import tqdm
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import find_units
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher
-from specprune_cli.prune import (_as_inputs, allocation_prefix, consumer_gram, primary_tap, prune_model,
-                                 unit_dof)
+from specprune_cli.prune import _as_inputs, allocation_prefix, prune_model
+from specprune_cli.selection import consumer_gram, primary_tap, unit_curve, unit_dof
 from specprune_cli.spectral import degrees_of_freedom, greedy_select, relative_lambda, selection_loss
 from specprune_cli.stats import collect_prefix
 from specprune_cli.surgery import prune_unit, selection_matrix
@@ -89,7 +89,9 @@ def analyze_model(model: nn.Module, batches: Iterable[Any], *, example_input: to
             "loss": {k: round(v, 6) for k, v in losses.items()},
             "spectrum": [float(v) / trace if trace > 0 else 0.0 for v in mu.tolist()],
         })
-    suggested = suggest_widths(model, graph, dof_at_cfg, example1, cfg) if graph.units else {}
+    curves = ({u.name: unit_curve(model, u, prefix, cfg) for u in graph.units} if cfg.allocation == "loss"
+              else None)
+    suggested = suggest_widths(model, graph, dof_at_cfg, example1, cfg, curves) if graph.units else {}
     if suggested:
         suggested["dof_samples"] = dof_samples if cfg.allocation == "dof" else None
     return {"samples": sum(x.shape[0] for x in inputs), "ridges": [float(r) for r in ridges],
@@ -98,12 +100,13 @@ def analyze_model(model: nn.Module, batches: Iterable[Any], *, example_input: to
             "suggested": suggested}
 
 
-def suggest_widths(model: nn.Module, graph: Any, dof: dict[str, float], example1: torch.Tensor, cfg: Any) -> dict:
+def suggest_widths(model: nn.Module, graph: Any, dof: dict[str, float], example1: torch.Tensor, cfg: Any,
+                   curves: dict[str, torch.Tensor] | None = None) -> dict:
     """The widths compress would allocate, with FLOPs and parameters measured on a model of that shape."""
     widths = allocate_widths(graph.units, CostModel(model, graph.units, example1), allocation=cfg.allocation,
                              target_kind=cfg.target_kind, target_value=cfg.target_value, dof=dof,
                              ratio=cfg.ratio, overrides=dict(cfg.overrides), round_to=cfg.round_to,
-                             min_channels=cfg.min_channels)
+                             min_channels=cfg.min_channels, curves=curves)
     shaped = copy.deepcopy(model)
     shaped_graph = find_units(shaped, example1, exclude=make_matcher(list(cfg.exclude)))
     for u in shaped_graph.units:

@@ -146,6 +146,8 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         f"(target {config.prune.target_kind} {config.prune.target_value:g})")
     result = _prune(prep.model, prep.calibration, example_input=prep.example, config=config,
                     progress=progress)
+    for warning in result.report.get("warnings", []):
+        log(f"warning: {warning}")
     pruned, original, call = result.model, prep.model, prep.call
     max_eval = config.evaluate.max_eval_samples
     log(f"evaluating on {eval_data.num_samples} samples"

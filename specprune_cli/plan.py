@@ -1,4 +1,4 @@
-"""How many channels each unit keeps (SPEC §5), the FLOPs/params budget, and the JSON plan.
+"""How many channels each unit keeps (docs/method.md §5), the FLOPs/params budget, and the JSON plan.
 
 Widths are chosen on a cost model measured once with ``torch.utils.flop_counter``: each module's
 FLOPs and parameters scale with the kept fraction of its input channels times the kept fraction of
@@ -109,11 +109,33 @@ class CostModel:
         flops, params = self.cost(widths)
         return flops / self.total_flops if kind == "flops" else params / self.total_params
 
+    def neighbours(self, unit: str) -> set[str]:
+        """The units whose cost terms ``unit`` shares (their ``delta`` changes when it does)."""
+        out: set[str] = set()
+        for fin, fout, *_ in self.terms:
+            if unit in (fin, fout):
+                out.update(u for u in (fin, fout) if u is not None)
+        return out
+
+    def delta(self, widths: Mapping[str, int], unit: str, k: int, kind: str) -> float:
+        """The change of ``fraction(widths, kind)`` when ``unit`` alone goes to width ``k``."""
+        def frac(u: str | None, w: Mapping[str, int]) -> float:
+            return 1.0 if u is None else w.get(u, self.width[u]) / self.width[u]
+        trial = {**widths, unit: k}
+        change = 0.0
+        for fin, fout, f, w, b in self.terms:
+            if unit not in (fin, fout):
+                continue
+            for sign, ws in ((1.0, trial), (-1.0, widths)):
+                a, c = frac(fin, ws), frac(fout, ws)
+                change += sign * (f * a * c if kind == "flops" else w * a * c + b * c)
+        return change / (self.total_flops if kind == "flops" else self.total_params)
+
 
 def allocate_widths(units: Sequence[Unit], cost: CostModel, *, allocation: str, target_kind: str,
                     target_value: float, dof: Mapping[str, float] | None = None, ratio: float = 0.5,
                     overrides: Mapping[str, float] | None = None, round_to: int = 8,
-                    min_channels: int = 8) -> dict[str, int]:
+                    min_channels: int = 8, curves: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Kept width per unit.
 
     Args:
@@ -121,9 +143,11 @@ def allocate_widths(units: Sequence[Unit], cost: CostModel, *, allocation: str, 
         cost: the model's cost as a function of widths.
         allocation: "dof" (widths proportional to degrees of freedom, one global factor found by
             bisection to meet the target), "uniform" (one keep ratio for all units, found by
-            bisection) or "ratio" (``ceil(ratio * m)``; the target is not used).
+            bisection), "loss" (the widths that minimise the sum of the units' loss curves under the
+            target, see ``loss_widths``) or "ratio" (``ceil(ratio * m)``; the target is not used).
         target_kind: "flops" or "params"; target_value: the fraction to keep, in (0, 1].
         dof: degrees of freedom per unit (needed for "dof").
+        curves: unit name -> normalised loss after 0..m greedy picks (needed for "loss").
         ratio: the keep ratio for "ratio".
         overrides: pattern -> ratio; a matching unit gets that ratio in every mode (first match wins).
         round_to, min_channels: see ``fit_width``.
@@ -153,8 +177,13 @@ def allocate_widths(units: Sequence[Unit], cost: CostModel, *, allocation: str, 
         score = {u.name: max(float(dof[u.name]), 1e-6) for u in free}
     elif allocation == "uniform":
         score = {u.name: float(u.width) for u in free}
+    elif allocation == "loss":
+        if curves is None:
+            raise ValueError("allocation 'loss' needs a loss curve per unit")
+        return loss_widths(free, fixed, cost, curves, target_kind=target_kind, target_value=target_value,
+                           round_to=round_to, min_channels=min_channels)
     else:
-        raise ConfigError(f"prune.allocation must be one of dof, uniform, ratio; got {allocation!r}")
+        raise ConfigError(f"prune.allocation must be one of dof, uniform, loss, ratio; got {allocation!r}")
 
     def widths_at(alpha: float) -> dict[str, int]:
         w = dict(fixed)
@@ -165,13 +194,7 @@ def allocate_widths(units: Sequence[Unit], cost: CostModel, *, allocation: str, 
     def frac(w: Mapping[str, int]) -> float:
         return cost.fraction(w, target_kind)
 
-    floor = frac(widths_at(0.0))
-    if floor > target_value + 1e-12:
-        raise BudgetError(
-            f"prune.target.{target_kind}={target_value:g} cannot be met: with every prunable unit at its "
-            f"minimum width the model keeps {floor:.3f} of its {target_kind} (the layers that cannot be "
-            "pruned cost the rest). Raise the target to at least that, lower prune.min_channels or "
-            "prune.round_to, or remove layers from prune.exclude.")
+    _check_floor(frac(widths_at(0.0)), target_kind, target_value)
     lo, hi = 0.0, max(u.width / score[u.name] for u in free) * 2.0
     if frac(widths_at(hi)) <= target_value:
         return widths_at(hi)
@@ -200,6 +223,71 @@ def allocate_widths(units: Sequence[Unit], cost: CostModel, *, allocation: str, 
         if best is None:
             return widths
         widths[best] = min(cost.width[best], widths[best] + step)
+
+
+def _check_floor(floor: float, target_kind: str, target_value: float) -> None:
+    if floor > target_value + 1e-12:
+        raise BudgetError(
+            f"prune.target.{target_kind}={target_value:g} cannot be met: with every prunable unit at its "
+            f"minimum width the model keeps {floor:.3f} of its {target_kind} (the layers that cannot be "
+            "pruned cost the rest). Raise the target to at least that, lower prune.min_channels or "
+            "prune.round_to, or remove layers from prune.exclude.")
+
+
+def _steps(m: int, round_to: int, min_channels: int) -> list[int]:
+    """The widths ``fit_width`` can give a unit of m channels, ascending."""
+    return sorted({fit_width(float(x), m, round_to=round_to, min_channels=min_channels) for x in range(m + 1)})
+
+
+def loss_widths(free: Sequence[Unit], fixed: Mapping[str, int], cost: CostModel,
+                curves: Mapping[str, torch.Tensor], *, target_kind: str, target_value: float, round_to: int,
+                min_channels: int) -> dict[str, int]:
+    """Widths minimising the sum of the units' normalised losses under the budget (docs/method.md §5).
+
+    A Lagrangian descent on marginal loss per unit of cost: every unit starts at its smallest width,
+    and the budget goes, step by step, to the unit whose next move buys the largest fall of its loss
+    per unit of cost. A move jumps to the width that maximises that ratio (a vertex of the lower convex
+    hull of the unit's curve), so a flat stretch followed by a drop is not mistaken for a dead end. A
+    move that no longer fits becomes a single step; a unit whose single step does not fit is done.
+    The costs are the exact changes of the cost model (units that share a layer change each other's).
+    """
+    steps = {u.name: _steps(u.width, round_to, min_channels) for u in free}
+    pos = {u.name: 0 for u in free}
+    widths = {**fixed, **{u.name: steps[u.name][0] for u in free}}
+    used = cost.fraction(widths, target_kind)
+    _check_floor(used, target_kind, target_value)
+    curve = {u.name: curves[u.name].to(torch.float64) for u in free}
+
+    def best_move(name: str) -> tuple[float, int]:
+        options = steps[name][pos[name] + 1:]
+        if not options:
+            return -math.inf, -1
+        here = steps[name][pos[name]]
+        ks = torch.tensor(options)
+        gain = (curve[name][here] - curve[name][ks]).clamp_min(0.0)
+        per_channel = gain / (ks - here).to(torch.float64)
+        j = int(torch.argmax(per_channel))  # the first of equal slopes: the smaller jump
+        dc = cost.delta(widths, name, options[j], target_kind)
+        return float(gain[j]) / max(dc, 1e-15), pos[name] + 1 + j
+
+    moves = {u.name: best_move(u.name) for u in free}
+    while moves:
+        name = max(moves, key=lambda n: (moves[n][0], n))
+        target = moves[name][1]
+        dc = cost.delta(widths, name, steps[name][target], target_kind)
+        if used + dc > target_value + 1e-12:
+            target = pos[name] + 1
+            dc = cost.delta(widths, name, steps[name][target], target_kind)
+            if used + dc > target_value + 1e-12:
+                del moves[name]
+                continue
+        pos[name], widths[name], used = target, steps[name][target], used + dc
+        for other in cost.neighbours(name) | {name}:
+            if other in moves:
+                moves[other] = best_move(other)
+                if moves[other][1] < 0:
+                    del moves[other]
+    return widths
 
 
 def make_plan(units: Sequence[Unit], kept: Mapping[str, torch.Tensor], dof: Mapping[str, float]) -> dict:

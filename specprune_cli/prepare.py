@@ -4,7 +4,6 @@ the model's signature and output, the calibration data and the original model on
 """
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -31,20 +30,9 @@ def stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _prune_takes_forward_kwargs() -> bool:
-    from specprune_cli.prune import prune_model
-
-    return "forward_kwargs" in inspect.signature(prune_model).parameters
-
-
 # Settings the schema accepts whose behaviour this version does not have yet: refused, never ignored.
 # (key, is the setting in use?, the value that works today)
 _NOT_BUILT: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
-    ("prune.allocation: loss", lambda c: c.prune.allocation == "loss", "dof, uniform or ratio"),
-    ("prune.target_signal: pruned", lambda c: c.prune.target_signal == "pruned", "original"),
-    ("prune.intercept: true", lambda c: c.prune.intercept, "false"),
-    ("model.forward_kwargs", lambda c: bool(c.model.forward_kwargs) and not _prune_takes_forward_kwargs(),
-     "{}"),
     ("export.formats: onnx-int8", lambda c: "onnx-int8" in c.export.formats, "pt, onnx, torchscript, module"),
     ("runtime.device: cuda", lambda c: c.runtime.device == "cuda", "auto or cpu"),
 )

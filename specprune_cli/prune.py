@@ -1,14 +1,22 @@
-"""The pruning run: units -> statistics -> widths -> selection -> surgery -> checks (SPEC §1-6).
+"""The pruning run: units -> statistics -> widths -> selection -> surgery -> checks (docs/method.md §1-6).
 
 ``prune_model`` is the library entry point the CLI and ``analyze`` build on. It never modifies the
 model it is given: it works on a deep copy.
+
+In sequential order each unit is measured on the network whose earlier units are already pruned. With
+``target_signal: original`` (docs/method.md §6) the original network runs beside it, batch by batch over
+the same cached inputs, so each tap yields the cross moment between the two: the fold then brings the
+original network's signal back from the pruned network's channels, and every layer corrects the error
+made upstream instead of inheriting it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,16 +25,18 @@ from torch import nn
 from tqdm import tqdm
 
 from specprune_cli.config import PruneConfig
-from specprune_cli.errors import ConfigError, ModelError
+from specprune_cli.errors import BudgetError, ConfigError
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import Unit, UnitGraph, find_units
-from specprune_cli.layers import consumer_matrix
+from specprune_cli.moments import CrossMoment
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
-from specprune_cli.moments import SecondMoment
-from specprune_cli.spectral import degrees_of_freedom, greedy_select, reconstruction_matrix, relative_lambda
-from specprune_cli.stats import (SegmentRunner, TapKey, collect_prefix, new_moments, no_inplace_modules,
-                                 tap_reader)
-from specprune_cli.surgery import prune_unit, selection_matrix, verify_forward
+from specprune_cli.selection import Choice, TapKey, choose, unit_curve, unit_dof
+from specprune_cli.stats import (SegmentRunner, collect_paired, collect_prefix, new_moments, no_inplace_modules,
+                                 pair_readers)
+from specprune_cli.surgery import absorb_bias, bias_sinks, prune_unit, verify_forward
+
+#: A result further than this above its FLOPs/params target is an error unless prune.allow_partial.
+PARTIAL_TOLERANCE = 0.05
 
 
 @dataclass
@@ -36,7 +46,8 @@ class PruneResult:
     Attributes:
         model: the pruned network (a deep copy of the input model, physically smaller).
         plan: JSON-serialisable plan (see ``plan.make_plan``).
-        report: JSON-serialisable facts: units, skipped, flops/params before and after, timings.
+        report: JSON-serialisable facts: units, skipped, flops/params before and after, timings,
+            warnings.
     """
 
     model: nn.Module
@@ -44,56 +55,18 @@ class PruneResult:
     report: dict = field(default_factory=dict)
 
 
-def consumer_gram(model: nn.Module, unit: Unit, tap: str) -> torch.Tensor:
-    """Z^T Z for the consumers at ``tap``, Z being their weights with a column per channel (SPEC §3).
+def allocation_prefix(cfg: Any) -> Callable[[Unit, Mapping[TapKey, CrossMoment], int], bool]:
+    """When the allocation has read enough of a unit: each of its taps holds ``cfg.dof_rows`` rows per
+    channel and ``cfg.dof_min_samples`` samples went by (never, if ``dof_rows`` is None).
 
-    Only the Gram matrix enters the objective, and it is m x m whatever the consumers' size.
-    """
-    blocks = [consumer_matrix(model.get_submodule(c.module), c) for c in unit.consumers if c.tap == tap]
-    return sum(b.T @ b for b in blocks)
-
-
-def primary_tap(model: nn.Module, unit: Unit) -> str:
-    """The tap whose consumers hold the most weights: the signal the selection optimises for."""
-    sizes: dict[str, int] = {}
-    for c in unit.consumers:
-        sizes[c.tap] = sizes.get(c.tap, 0) + model.get_submodule(c.module).weight.numel()
-    return max(unit.taps, key=lambda t: sizes[t])
-
-
-def _select(model: nn.Module, unit: Unit, k: int, moments: Mapping[TapKey, SecondMoment], cfg: Any
-            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Kept indices and a reconstruction matrix per tap for one unit."""
-    tap = primary_tap(model, unit)
-    sigma = moments[(unit.name, tap)].matrix
-    gram = consumer_gram(model, unit, tap) if cfg.theta > 0 else None
-    keep, a = greedy_select(sigma, k, ridge=cfg.ridge, theta=cfg.theta, z_gram=gram)
-    a_by_tap = {tap: a}
-    for other in unit.taps:
-        if other != tap:
-            a_by_tap[other] = reconstruction_matrix(moments[(unit.name, other)].matrix, keep, ridge=cfg.ridge)
-    return keep, a_by_tap
-
-
-def unit_dof(unit: Unit, moments: Mapping[TapKey, SecondMoment], model: nn.Module, ridge: float) -> float:
-    """N(lambda) of ``unit`` at its primary tap, lambda = ``ridge`` * Tr(Sigma) / m (SPEC §2)."""
-    sigma = moments[(unit.name, primary_tap(model, unit))].matrix
-    return degrees_of_freedom(sigma, relative_lambda(sigma, ridge))
-
-
-def allocation_prefix(cfg: Any) -> Callable[[Unit, Mapping[TapKey, SecondMoment], int], bool]:
-    """When the ``dof`` allocation has read enough of a unit: each of its taps holds ``cfg.dof_rows``
-    rows per channel and ``cfg.dof_min_samples`` samples went by (never, if ``dof_rows`` is None).
-
-    N(lambda) only sets how the budget is shared, and reading every batch for it would cost a whole
-    extra pass over the calibration data. Rows, not samples, are what an estimate of N needs: it can
-    be no larger than the rows it saw, so a unit read once per sample (a Linear, or a conv behind
-    global pooling) waits for as many samples as it has channels, while a conv at 28x28 is settled
-    after one batch.
+    N(lambda) and the loss curves only set how the budget is shared, and reading every batch for them
+    would cost a whole extra pass over the calibration data. Rows, not samples, are what an estimate
+    needs: a unit read once per sample (a Linear, or a conv behind global pooling) waits for as many
+    samples as it has channels, while a conv at 28x28 is settled after one batch.
     """
     rows, min_samples = cfg.dof_rows, cfg.dof_min_samples
 
-    def enough(unit: Unit, moments: Mapping[TapKey, SecondMoment], samples: int) -> bool:
+    def enough(unit: Unit, moments: Mapping[TapKey, CrossMoment], samples: int) -> bool:
         return rows is not None and samples >= min_samples and all(
             moments[(unit.name, t)].count >= rows * unit.width for t in unit.taps)
 
@@ -108,8 +81,38 @@ def _as_inputs(batches: Iterable[Any]) -> list[torch.Tensor]:
     return out
 
 
+class _Run:
+    """The state of one pruning run: the working copy, its graph and what was decided so far."""
+
+    def __init__(self, model: nn.Module, graph: UnitGraph, inputs: list[torch.Tensor], cfg: PruneConfig):
+        self.model, self.graph, self.inputs, self.cfg = model, graph, inputs, cfg
+        self.kept: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.dof: dict[str, float] = {}
+        self.losses: dict[str, float] = {}
+        self.intercepts = 0
+        self.sinks = bias_sinks(graph.gm, model, graph.units) if cfg.intercept else {}
+
+    def apply(self, unit: Unit, k: int, moments: Mapping[TapKey, CrossMoment]) -> Choice:
+        """Select and cut one unit on ``moments``; returns the choice."""
+        intercept = self.cfg.intercept and unit.name in self.sinks
+        choice = choose(self.model, unit, k, moments, self.cfg, intercept=intercept)
+        if choice.keep is not None:
+            shifts = {c.module: absorb_bias(self.model, c, choice.biases[c.tap]) for c in unit.consumers
+                      if c.tap in choice.biases}
+            prune_unit(self.model, unit, choice.keep, choice.maps)
+            for module, shift in shifts.items():
+                self.sinks[unit.name][module](shift)
+            self.intercepts += bool(shifts)
+        self.kept[unit.name] = choice.keep if choice.keep is not None else torch.arange(unit.width)
+        self.rows[unit.name] = moments[(unit.name, unit.taps[0])].count
+        self.losses[unit.name] = choice.loss
+        return choice
+
+
 def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Tensor, cfg: PruneConfig,
-                progress: bool = True, graph: UnitGraph | None = None) -> PruneResult:
+                progress: bool = True, graph: UnitGraph | None = None,
+                forward_kwargs: Mapping[str, Any] | None = None) -> PruneResult:
     """Prune ``model`` with spectral selection on ``batches`` of calibration data.
 
     Args:
@@ -119,127 +122,213 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
         cfg: the prune settings.
         progress: show tqdm bars on stderr.
         graph: units found beforehand on a deep copy (internal: lets ``analyze`` share the work).
+        forward_kwargs: fixed keyword arguments of the model's forward (``model.forward_kwargs``).
 
     Returns:
         A PruneResult.
+
+    Raises:
+        BudgetError: the target cannot be met, or the result is more than 5% above it (naming the
+            largest layers left whole and why) without ``cfg.allow_partial``.
     """
+    model = copy.deepcopy(model).eval()
+    kwargs = dict(forward_kwargs or {})
+    with bound_forward(model, kwargs):
+        return _prune(model, batches, example_input=example_input, cfg=cfg, progress=progress, graph=graph,
+                      kwargs=kwargs)
+
+
+@contextlib.contextmanager
+def bound_forward(model: nn.Module, kwargs: Mapping[str, Any]) -> Iterator[None]:
+    """Call ``model(x)`` as ``model(x, **kwargs)`` while the block runs (``model.forward_kwargs``), so
+    that counting, hooks and copies see the forward the user configured; restored on exit."""
+    if not kwargs:
+        yield
+        return
+    model.forward = functools.partial(type(model).forward, model, **kwargs)
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Tensor, cfg: PruneConfig,
+           progress: bool, graph: UnitGraph | None, kwargs: dict[str, Any]) -> PruneResult:
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    model = copy.deepcopy(model).eval()
     example1 = example_input[:1]
     with torch.no_grad():
-        expected_shape = model(example1).shape
+        expected = model(example1)
     flops_before, params_before = count_flops(model, example1), count_params(model)
-    graph = graph or find_units(model, example1, exclude=make_matcher(list(cfg.exclude)))
-    units, gm = graph.units, graph.gm
+    graph = graph or find_units(model, example1, exclude=make_matcher(list(cfg.exclude)), forward_kwargs=kwargs)
+    units = graph.units
     inputs = _as_inputs(batches)
     if not inputs:
         raise ConfigError("no calibration batches: data.calibration yielded nothing")
+    if cfg.order not in ("sequential", "oneshot"):
+        raise ConfigError(f"prune.order must be 'sequential' or 'oneshot', got {cfg.order!r}")
     timings["trace"] = time.perf_counter() - t
+    run = _Run(model, graph, inputs, cfg)
 
     widths: dict[str, int] = {}
-    dof: dict[str, float] = {}
-    moments: dict[TapKey, SecondMoment] = {}
-    samples = sum(x.shape[0] for x in inputs)
+    moments: dict[TapKey, CrossMoment] = {}
     dof_samples = None
+    warnings: list[str] = []
     if units:
         t = time.perf_counter()
         cost = CostModel(model, units, example1)
-        if cfg.allocation == "dof" or cfg.order == "oneshot":
-            # One pass: the prefix the dof widths need; in oneshot order it goes on over every batch.
-            enough = allocation_prefix(cfg) if cfg.allocation == "dof" else (lambda _u, _m, _n: False)
+        curves = None
+        if cfg.allocation in ("dof", "loss") or cfg.order == "oneshot":
+            # One pass: the prefix the allocation needs; in oneshot order it goes on over every batch.
+            enough = allocation_prefix(cfg) if cfg.allocation in ("dof", "loss") else (lambda _u, _m, _n: False)
             with tqdm(total=len(inputs), desc="statistics", unit="batch", file=sys.stderr,
                       disable=not progress, leave=False) as bar:
                 prefix, full, dof_samples = collect_prefix(
-                    gm, units, inputs, max_positions=cfg.max_positions, seed=cfg.seed, enough=enough,
+                    graph.gm, units, inputs, max_positions=cfg.max_positions, seed=cfg.seed, enough=enough,
                     full=cfg.order == "oneshot", progress=bar)
             moments = full if full is not None else prefix
-            # Without dof allocation nothing ever has enough: the prefix is every batch.
-            dof = {u.name: unit_dof(u, prefix, model, cfg.ridge) for u in units}
+            run.dof = {u.name: unit_dof(u, prefix, model, cfg.ridge) for u in units}
+            if cfg.allocation == "loss":
+                curves = {u.name: unit_curve(model, u, prefix, cfg) for u in units}
         timings["statistics"] = time.perf_counter() - t
         t = time.perf_counter()
-        widths = allocate_widths(units, cost, allocation=cfg.allocation, target_kind=cfg.target_kind,
-                                 target_value=cfg.target_value, dof=dof, ratio=cfg.ratio,
-                                 overrides=dict(cfg.overrides), round_to=cfg.round_to,
-                                 min_channels=cfg.min_channels)
+        try:
+            widths = allocate_widths(units, cost, allocation=cfg.allocation, target_kind=cfg.target_kind,
+                                     target_value=cfg.target_value, dof=run.dof, ratio=cfg.ratio,
+                                     overrides=dict(cfg.overrides), round_to=cfg.round_to,
+                                     min_channels=cfg.min_channels, curves=curves)
+        except BudgetError as exc:
+            if not cfg.allow_partial:
+                raise
+            warnings.append(f"{exc} (prune.allow_partial: every unit at its minimum width instead)")
+            widths = allocate_widths(units, cost, allocation="ratio", target_kind=cfg.target_kind,
+                                     target_value=1.0, ratio=0.0, round_to=cfg.round_to,
+                                     min_channels=cfg.min_channels)
         timings["allocation"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    replay = 0.0  # of which: running stretches of the network in sequential order (and slicing them)
-    kept: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
+    replay = 0.0  # of which: running stretches of the network in sequential order
     with tqdm(total=len(units), desc=f"select ({cfg.order})", unit="unit", file=sys.stderr,
               disable=not progress or not units, leave=False) as bar:
         if cfg.order == "oneshot":
-            chosen = {}
-            for u in units:
-                chosen[u.name] = _choose(model, u, widths[u.name], moments, cfg)
+            for u in units:  # every unit measured on the original: cutting one leaves the others' moments
+                run.apply(u, widths[u.name], moments)
                 bar.update(1)
-            for u in units:
-                keep, a_by_tap = chosen[u.name]
-                if keep is not None:
-                    prune_unit(model, u, keep, a_by_tap)
-                kept[u.name] = keep if keep is not None else torch.arange(u.width)
-            rows = {u.name: moments[(u.name, u.taps[0])].count for u in units}
-        elif cfg.order == "sequential":
-            runner = SegmentRunner(gm, inputs)
-            node_index = {n.name: i for i, n in enumerate(runner.nodes)}
-            for i, u in enumerate(units):
-                local = new_moments([u], max_positions=cfg.max_positions, seed=cfg.seed)
-                readers = {tap: tap_reader(u, tap, local[(u.name, tap)]) for tap in u.taps}
-                stop = max(node_index[t] for t in u.taps) + 1
-                # Keep what this stretch computed, up to where the next unit starts, if slicing can
-                # bring it up to date after the surgery; see SegmentRunner.resume_point.
-                limit = min(stop, units[i + 1].position) if i + 1 < len(units) else stop
-                t_run = time.perf_counter()
-                with no_inplace_modules(gm):
-                    runner.run(stop, snapshot_at=runner.resume_point(u, limit), visit=readers)
-                replay += time.perf_counter() - t_run
-                if u.name not in dof:
-                    dof[u.name] = unit_dof(u, local, model, cfg.ridge)
-                keep, a_by_tap = _choose(model, u, widths[u.name], local, cfg)
-                if keep is not None:
-                    prune_unit(model, u, keep, a_by_tap)
-                    t_run = time.perf_counter()
-                    runner.narrow(u, keep)
-                    replay += time.perf_counter() - t_run
-                kept[u.name] = keep if keep is not None else torch.arange(u.width)
-                rows[u.name] = local[(u.name, u.taps[0])].count
-                bar.update(1)
+        elif graph.replayable:
+            replay = _sequential(run, widths, bar)
         else:
-            raise ConfigError(f"prune.order must be 'sequential' or 'oneshot', got {cfg.order!r}")
+            replay = _sequential_hooks(run, widths, bar)
     timings["replay"] = replay
     timings["selection"] = time.perf_counter() - t - replay
 
     t = time.perf_counter()
-    verify_forward(model, example1, expected_shape)
+    verify_forward(model, example1, expected if not isinstance(expected, torch.Tensor) else expected.shape,
+                   units=units)
     flops_after, params_after = count_flops(model, example1), count_params(model)
     timings["verify"] = time.perf_counter() - t
-    plan = make_plan(units, kept, dof)
+    achieved = (flops_after / flops_before if cfg.target_kind == "flops" else params_after / params_before)
+    warnings += check_target(achieved, cfg, graph, units, widths, flops_before, params_before)
+    plan = make_plan(units, run.kept, run.dof)
     report = {
-        "samples": samples,
-        "dof_samples": dof_samples if cfg.allocation == "dof" else None,
+        "samples": sum(x.shape[0] for x in inputs),
+        "dof_samples": dof_samples if cfg.allocation in ("dof", "loss") else None,
+        "target_signal": cfg.target_signal if cfg.order == "sequential" else "original",
+        "units_with_intercept": run.intercepts,
         "flops_before": flops_before, "flops_after": flops_after,
         "params_before": params_before, "params_after": params_after,
-        "units": [{"name": u.name, "kind": u.kind, "width": u.width, "kept": int(kept[u.name].numel()),
-                   "dof": round(dof.get(u.name, float("nan")), 3), "rows": int(rows.get(u.name, 0))}
+        "units": [{"name": u.name, "kind": u.kind, "width": u.width, "kept": int(run.kept[u.name].numel()),
+                   "dof": round(run.dof.get(u.name, float("nan")), 3), "rows": int(run.rows.get(u.name, 0)),
+                   "loss": round(run.losses.get(u.name, 0.0), 6)}
                   for u in units],
         "skipped": [{"name": s.name, "reason": s.reason} for s in graph.skipped],
+        "warnings": warnings,
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
     return PruneResult(model=model, plan=plan, report=report)
 
 
-def _choose(model: nn.Module, unit: Unit, k: int, moments: Mapping[TapKey, SecondMoment], cfg: Any
-            ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """Select ``k`` channels; a unit kept whole is left untouched (a fold would only shrink it by the
-    ridge), and ``cfg.reconstruct`` False (an ablation) slices without folding."""
-    if k >= unit.width:
-        return None, {}
-    keep, a_by_tap = _select(model, unit, k, moments, cfg)
-    if not getattr(cfg, "reconstruct", True):
-        a_by_tap = {tap: selection_matrix(unit.width, keep) for tap in unit.taps}
-    for tap, a in a_by_tap.items():
-        if not torch.isfinite(a).all():
-            raise ModelError(f"the reconstruction for unit {unit.name} is not finite; try a larger prune.ridge")
-    return keep, a_by_tap
+def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
+    """Sequential order by replaying the captured graph (docs/method.md §6): one pass in all.
+
+    The pruned network's runner keeps the values alive at the cut and slices them after each surgery;
+    with ``target_signal: original`` a runner over an untouched copy of the graph goes batch by batch
+    beside it, so each tap is read from both networks for the same input.
+    """
+    units, gm, cfg = run.graph.units, run.graph.gm, run.cfg
+    runner = SegmentRunner(gm, run.inputs)
+    twin = SegmentRunner(copy.deepcopy(gm), run.inputs) if cfg.target_signal == "original" else None
+    index = {n.name: i for i, n in enumerate(runner.nodes)}
+    replay = 0.0
+    upstream_cut = False  # once a unit is cut, the two networks differ downstream of it
+    for i, u in enumerate(units):
+        local = {(u.name, tap): CrossMoment(u.width, u.width, max_positions=cfg.max_positions, seed=cfg.seed)
+                 for tap in u.taps}
+        stop = max(index[tap] for tap in u.taps) + 1
+        # Keep what this stretch computed, up to where the next unit starts, if slicing can bring it up
+        # to date after the surgery; see SegmentRunner.resume_point. The original never changes.
+        limit = min(stop, units[i + 1].position) if i + 1 < len(units) else stop
+        snap = runner.resume_point(u, limit)
+        t_run = time.perf_counter()
+        runner.check(stop, snap)
+        new_cache, new_twin = [], []
+        with no_inplace_modules(gm), no_inplace_modules(twin.gm if twin else gm):
+            for b in range(len(run.inputs)):
+                originals: dict[str, torch.Tensor] = {}
+                if twin is not None and upstream_cut:
+                    new_twin.append(twin.run_batch(b, stop, snapshot_at=limit,
+                                                   visit={t: (lambda v, t=t: originals.__setitem__(t, v))
+                                                          for t in u.taps}))
+                new_cache.append(runner.run_batch(b, stop, snapshot_at=snap,
+                                                  visit=pair_readers(u, local, originals)))
+        runner.commit(snap, new_cache)
+        if twin is not None:
+            if upstream_cut:
+                twin.commit(limit, new_twin)
+            else:  # nothing cut yet: the pruned network is the original, and its cache serves both
+                twin.cache = [{twin.nodes[runner.index[n]]: v for n, v in env.items()} for env in runner.cache]
+                twin.position = runner.position
+        replay += time.perf_counter() - t_run
+        if u.name not in run.dof:
+            run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
+        choice = run.apply(u, widths[u.name], local)
+        if choice.keep is not None:
+            upstream_cut = True
+            t_run = time.perf_counter()
+            runner.narrow(u, choice.keep)
+            replay += time.perf_counter() - t_run
+        bar.update(1)
+    return replay
+
+
+def _sequential_hooks(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
+    """Sequential order for a graph that cannot be replayed on other batch sizes: every unit's taps
+    are read with hooks during whole forward passes of the real models (one pass per unit)."""
+    cfg = run.cfg
+    original = copy.deepcopy(run.model) if cfg.target_signal == "original" else None
+    replay = 0.0
+    for u in run.graph.units:
+        t_run = time.perf_counter()
+        local = collect_paired(original, run.model, u, run.inputs, max_positions=cfg.max_positions,
+                               seed=cfg.seed)
+        replay += time.perf_counter() - t_run
+        if u.name not in run.dof:
+            run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
+        run.apply(u, widths[u.name], local)
+        bar.update(1)
+    return replay
+
+
+def check_target(achieved: float, cfg: PruneConfig, graph: UnitGraph, units: list[Unit],
+                 widths: Mapping[str, int], flops: int, params: int) -> list[str]:
+    """Warnings (with ``allow_partial``) or a BudgetError when the result misses its target by more
+    than ``PARTIAL_TOLERANCE``, naming the largest layers that were left whole and why."""
+    if cfg.allocation == "ratio" or achieved <= cfg.target_value * (1 + PARTIAL_TOLERANCE):
+        return []
+    blockers = [f"{s.name} ({s.reason})" for s in graph.skipped[:5]]
+    why = ("; the layers left whole: " + "; ".join(blockers)) if blockers else ""
+    message = (f"the pruned model keeps {achieved:.3f} of its {cfg.target_kind} against the target "
+               f"{cfg.target_value:g}{why}. Raise prune.target, remove layers from prune.exclude, or set "
+               "prune.allow_partial: true to accept a partial result")
+    if not cfg.allow_partial:
+        raise BudgetError(message)
+    return [message]

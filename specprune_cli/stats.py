@@ -1,4 +1,4 @@
-"""Streaming second moments at the units' taps (SPEC §2, §6).
+"""Streaming second moments at the units' taps (docs/method.md §2, §6).
 
 Two ways to gather them:
 
@@ -29,7 +29,7 @@ from torch import fx, nn
 from specprune_cli.errors import StatisticsError
 from specprune_cli.graph import Unit
 from specprune_cli.layers import tap_rows
-from specprune_cli.moments import SecondMoment
+from specprune_cli.moments import CrossMoment, SecondMoment
 
 TapKey = tuple[str, str]  # (unit name, tap node name)
 
@@ -65,6 +65,61 @@ def tap_reader(unit: Unit, tap: str, acc: SecondMoment) -> Callable[[torch.Tenso
     return read
 
 
+def pair_readers(unit: Unit, moments: Mapping[TapKey, CrossMoment], originals: Mapping[str, torch.Tensor]
+                 ) -> dict[str, Callable[[torch.Tensor], None]]:
+    """Per tap, a function that adds the pruned network's value x~ there, with the original network's
+    value x for the same batch from ``originals`` (tap -> tensor, read when called), to the tap's
+    cross moment. A tap missing from ``originals``, or holding the same values, counts x~ as x (then one
+    product serves S, S~ and C)."""
+    out = {}
+    for tap in unit.taps:
+        consumer = next(c for c in unit.consumers if c.tap == tap)
+
+        def read(value: torch.Tensor, tap: str = tap, consumer: Any = consumer) -> None:
+            try:
+                rows = tap_rows(value, unit, consumer)
+                original = originals.get(tap)
+                target = rows if original is None or torch.equal(original, value) else tap_rows(
+                    original, unit, consumer)
+                moments[(unit.name, tap)].update(target, rows)
+            except StatisticsError as exc:
+                raise StatisticsError(f"at the input of {consumer.module} (unit {unit.name}): {exc}") from None
+
+        out[tap] = read
+    return out
+
+
+def collect_paired(original: nn.Module | None, pruned: nn.Module, unit: Unit, batches: Iterable[torch.Tensor],
+                   *, max_positions: int | None, seed: int, forward_kwargs: Mapping[str, Any] | None = None
+                   ) -> dict[TapKey, CrossMoment]:
+    """``unit``'s cross moments from whole forward passes of both models, with hooks on one consumer per
+    tap (for a graph that cannot be replayed). ``original`` None: the pruned model's own signal."""
+    kwargs = dict(forward_kwargs or {})
+    moments = {(unit.name, tap): CrossMoment(unit.width, unit.width, max_positions=max_positions, seed=seed)
+               for tap in unit.taps}
+    originals: dict[str, torch.Tensor] = {}
+    readers = pair_readers(unit, moments, originals)
+    handles = []
+    try:
+        for tap in unit.taps:
+            consumer = next(c for c in unit.consumers if c.tap == tap)
+            if original is not None:
+                handles.append(original.get_submodule(consumer.module).register_forward_pre_hook(
+                    lambda _m, args, tap=tap: originals.__setitem__(tap, args[0].detach())))
+            handles.append(pruned.get_submodule(consumer.module).register_forward_pre_hook(
+                lambda _m, args, tap=tap: readers[tap](args[0])))
+        with torch.no_grad():
+            for x in batches:
+                originals.clear()
+                if original is not None:
+                    original(x, **kwargs)
+                pruned(x, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return moments
+
+
 def new_moments(units: Sequence[Unit], *, max_positions: int | None, seed: int) -> dict[TapKey, SecondMoment]:
     """One empty accumulator per (unit, tap)."""
     out: dict[TapKey, SecondMoment] = {}
@@ -98,7 +153,7 @@ def observe(gm: fx.GraphModule, units: Sequence[Unit], moments: dict[TapKey, Sec
 
 def collect_oneshot(gm: fx.GraphModule, units: Sequence[Unit], batches: Iterable[torch.Tensor], *,
                     max_positions: int | None, seed: int, progress: Any = None) -> dict[TapKey, SecondMoment]:
-    """All units' statistics from the unmodified network in one pass (SPEC §6 ``oneshot``)."""
+    """All units' statistics from the unmodified network in one pass (docs/method.md §6 ``oneshot``)."""
     moments, _, _ = collect_prefix(gm, units, batches, max_positions=max_positions, seed=seed,
                                    enough=lambda _u, _m, _n: False, progress=progress)
     return moments
@@ -174,29 +229,42 @@ class SegmentRunner:
             visit: node name -> function called with that node's value for each batch, as it is
                 computed (how the sequential order reads a tap without running its consumers).
         """
-        start = self.position
-        if snapshot_at is not None and not start <= snapshot_at <= stop:
-            raise ValueError(f"snapshot {snapshot_at} outside [{start}, {stop}]")
-        new_cache: list[dict[fx.Node, Any]] = []
+        self.check(stop, snapshot_at)
+        self.commit(snapshot_at, [self.run_batch(b, stop, snapshot_at=snapshot_at, visit=visit)
+                                  for b in range(len(self.cache))])
+
+    def check(self, stop: int, snapshot_at: int | None) -> None:
+        """Raise ValueError unless ``position <= snapshot_at <= stop``."""
+        if snapshot_at is not None and not self.position <= snapshot_at <= stop:
+            raise ValueError(f"snapshot {snapshot_at} outside [{self.position}, {stop}]")
+
+    def run_batch(self, b: int, stop: int, *, snapshot_at: int | None = None,
+                  visit: Mapping[str, Callable[[Any], None]] | None = None) -> dict[fx.Node, Any]:
+        """``run`` for batch ``b`` alone, without moving the cut: returns that batch's new cache entry,
+        for ``commit`` once every batch ran (two runners can so go batch by batch in lockstep)."""
+        env0 = self.cache[b]
+        env = dict(env0)
+        snap = None
         with torch.no_grad():
-            for b, env0 in enumerate(self.cache):
-                env = dict(env0)
-                snap = None
-                for i in range(start, stop):
-                    if i == snapshot_at:
-                        snap = {n: v for n, v in env.items() if self.last_use[n] >= i}
-                    node = self.nodes[i]
-                    env[node] = self._run_node(node, env, b)
-                    if visit and node.name in visit:
-                        visit[node.name](env[node])
-                    for arg in node.all_input_nodes:
-                        if self.last_use[arg] <= i:
-                            env.pop(arg, None)
-                if snapshot_at == stop:
-                    snap = {n: v for n, v in env.items() if self.last_use[n] >= stop}
-                new_cache.append(snap if snap is not None else env0)
+            for i in range(self.position, stop):
+                if i == snapshot_at:
+                    snap = {n: v for n, v in env.items() if self.last_use[n] >= i}
+                node = self.nodes[i]
+                env[node] = self._run_node(node, env, b)
+                if visit and node.name in visit:
+                    visit[node.name](env[node])
+                for arg in node.all_input_nodes:
+                    if self.last_use[arg] <= i:
+                        env.pop(arg, None)
+        if snapshot_at == stop:
+            snap = {n: v for n, v in env.items() if self.last_use[n] >= stop}
+        return snap if snap is not None else env0
+
+    def commit(self, snapshot_at: int | None, cache: list[dict[fx.Node, Any]]) -> None:
+        """Make ``cache`` (one ``run_batch`` result per batch) current, the cut at ``snapshot_at``
+        (None: the run only served its visitors and the state stays)."""
         if snapshot_at is not None:
-            self.cache = new_cache
+            self.cache = cache
             self.position = snapshot_at
 
     def resume_point(self, unit: Unit, limit: int) -> int:

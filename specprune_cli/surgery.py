@@ -113,3 +113,61 @@ def _where_failed(module: str | None, units: Sequence[Unit]) -> str:
         if module in names:
             return f" in {module} (unit {u.name})"
     return f" in {module}"
+
+
+def absorb_bias(model: nn.Module, consumer: Any, b: torch.Tensor) -> torch.Tensor:
+    """The consumer's output shift W b for a constant input b per channel (docs/method.md §4).
+
+    Computed from the weight before the fold: with x ~= A x~_J + b the consumer gives W' x~_J + W b.
+    For a convolution this is exact away from zero padding (a padded border sees part of the constant).
+
+    Returns:
+        The shift, (out features or out channels,), in the weight's dtype.
+    """
+    mod = model.get_submodule(consumer.module)
+    w = mod.weight.detach().to(torch.float64)
+    if consumer.kind == "linear":
+        m = b.numel()
+        if consumer.columns is not None:
+            cols = torch.zeros(w.shape[1], dtype=torch.float64)
+            cols[consumer.columns.reshape(-1)] = b.repeat_interleave(consumer.columns.shape[1])
+        else:
+            cols = b.repeat_interleave(w.shape[1] // m)
+        shift = w @ cols
+    else:
+        shift = w.sum(dim=tuple(range(2, w.dim()))) @ b
+    return shift.to(mod.weight.dtype)
+
+
+def bias_sinks(gm: Any, model: nn.Module, units: Sequence[Unit]) -> dict[str, dict[str, Any]]:
+    """Units whose intercept can be absorbed exactly, and for each consumer the function that adds
+    its output shift: the consumer's own bias, or the running mean of a BatchNorm that alone reads
+    the consumer's output (BN(z + s) with mean mu equals BN(z) with mean mu - s).
+
+    A unit with a consumer that has neither, or a consumer that is not a Linear or an ungrouped
+    convolution, fits no intercept.
+    """
+    readers: dict[str, list[Any]] = {}
+    if gm is not None:
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                readers[str(node.target)] = list(node.users)
+    out: dict[str, dict[str, Any]] = {}
+    for u in units:
+        sinks: dict[str, Any] = {}
+        for c in u.consumers:
+            mod = model.get_submodule(c.module)
+            if c.kind not in ("linear", "conv") or getattr(mod, "groups", 1) != 1:
+                break
+            if getattr(mod, "bias", None) is not None:
+                sinks[c.module] = lambda s, mod=mod: mod.bias.data.add_(s.to(mod.bias.dtype))
+                continue
+            users = readers.get(c.module, [])
+            bn = (gm.get_submodule(str(users[0].target)) if len(users) == 1 and users[0].op == "call_module"
+                  else None)
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+                break
+            sinks[c.module] = lambda s, bn=bn: bn.running_mean.sub_(s.to(bn.running_mean.dtype))
+        else:
+            out[u.name] = sinks
+    return out

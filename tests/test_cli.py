@@ -293,9 +293,6 @@ def test_missing_calibration_section(tmp_path, cnn_checkpoint):
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("prune.intercept=true", "prune.intercept: true is not available in specprune {v} yet; use false"),
-    ("model.forward_kwargs={embed: false}", "model.forward_kwargs is not available in specprune {v} yet; "
-                                            "use {{}}"),
     ("runtime.device=cuda", "runtime.device: cuda is not available in specprune {v} yet; use auto or cpu"),
 ])
 def test_settings_not_built_yet_are_refused_not_ignored(tmp_path, cnn_checkpoint, write_config, fake_prune,

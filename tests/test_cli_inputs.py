@@ -157,11 +157,7 @@ def test_a_model_file_that_exits_at_import(tmp_path, cnn_checkpoint):
            "after the ':'", [])
 
 
-def test_forward_kwargs_that_forward_does_not_take(tmp_path, cnn_checkpoint, monkeypatch):
-    import specprune_cli.prepare as prepare
-
-    # As it will be once pruning takes forward_kwargs; the check of the names comes first.
-    monkeypatch.setattr(prepare, "_prune_takes_forward_kwargs", lambda: True)
+def test_forward_kwargs_that_forward_does_not_take(tmp_path, cnn_checkpoint):
     out = tmp_path / "out"
     cfg = _config(tmp_path, str(TESTS / "models_small.py") + ":SmallCNN", [3, 8, 8],
                   model={"forward_kwargs": {"embed": False}})
