@@ -30,6 +30,17 @@ def logits_of(out: Any, who: str, purpose: str = "evaluated") -> torch.Tensor:
     return out
 
 
+def prediction_of(out: Any, who: str) -> torch.Tensor:
+    """``out`` if it is a tensor of predictions with the classes (or channels) on dimension 1, as
+    ``nn.CrossEntropyLoss`` takes them: (batch, classes) logits, or dense (batch, classes, *positions)."""
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"the {who} model must return a tensor of shape (batch, classes, ...) to be evaluated, "
+                         f"got {shape}; if it returns several tensors, set evaluate.output to the one to "
+                         "compare, or wrap the model so that forward returns it")
+    return out
+
+
 def check_label_range(max_label: int | None, classes: int | None, what: str) -> None:
     """A DataError when labels go beyond the classes the model predicts (None: nothing to check)."""
     if max_label is not None and classes is not None and max_label >= classes:
@@ -55,13 +66,15 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
 
     Returns:
         ``samples``, ``labelled_samples``; ``top1``/``top5`` of ``model`` and ``reference_top1``/
-        ``reference_top5`` as fractions over labelled samples (None without labels; top-5 also None
-        with fewer than 5 classes); ``agreement``: fraction of samples where both argmaxes match;
+        ``reference_top5`` as fractions over labelled samples (None without labels, or for dense
+        outputs; top-5 also None with fewer than 5 classes); ``agreement``: fraction of samples where
+        both argmaxes over dimension 1 match (for dense (batch, classes, *positions) outputs, the mean
+        over positions);
         ``relative_error``: ||out - ref|| / ||ref|| over all outputs (0 when both are zero, inf when only
         the reference is).
 
     Raises:
-        ModelError: an output that is not (batch, classes) logits, outputs of different shapes, or a
+        ModelError: an output that is not a (batch, classes, ...) tensor, outputs of different shapes, or a
             reference that already produces NaN/Inf (the original model, not the pruning, is at fault).
         DataError: no samples, or labels beyond the model's classes.
     """
@@ -80,8 +93,8 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
                 x = x[:max_samples - n]
                 y = y[:max_samples - n] if y is not None else None
             x = x.to(device)
-            out = logits_of(call.evaluated(model, x), "evaluated").double()
-            ref = logits_of(call.evaluated(reference, x), "reference").double()
+            out = prediction_of(call.evaluated(model, x), "evaluated").double()
+            ref = prediction_of(call.evaluated(reference, x), "reference").double()
             if not bool(torch.isfinite(ref).all()):
                 raise ModelError(f"the reference (original) model already produces NaN or Inf on the "
                                  f"evaluation data (batch starting at sample {n}), before any pruning; "
@@ -91,10 +104,11 @@ def evaluate_model(model: nn.Module, reference: nn.Module, loader: Iterable, *,
                                  f"returns {tuple(ref.shape)}; both must predict the same classes")
             classes = out.shape[1]
             n += x.shape[0]
-            agree += int((out.argmax(1) == ref.argmax(1)).sum())
+            same = (out.argmax(1) == ref.argmax(1)).double()
+            agree += float(same.reshape(same.shape[0], -1).mean(1).sum())
             diff_sq += float(((out - ref) ** 2).sum())
             ref_sq += float((ref ** 2).sum())
-            if y is None:
+            if y is None or out.dim() > 2:  # accuracy needs one label per sample and (batch, classes)
                 continue
             mask = (y >= 0).to(device)
             if not bool(mask.any()):

@@ -80,7 +80,8 @@ def find_units(model: nn.Module, example_input: torch.Tensor, exclude: Callable[
         reason = f"internal error while finding units ({type(exc).__name__}: {exc}); please report it"
         return UnitGraph(cap.gm, [], [Skipped("<model>", reason)], replayable=cap.replayable,
                          opaque=cap.opaque)
-    return UnitGraph(cap.gm, units, skipped, replayable=cap.replayable, opaque=cap.opaque)
+    return UnitGraph(cap.gm, units, skipped, replayable=cap.replayable, opaque=cap.opaque,
+                     int_attrs=dict(cap.int_attrs))
 
 
 class _Finder:
@@ -99,12 +100,20 @@ class _Finder:
 
     def run(self, exclude: Callable[[str], bool] | None) -> tuple[list[Unit], list[Skipped]]:
         spaces: list[_Space] = []
+        grouped: list[Skipped] = []
         for n in self.nodes:
             if n.op != "call_module":
                 continue
             mod = self.gm.get_submodule(str(n.target))
             kind = layer_kind(mod)
-            if kind is None or not kind.dense(mod):
+            if kind is None:
+                continue
+            if not kind.dense(mod):
+                groups = getattr(mod, "groups", 1)
+                if 1 < groups < kind.out_channels(mod) or groups != getattr(mod, "in_channels", groups):
+                    grouped.append(Skipped(str(n.target), f"its output channels come from a grouped "
+                                           f"convolution (groups={groups}), which needs group-aware pruning, "
+                                           "not supported yet; kept whole"))
                 continue
             sp = _Space(n, kind.out_channels(mod), kind)
             if self.calls[str(n.target)] > 1:
@@ -138,8 +147,23 @@ class _Finder:
                 end_position=max(self.index[cn] for _, cn in sp.consumers),
                 channel_nodes={n.name: lay for n, lay in sp.nodes.items()},
                 shape_attrs=list(sp.shape_attrs.values())))
+        skipped.extend(grouped)
         skipped.extend(self._hidden_producers())
+        skipped.extend(self._functional_layers())
         return units, skipped
+
+    def _functional_layers(self) -> list[Skipped]:
+        """Layers written as ``F.conv2d(x, self.weight)``: their weights are listed as kept whole."""
+        out = []
+        for n in self.nodes:
+            if n.op != "call_function" or not _hashable(n.target) or n.target not in FUNCTIONAL_LAYERS:
+                continue
+            label = getattr(n.target, "__name__", str(n.target))
+            for arg in n.all_input_nodes:
+                if arg.op == "get_attr":
+                    out.append(Skipped(str(arg.target), f"a weight of the functional layer `{label}` "
+                                       f"(`{n.name}`); write it as {FUNCTIONAL_LAYERS[n.target]} to prune it"))
+        return out
 
     def _hidden_producers(self) -> list[Skipped]:
         """Producers inside modules that could not be captured: listed so the user sees them."""

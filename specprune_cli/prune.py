@@ -256,7 +256,8 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
     """
     units, gm, cfg = run.graph.units, run.graph.gm, run.cfg
     runner = SegmentRunner(gm, run.inputs)
-    twin = SegmentRunner(copy.deepcopy(gm), run.inputs) if cfg.target_signal == "original" else None
+    twin = (SegmentRunner(gm, run.inputs, root=copy.deepcopy(run.model), int_attrs=run.graph.int_attrs)
+            if cfg.target_signal == "original" else None)
     index = {n.name: i for i, n in enumerate(runner.nodes)}
     replay = 0.0
     upstream_cut = False  # once a unit is cut, the two networks differ downstream of it
@@ -271,7 +272,7 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
         t_run = time.perf_counter()
         runner.check(stop, snap)
         new_cache, new_twin = [], []
-        with no_inplace_modules(gm), no_inplace_modules(twin.gm if twin else gm):
+        with no_inplace_modules(gm), no_inplace_modules(twin.root if twin else gm):
             for b in range(len(run.inputs)):
                 originals: dict[str, torch.Tensor] = {}
                 if twin is not None and upstream_cut:
@@ -285,8 +286,7 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
             if upstream_cut:
                 twin.commit(limit, new_twin)
             else:  # nothing cut yet: the pruned network is the original, and its cache serves both
-                twin.cache = [{twin.nodes[runner.index[n]]: v for n, v in env.items()} for env in runner.cache]
-                twin.position = runner.position
+                twin.cache, twin.position = [dict(env) for env in runner.cache], runner.position
         replay += time.perf_counter() - t_run
         if u.name not in run.dof:
             run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)

@@ -208,8 +208,19 @@ class SegmentRunner:
         position: index of the first graph node not yet computed for the cached state.
     """
 
-    def __init__(self, gm: fx.GraphModule, batches: Sequence[torch.Tensor]):
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[torch.Tensor], *, root: nn.Module | None = None,
+                 int_attrs: Mapping[str, tuple[str, str]] | None = None):
+        """Args:
+            gm: the captured graph.
+            batches: the cached inputs.
+            root: the modules to run the graph's nodes on, if not ``gm``'s own: a copy of the model the
+                graph was captured from (e.g. the untouched original beside the pruned network).
+            int_attrs: with ``root``, the graph's int attributes (``UnitGraph.int_attrs``), read from
+                ``root``'s modules.
+        """
         self.gm = gm
+        self.root = root if root is not None else gm
+        self.int_attrs = dict(int_attrs or {}) if root is not None else {}
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((self.index[u] for u in n.users), default=self.index[n]) for n in self.nodes}
@@ -311,10 +322,14 @@ class SegmentRunner:
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         if node.op == "get_attr":
-            obj: Any = self.gm
-            for part in str(node.target).split("."):
-                obj = getattr(obj, part)
-            return obj
+            target = str(node.target)
+            if target in self.int_attrs:
+                owner, attr = self.int_attrs[target]
+                return getattr(self.root.get_submodule(owner), attr)
+            try:
+                return _attribute(self.root, target)
+            except AttributeError:  # a constant fx made on the graph module itself
+                return _attribute(self.gm, target)
         if node.op == "call_function":
             if kwargs.get("inplace") is True:
                 kwargs = {**kwargs, "inplace": False}
@@ -326,5 +341,11 @@ class SegmentRunner:
                 name = name[:-1]
             return getattr(self_obj, name)(*rest, **kwargs)
         if node.op == "call_module":
-            return self.gm.get_submodule(str(node.target))(*args, **kwargs)
+            return self.root.get_submodule(str(node.target))(*args, **kwargs)
         raise RuntimeError(f"unknown fx node kind {node.op}")
+
+
+def _attribute(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -129,6 +129,8 @@ class UnitGraph:
         replayable: the graph may be replayed node by node on batches of any size (``stats``); when
             False, gather statistics with hooks and whole forward passes of the model.
         opaque: modules kept whole because their code could not be captured, with the reason.
+        int_attrs: ``get_attr`` target in ``gm`` -> (owner module, attribute) of an int attribute of
+            the model read by the graph (a width in a reshape), so a copy of the model can be replayed.
     """
 
     gm: fx.GraphModule | None
@@ -136,6 +138,7 @@ class UnitGraph:
     skipped: list[Skipped]
     replayable: bool = True
     opaque: dict[str, str] = field(default_factory=dict)
+    int_attrs: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def unit(self, name: str) -> Unit:
         for u in self.units:

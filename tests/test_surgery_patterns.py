@@ -78,6 +78,6 @@ def test_a_failing_check_pass_names_the_unit():
     keep = torch.tensor([0, 1, 2])
     require_layer_kind(model.conv1).slice_out(model.conv1, keep)  # producer cut, followers and consumer not
     with pytest.raises(ModelError) as err:
-        verify_forward(model, x, expected, graph.units)
+        verify_forward(model, x, expected, units=graph.units)
     assert str(err.value).startswith("the pruned model failed its check forward pass in bn1 (unit conv1) (")
     assert unit.followers[0].module == "bn1"
