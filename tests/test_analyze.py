@@ -1,4 +1,4 @@
-"""`analyze`: degrees of freedom on known-rank signals, agreement with compress, plots (SPEC §2, §5, §8)."""
+"""`analyze`: degrees of freedom on known-rank signals, agreement with compress, plots (docs/method.md §2, §5, §8)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Unit discovery: what is found, what is skipped and why (SPEC §1)."""
+"""Unit discovery: what is found, what is skipped and why (docs/method.md §1)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Surgery across real architectures: keep-all is exact, a 50% FLOPs target is met (SPEC §4, §5)."""
+"""Surgery across real architectures: keep-all is exact, a 50% FLOPs target is met (docs/method.md §4, §5)."""
 from __future__ import annotations
 
 import pytest
@@ -110,7 +110,7 @@ def test_sequential_statistics_equal_a_fresh_forward_despite_inplace_ops():
 
 
 def _sequential_by_definition(model, batches, cfg):
-    """SPEC §6 ``sequential`` read literally: for each unit in turn, a full forward pass of the network
+    """docs/method.md §6 ``sequential`` read literally: for each unit in turn, a full forward pass of the network
     whose earlier units are already pruned gathers its statistics; no cache, no replay, no slicing."""
     import copy
 
