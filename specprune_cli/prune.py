@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from specprune_cli import distributed
 from specprune_cli.config import PruneConfig
 from specprune_cli.errors import ConfigError, ModelError
 from specprune_cli.flops import count_flops, count_params
@@ -153,6 +154,7 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
                 prefix, full, dof_samples = collect_prefix(
                     gm, units, inputs, max_positions=cfg.max_positions, seed=cfg.seed, enough=enough,
                     full=cfg.order == "oneshot", progress=bar)
+            distributed.all_reduce_moments(prefix, full)  # every rank's shard, before any selection
             moments = full if full is not None else prefix
             # Without dof allocation nothing ever has enough: the prefix is every batch.
             dof = {u.name: unit_dof(u, prefix, model, cfg.ridge) for u in units}
@@ -195,6 +197,7 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
                 with no_inplace_modules(gm):
                     runner.run(stop, snapshot_at=runner.resume_point(u, limit), visit=readers)
                 replay += time.perf_counter() - t_run
+                distributed.all_reduce_moments(local)  # every rank's shard, before the selection
                 if u.name not in dof:
                     dof[u.name] = unit_dof(u, local, model, cfg.ridge)
                 keep, a_by_tap = _choose(model, u, widths[u.name], local, cfg)
