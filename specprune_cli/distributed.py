@@ -107,14 +107,24 @@ def process_group(device: str = "cpu", timeout_s: float = 1800.0) -> Iterator[No
         raise DistributedError(f"could not join the other processes ({reason(exc)}); check the torchrun "
                                "rendezvous (--rdzv-endpoint, --master-addr/--master-port) and that every "
                                f"node can reach it within runtime.timeout_s ({timeout_s:g} s)") from exc
+    failed = False
     try:
         yield
-    except (KeyboardInterrupt, DistributedError):
-        raise  # ^C reaches every process; a DistributedError came from a collective: all know already
+    except KeyboardInterrupt:
+        raise  # ^C reaches every process
+    except DistributedError:
+        failed = True  # it came from an exchange: every process knows already
+        raise
     except BaseException as exc:  # noqa: B036 - the others must hear of any failure, then it goes on
+        failed = True
         _announce(exc)
         raise
     finally:
+        if failed and not _state["broken"]:
+            # Leave together: torchrun stops the other processes as soon as one exits with an error,
+            # and each should have printed the message by then.
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
         dist.destroy_process_group()
         _state["device"] = torch.device("cpu")
 
@@ -278,10 +288,12 @@ class _ShardSampler(Sampler[list[int]]):
         # A generator function: the permutation is drawn at the first batch, after the DataLoader has
         # drawn its base seed from the same generator, as it does before a RandomSampler's draw.
         if self.generator is None:
-            order = list(range(self.n))
-        else:
-            order = torch.randperm(self.n, generator=self.generator).tolist()
-        yield from self._batches(order)
+            yield from self._batches(list(range(self.n)))
+            return
+        yield from self._batches(torch.randperm(self.n, generator=self.generator).tolist())
+        # A RandomSampler draws one more (empty) permutation when it runs out; so does this epoch, so
+        # that the next one draws what a single process's next epoch draws.
+        torch.randperm(self.n, generator=self.generator)
 
     def __len__(self) -> int:
         return len(self._batches(list(range(self.n))))

@@ -20,7 +20,7 @@ import yaml
 
 from conftest import TESTS
 from helpers import warm_batchnorm
-from models_small import SmallResNet
+from models_small import SmallMLP, SmallResNet
 from specprune_cli import distributed
 from specprune_cli.pruned_file import load_pruned
 
@@ -112,6 +112,41 @@ def test_two_processes_give_the_single_process_plan_and_outputs(tmp_path, order)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # no temp dir
 
 
+def test_fine_tuning_on_two_processes_equals_one_process_at_twice_the_batch(tmp_path):
+    """DistributedDataParallel with batches of 4 on each of 2 processes takes the steps one process takes
+    with batches of 8 (no BatchNorm in SmallMLP, whose statistics would be per process)."""
+    torch.manual_seed(0)
+    torch.save(SmallMLP().state_dict(), tmp_path / "ck.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((48, 12)).astype(np.float32), y=rng.integers(0, 4, 48))
+    configs = {}
+    for name, batch in (("one", 8), ("two", 4)):
+        cfg = {"model": {"arch": f"{TESTS / 'models_small.py'}:SmallMLP", "input_shape": [12]},
+               "data": {"calibration": {"format": "npz", "path": str(tmp_path / "calib.npz"), "batch_size": 8}},
+               "prune": {"allocation": "ratio", "ratio": 0.5, "round_to": 1, "min_channels": 2},
+               "finetune": {"epochs": 2, "batch_size": batch, "optimizer": "sgd", "lr": 0.05},
+               "evaluate": {"latency": False}, "export": {"formats": ["pt"]}}
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(cfg))
+    _one_process(tmp_path / "ck.pt", configs["one"], tmp_path / "one")
+    run = _torchrun(tmp_path / "ck.pt", configs["two"], tmp_path / "two")
+    assert run.returncode == 0, run.stdout + run.stderr
+    one, y_one = _outputs(tmp_path / "one")
+    two, y_two = _outputs(tmp_path / "two")
+    assert two["plan"] == one["plan"]
+    assert [e["steps"] for e in two["finetune"]["epochs"]] == [e["steps"] for e in one["finetune"]["epochs"]] == [6, 6]
+    trained = float((y_two - y_one).norm() / y_one.norm())
+    moved = float((y_one - _outputs_without_finetune(tmp_path, configs["one"])).norm() / y_one.norm())
+    assert trained < 1e-5 < moved  # the same training, and training that changed the model
+
+
+def _outputs_without_finetune(tmp_path: Path, cfg: Path) -> torch.Tensor:
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(cfg.read_text().replace("epochs: 2", "epochs: 0"))
+    _one_process(tmp_path / "ck.pt", plain, tmp_path / "plain")
+    return _outputs(tmp_path / "plain")[1]
+
+
 def test_a_failing_process_stops_both_with_its_message_and_writes_nothing(tmp_path):
     # Samples 8-15 form batch 1, which only process 1 reads: their huge values overflow to Inf inside the
     # model, so process 1 fails while gathering statistics and process 0 is waiting for its moments.
@@ -143,18 +178,19 @@ def test_shards_are_disjoint_and_together_the_single_process_batches(shuffle):
     dataset = torch.utils.data.TensorDataset(torch.arange(20))
     single = torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=shuffle,
                                          generator=torch.Generator().manual_seed(5) if shuffle else None)
-    want = [b[0].tolist() for b in single]
+    want = [[b[0].tolist() for b in single] for _epoch in range(2)]
 
-    def shards(even: bool) -> list[list[list[int]]]:
+    def shards(even: bool) -> list[list[list[list[int]]]]:
         out = []
         for rank in range(2):
             g = torch.Generator().manual_seed(5) if shuffle else None
             sampler = distributed._ShardSampler(20, 3, rank, 2, g, even)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=g)
-            out.append([b[0].tolist() for b in loader])
+            out.append([[b[0].tolist() for b in loader] for _epoch in range(2)])
         return out
 
+    assert (want[0] != want[1]) == shuffle  # a new permutation each epoch
     zero, one = shards(even=False)
-    assert zero == want[0::2] and one == want[1::2]
+    assert zero == [w[0::2] for w in want] and one == [w[1::2] for w in want]
     zero, one = shards(even=True)
-    assert zero == want[0:6:2] and one == want[1:6:2]
+    assert zero == [w[0:6:2] for w in want] and one == [w[1:6:2] for w in want]
