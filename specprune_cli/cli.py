@@ -5,6 +5,9 @@ Errors from the library (``SpecpruneError``) are translated here, and only here
 (:func:`translate_errors`), into click exceptions carrying the error's ``exit_code``. Messages and
 progress go to stderr; stdout carries only the result (the table, or the ``--json`` report), so
 anything the user's model prints while it runs goes to stderr too.
+
+Under ``torchrun`` (WORLD_SIZE > 1) ``compress`` runs inside ``distributed.process_group``; only process 0
+shows progress and prints the result, and a failure in any process ends every one with its message.
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ from typing import Any
 
 import click
 
+from specprune_cli import distributed
 from specprune_cli._version import __version__
-from specprune_cli.errors import GateError, SpecpruneError, reason
+from specprune_cli.errors import ConfigError, GateError, SpecpruneError, reason
 
 
 class SpecpruneClickError(click.ClickException):
@@ -78,6 +82,8 @@ def _shared_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Hide progress bars and progress messages (warnings still show)."),
         click.option("--overwrite", is_flag=True,
                      help="Replace a non-empty OUTDIR (only after the new results are complete)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                     help="Where to run (config runtime.device; wins over --set): auto, cpu or cuda."),
     ]):
         fn = option(fn)
     return fn
@@ -110,34 +116,46 @@ def main() -> None:
               help="Quality gate: exit 3 if fewer than FRAC of the pruned model's top-1 predictions match "
                    "the original's.")
 def compress(checkpoint: str, config_path: str, output: str, overrides: tuple[str, ...], as_json: bool,
-             trust_checkpoint: bool, quiet: bool, overwrite: bool, max_accuracy_drop: float | None,
-             min_agreement: float | None) -> None:
+             trust_checkpoint: bool, quiet: bool, overwrite: bool, device: str | None,
+             max_accuracy_drop: float | None, min_agreement: float | None) -> None:
     """Prune CHECKPOINT (a state_dict file) to the configured FLOPs/params target.
 
     Config precedence: defaults < CFG.yaml < --set. Outputs are written to a temporary directory and
     renamed to OUTDIR only when every step succeeded. A failed quality gate exits 3 after writing them.
+    Under torchrun (``torchrun --nproc_per_node=N -m specprune_cli compress ...``) the processes share the
+    calibration and fine-tune data, and process 0 writes OUTDIR.
     """
     from specprune_cli.config import load_config
     from specprune_cli.pipeline import compress as run_compress
+    from specprune_cli.prepare import resolve_device
     from specprune_cli.report import summary_table
 
     def show(report: dict) -> None:
+        if not distributed.is_main():
+            return  # process 0 prints the result once
         click.echo(summary_table(report), err=as_json)
         if as_json:
             click.echo(json.dumps(report, indent=2))
 
     try:
         with translate_errors():
-            config = load_config(config_path, overrides)
-            report = run_compress(config, checkpoint, output, trust_checkpoint=trust_checkpoint,
-                                  overwrite=overwrite, progress=not quiet,
-                                  max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
-                                  log=_logger(quiet))
+            config = load_config(config_path, _with_device(overrides, device))
+            with distributed.process_group(resolve_device(config), config.runtime.timeout_s):
+                main_process = distributed.is_main()
+                report = run_compress(config, checkpoint, output, trust_checkpoint=trust_checkpoint,
+                                      overwrite=overwrite, progress=not quiet and main_process,
+                                      max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
+                                      log=_logger(quiet or not main_process))
     except SpecpruneClickError as exc:
         if isinstance(exc.__cause__, GateError) and exc.__cause__.report is not None:
             show(exc.__cause__.report)  # the outputs exist: show what they say before failing
         raise
     show(report)
+
+
+def _with_device(overrides: tuple[str, ...], device: str | None) -> tuple[str, ...]:
+    """--device is runtime.device, set after the --set overrides so that it wins."""
+    return overrides if device is None else (*overrides, f"runtime.device={device}")
 
 
 def _ridge_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[float, ...]:
@@ -168,15 +186,20 @@ def _ridge_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
 @_shared_options
 def analyze(checkpoint: str, config_path: str, output: str | None, overrides: tuple[str, ...], as_json: bool,
             ridges: tuple[float, ...], tolerance: float | None, trust_checkpoint: bool, quiet: bool,
-            overwrite: bool) -> None:
+            overwrite: bool, device: str | None) -> None:
     """Show, per prunable layer, how many channels it really uses (degrees of freedom N(lambda)),
     its eigen-spectrum, and the widths compress would choose for the configured target."""
     from specprune_cli.config import load_config
     from specprune_cli.pipeline import analyze as run_analyze
+    from specprune_cli.prepare import resolve_device
     from specprune_cli.report import analysis_table
 
     with translate_errors():
-        config = load_config(config_path, overrides)
+        if distributed.requested_world_size() > 1:
+            raise ConfigError("analyze runs in one process; start it without torchrun (only compress "
+                              "shares its work between processes)")
+        config = load_config(config_path, _with_device(overrides, device))
+        resolve_device(config)
         analysis = run_analyze(config, checkpoint, output, ridges=ridges, prunability_tolerance=tolerance,
                                trust_checkpoint=trust_checkpoint, overwrite=overwrite, progress=not quiet,
                                log=_logger(quiet))

@@ -317,7 +317,7 @@ class RuntimeConfig(Section):
     """``runtime``: where and how the run executes.
 
     Attributes:
-        device: auto (CUDA when present, else CPU), cpu or cuda.
+        device: auto, cpu or cuda; this version runs on the CPU (auto is the CPU, cuda is refused).
         timeout_s: how long a collective operation waits for the other processes under torchrun.
     """
 

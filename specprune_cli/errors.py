@@ -49,6 +49,14 @@ class OutputError(SpecpruneError):
     """The output directory cannot be written (nothing was left there)."""
 
 
+class DistributedError(SpecpruneError):
+    """Under torchrun: another process failed (its message and exit code), or the processes lost contact."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class GateError(SpecpruneError):
     """A CI quality gate failed (outputs are still written); exit 3.
 

@@ -5,6 +5,9 @@ their softmax outputs at temperature T, scaled by T^2 so that its gradients keep
 T=1 loss (Hinton et al., 2015). Samples labelled ``y >= 0`` also add cross-entropy; ``y < 0`` marks an
 unlabelled sample, so a user with only unlabelled calibration data can still fine-tune by distillation.
 For a model with several outputs, both losses read the evaluated one (``evaluate.output``).
+
+Under torchrun the student trains under DistributedDataParallel (``distributed.data_parallel``): each
+process reads its shard of the batches, gradients are averaged, and every process takes every step.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from specprune_cli import distributed
 from specprune_cli.config import FinetuneConfig
 from specprune_cli.data import Batches
 from specprune_cli.errors import ConfigError, ModelError
@@ -133,6 +137,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, loader: Batches | It
         torch.manual_seed(cfg.seed)
         optimizer = _optimizer(params, cfg)
         student.train()
+        trained = distributed.data_parallel(student)
         if teacher is not None:
             teacher.eval()
         bar = tqdm(total=total, desc="finetune", unit="step", file=sys.stderr, disable=not progress,
@@ -149,10 +154,12 @@ def finetune(student: nn.Module, teacher: nn.Module | None, loader: Batches | It
                     x = x.to(device)
                     labelled = (y >= 0).to(device) if y is not None else None
                     has_labels = labelled is not None and bool(labelled.any())
-                    if not distill and not has_labels:
-                        continue  # nothing to learn from in this batch
-                    out = _logits(call, student, x, "student")
-                    loss = out.new_zeros(())
+                    # Nothing to learn from in this batch; under torchrun every process still takes
+                    # the step (DistributedDataParallel steps together), with a loss of zero.
+                    if not distill and not has_labels and not distributed.active():
+                        continue
+                    out = _logits(call, trained, x, "student")
+                    loss = out.sum() * 0.0 if distributed.active() else out.new_zeros(())
                     if distill:
                         with torch.no_grad():
                             target = _logits(call, teacher, x, "teacher")
@@ -166,6 +173,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, loader: Batches | It
                         raise ConfigError(f"the fine-tuning loss became {value} at step {steps + 1}; "
                                           f"lower finetune.lr (now {cfg.lr:g})")
                     optimizer.zero_grad(set_to_none=True)
+                    distributed.check_peers()  # a failed process stops the others here, not in backward
                     loss.backward()
                     optimizer.step()
                     steps += 1
@@ -176,7 +184,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, loader: Batches | It
                 if epoch_steps == 0 and not distill:
                     raise ConfigError(NEEDS_LABELS)
                 seconds = time.perf_counter() - epoch_start
-                mean = epoch_loss / epoch_steps if epoch_steps else float("nan")
+                epoch_loss, loss_steps = distributed.all_sum(epoch_loss, epoch_steps)  # over processes
+                mean = epoch_loss / loss_steps if loss_steps else float("nan")
                 history.append({"epoch": epoch, "loss": mean, "steps": epoch_steps,
                                 "seconds": round(seconds, 3)})
                 if log is not None:

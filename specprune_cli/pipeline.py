@@ -3,6 +3,10 @@
 Both start with ``prepare.prepare`` (config checks, checkpoint, the model's input and output,
 calibration data); ``compress`` then prunes, evaluates, fine-tunes and writes its outputs as one transaction
 (``outputs.staged_output``), so a failed run leaves OUTDIR absent (or, with ``overwrite``, as it was).
+
+Under torchrun (``distributed``) every process prunes its shard of the calibration data with the
+statistics summed over all of them, and fine-tunes its shard under DistributedDataParallel; process 0
+alone evaluates, times and writes the outputs, and the others return its report.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from specprune_cli import distributed
 from specprune_cli._version import __version__
 from specprune_cli.config import Config, dump_resolved
 from specprune_cli.data import Batches, build_batches
@@ -43,8 +48,15 @@ def _prune(model: nn.Module, batches: Batches, *, example_input: torch.Tensor, c
 
     extra = {"forward_kwargs": dict(config.model.forward_kwargs)} if config.model.forward_kwargs else {}
     with _core("pruning"):
-        return prune_model(model, batches, example_input=example_input, cfg=config.prune, progress=progress,
-                           **extra)
+        result = prune_model(model, distributed.shard(batches), example_input=example_input, cfg=config.prune,
+                             progress=progress, **extra)
+    if distributed.active():
+        distributed.check_same(result.plan, "plan (kept channels per unit)")
+        counted = [result.report[k] for k in ("samples", "dof_samples")]  # this process's shard alone
+        totals = distributed.all_sum(*(c or 0 for c in counted))
+        for key, mine, total in zip(("samples", "dof_samples"), counted, totals):
+            result.report[key] = None if mine is None else int(total)
+    return result
 
 
 @contextlib.contextmanager
@@ -150,21 +162,26 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         log(f"warning: {warning}")
     pruned, original, call = result.model, prep.model, prep.call
     max_eval = config.evaluate.max_eval_samples
-    log(f"evaluating on {eval_data.num_samples} samples"
-        + ("" if config.data.eval else " (the calibration data)"))
-    after_pruning = evaluate_model(pruned, original, eval_data, max_samples=max_eval, call=call)
+    main = distributed.is_main()  # evaluation, latency and the outputs are process 0's alone
+    if main:
+        log(f"evaluating on {eval_data.num_samples} samples"
+            + ("" if config.data.eval else " (the calibration data)"))
+    after_pruning = evaluate_model(pruned, original, eval_data, max_samples=max_eval, call=call) if main else None
     finetune_report, final = None, after_pruning
     if ft_data is not None:
         temperature = config.finetune.temperature
-        kd_before = distillation_loss(pruned, original, eval_data, temperature, call=call)
+        kd_before = distillation_loss(pruned, original, eval_data, temperature, call=call) if main else None
         log(f"fine-tuning for {config.finetune.epochs} epoch(s) on {ft_data.num_samples} samples")
-        finetune_report = finetune(pruned, original, ft_data, config.finetune, call=call, progress=progress,
-                                   log=log)
-        finetune_report["distillation_loss_before"] = kd_before
-        finetune_report["distillation_loss_after"] = distillation_loss(pruned, original, eval_data,
-                                                                      temperature, call=call)
-        final = evaluate_model(pruned, original, eval_data, max_samples=max_eval, call=call)
+        finetune_report = finetune(pruned, original, distributed.shard(ft_data, even=True), config.finetune,
+                                   call=call, progress=progress, log=log)
+        if main:
+            finetune_report["distillation_loss_before"] = kd_before
+            finetune_report["distillation_loss_after"] = distillation_loss(pruned, original, eval_data,
+                                                                          temperature, call=call)
+            final = evaluate_model(pruned, original, eval_data, max_samples=max_eval, call=call)
         verify_forward(pruned, prep.example, prep.output, call.forward_kwargs)
+    if not main:
+        return distributed.broadcast_object(None)  # waits for process 0's outputs, or its failure
     evaluation = _evaluation(after_pruning, final, finetune_report is not None)
     gates = check_gates(evaluation, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
 
@@ -198,6 +215,7 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
             "exports": exports,
             "gates": gates,
             "seconds": round(time.perf_counter() - started, 3),
+            "processes": distributed.world_size(),
         }
         write_json(tmp / "report.json", report)
         dump_resolved(config, tmp / "config.resolved.yaml")
@@ -206,7 +224,7 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         detail = "; ".join(f"{g['name']} {g['value']:g} vs limit {g['limit']:g}" for g in failed)
         raise GateError(f"quality gate failed: {detail}; the outputs were written to {output_dir} for "
                         "inspection", report=report)
-    return report
+    return distributed.broadcast_object(report)
 
 
 def analyze(config: Config, checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike | None = None,

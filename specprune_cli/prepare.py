@@ -49,6 +49,22 @@ def refuse_unbuilt(config: Config) -> None:
             raise ConfigError(f"{key} is not available in specprune {__version__} yet; use {instead}")
 
 
+def resolve_device(config: Config) -> str:
+    """``runtime.device`` as the run uses it: "cpu" or "cuda".
+
+    auto runs on the CPU in this version: the GPU path (cuda) is not built yet, and auto must not
+    pick it on a machine that has a GPU.
+
+    Raises:
+        ConfigError: cuda asked for where torch sees no CUDA device, or (with one) not built yet.
+    """
+    if config.runtime.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device is cuda but torch sees no CUDA device on this machine "
+                          "(torch.cuda.is_available() is false); use --device cpu, or auto")
+    refuse_unbuilt(config)
+    return "cpu"
+
+
 @dataclass
 class Prepared:
     """What both commands start from.

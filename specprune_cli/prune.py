@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from specprune_cli import distributed
 from specprune_cli.config import PruneConfig
 from specprune_cli.errors import BudgetError, ConfigError
 from specprune_cli.flops import count_flops, count_params
@@ -186,6 +187,7 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
                 prefix, full, dof_samples = collect_prefix(
                     graph.gm, units, inputs, max_positions=cfg.max_positions, seed=cfg.seed, enough=enough,
                     full=cfg.order == "oneshot", progress=bar)
+            distributed.all_reduce_moments(prefix, full)  # every rank's shard, before any selection
             moments = full if full is not None else prefix
             run.dof = {u.name: unit_dof(u, prefix, model, cfg.ridge) for u in units}
             if cfg.allocation == "loss":
@@ -288,6 +290,7 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
             else:  # nothing cut yet: the pruned network is the original, and its cache serves both
                 twin.cache, twin.position = [dict(env) for env in runner.cache], runner.position
         replay += time.perf_counter() - t_run
+        distributed.all_reduce_moments(local)  # every rank's shard, before the selection
         if u.name not in run.dof:
             run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
         choice = run.apply(u, widths[u.name], local)
@@ -311,6 +314,7 @@ def _sequential_hooks(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
         local = collect_paired(original, run.model, u, run.inputs, max_positions=cfg.max_positions,
                                seed=cfg.seed)
         replay += time.perf_counter() - t_run
+        distributed.all_reduce_moments(local)
         if u.name not in run.dof:
             run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
         run.apply(u, widths[u.name], local)

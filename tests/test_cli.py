@@ -296,11 +296,40 @@ def test_missing_calibration_section(tmp_path, cnn_checkpoint):
     ("runtime.device=cuda", "runtime.device: cuda is not available in specprune {v} yet; use auto or cpu"),
 ])
 def test_settings_not_built_yet_are_refused_not_ignored(tmp_path, cnn_checkpoint, write_config, fake_prune,
-                                                       setting, message):
+                                                       setting, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # cuda refused as unbuilt, not as absent
     out = tmp_path / "out"
     result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--set", setting)
     assert _failure(result, out) == (2, "Error: " + message.format(v=__version__), [])
     assert fake_prune == []
+
+
+@pytest.mark.parametrize("how", [("--device", "cuda"), ("--set", "runtime.device=cuda")])
+def test_cuda_without_a_cuda_device_is_a_config_error(tmp_path, cnn_checkpoint, write_config, fake_prune,
+                                                      monkeypatch, how):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, *how)
+    assert _failure(result, out) == (
+        2, "Error: runtime.device is cuda but torch sees no CUDA device on this machine "
+           "(torch.cuda.is_available() is false); use --device cpu, or auto", [])
+    assert fake_prune == []
+
+
+def test_device_flag_wins_over_set(tmp_path, cnn_checkpoint, write_config, fake_prune):
+    out = tmp_path / "out"
+    result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--set", "runtime.device=cuda",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert yaml.safe_load((out / "config.resolved.yaml").read_text())["runtime"]["device"] == "cpu"
+
+
+def test_analyze_refuses_torchrun(tmp_path, cnn_checkpoint, write_config, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("analyze", cnn_checkpoint, "-c", write_config())
+    assert (result.exit_code, result.stderr.strip().splitlines()[-1]) == (
+        2, "Error: analyze runs in one process; start it without torchrun (only compress shares its work "
+           "between processes)")
 
 
 def test_gate_range_and_accuracy_gate_without_labels(tmp_path, cnn_checkpoint, write_config):
