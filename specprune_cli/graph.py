@@ -15,6 +15,7 @@ nothing here raises on a model that runs.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,9 +128,15 @@ class _Finder:
         for sp in spaces:
             for node in sp.nodes:
                 owner.setdefault(node, sp)
-        _resolve_joins(spaces, owner)
+        streams = _resolve_joins(spaces, owner)
         units, skipped = [], []
-        for sp in spaces:
+        for group in streams:
+            if len(group) > 1:
+                unit, skip = self._stream(group, exclude)
+                units.extend([unit] if unit is not None else [])
+                skipped.extend(skip)
+                continue
+            sp = group[0]
             name = str(sp.producer.target)
             if sp.failure == "gate":
                 continue  # its rows are sliced by the unit it gates; not a unit of its own
@@ -147,10 +154,49 @@ class _Finder:
                 end_position=max(self.index[cn] for _, cn in sp.consumers),
                 channel_nodes={n.name: lay for n, lay in sp.nodes.items()},
                 shape_attrs=list(sp.shape_attrs.values())))
+        units.sort(key=lambda u: u.position)
         skipped.extend(grouped)
         skipped.extend(self._hidden_producers())
         skipped.extend(self._functional_layers())
         return units, skipped
+
+    def _stream(self, group: list[_Space], exclude: Callable[[str], bool] | None
+                ) -> tuple[Unit | None, list[Skipped]]:
+        """One unit for the producers whose channels are added together (a residual stream,
+        docs/method.md §1): every producer loses the same rows, every consumer of the stream is a tap."""
+        group = sorted(group, key=lambda sp: self.index[sp.producer])
+        names = [str(sp.producer.target) for sp in group]
+        label = f"residual stream of {', '.join(names)}"
+        failure = next((f"{n}: {sp.failure}" for n, sp in zip(names, group) if sp.failure is not None), None)
+        if failure is None and exclude is not None and any(exclude(n) for n in names):
+            failure = "a producer is excluded by config (prune.exclude)"
+        nodes: dict[fx.Node, Layout] = {}
+        for sp in group:
+            for node, lay in sp.nodes.items():
+                if failure is None and node in nodes and nodes[node].cdim != lay.cdim:
+                    failure = f"its channels are on different dimensions at `{node.name}`"
+                nodes.setdefault(node, lay)
+        consumers: dict[tuple[str, str], tuple[Consumer, fx.Node]] = {}
+        followers: dict[Follower, None] = {}
+        attrs: dict[Any, ShapeAttr] = {}
+        for sp in group:
+            for c, cn in sp.consumers:
+                consumers.setdefault((c.module, c.tap), (c, cn))
+            followers.update(dict.fromkeys(sp.followers))
+            attrs.update(sp.shape_attrs)
+        if failure is None and not consumers:
+            failure = "no consumer reads its channels"
+        if failure is not None:
+            return None, [Skipped(n, f"{label}: {failure}") for n in names]
+        first = group[0]
+        return Unit(
+            name=names[0], kind="linear" if first.kind.name == "linear" else "conv", width=first.width,
+            channel_dim=nodes[first.producer].cdim, followers=list(followers),
+            consumers=[c for c, _ in consumers.values()], position=self.index[first.producer],
+            end_position=max(self.index[cn] for _, cn in consumers.values()),
+            channel_nodes={n.name: lay for n, lay in nodes.items()},
+            producers=[Producer(n) for n in names], type="stream",
+            shape_attrs=list(attrs.values())), []
 
     def _functional_layers(self) -> list[Skipped]:
         """Layers written as ``F.conv2d(x, self.weight)``: their weights are listed as kept whole."""
@@ -418,8 +464,18 @@ def _per_sample(shape: tuple[int, ...]) -> int:
     return total
 
 
-def _resolve_joins(spaces: list[_Space], owner: dict[fx.Node, _Space]) -> None:
-    """Decide every join: a squeeze-excitation gate is absorbed; anything else leaves both unpruned."""
+def _resolve_joins(spaces: list[_Space], owner: dict[fx.Node, _Space]) -> list[list[_Space]]:
+    """Decide every join: a squeeze-excitation gate is absorbed; spaces added together form one
+    residual stream; anything else leaves both unpruned. Returns the spaces grouped by stream (a
+    group of one for a space joined with no other)."""
+    parent = {id(sp): sp for sp in spaces}
+
+    def root(sp: _Space) -> _Space:
+        while parent[id(sp)] is not sp:
+            parent[id(sp)] = parent[id(parent[id(sp)])]
+            sp = parent[id(sp)]
+        return sp
+
     for sp in spaces:
         for op_node, other, own in sp.joins:
             if other in sp.nodes:
@@ -432,24 +488,47 @@ def _resolve_joins(spaces: list[_Space], owner: dict[fx.Node, _Space]) -> None:
             if gate is not None and gate is not sp and _is_gate(sp, _operand_in(sp, op_node), op_node):
                 sp.failure = "gate"  # sp itself is the gate of `gate`: the gated space absorbs it
                 continue
+            if (gate is not None and gate is not sp and _additive(op_node) and gate.width == sp.width
+                    and _same_layout(sp, gate, own, other)):
+                parent[id(root(sp))] = root(gate)  # a residual stream: both write the same channels
+                continue
             if sp.failure is None:
                 what = f"the output of {gate.producer.target}" if gate is not None else f"`{other.name}`"
-                sp.failure = (f"residual stream: its channels are joined with {what} by `{op_node.name}`; "
-                              "group-aware pruning is not supported yet")
+                sp.failure = (f"its channels are joined with {what} by `{op_node.name}`, which specprune "
+                              "cannot prune as one residual stream")
             if gate is not None and gate.failure is None:
-                gate.failure = (f"residual stream: its channels are joined with the output of "
-                                f"{sp.producer.target} by `{op_node.name}`; group-aware pruning is not "
-                                "supported yet")
+                gate.failure = (f"its channels are joined with the output of {sp.producer.target} by "
+                                f"`{op_node.name}`, which specprune cannot prune as one residual stream")
     for sp in spaces:
         if sp.failure is not None:
             continue
         for op_node, other, _ in sp.joins:
             gate = owner.get(other)
-            if other in sp.nodes or gate is None or gate is sp:
+            if other in sp.nodes or gate is None or gate is sp or root(gate) is root(sp):
                 continue
             sp.followers.append(Follower(str(gate.producer.target), "rows"))
             sp.followers.extend(gate.followers)
             gate.failure = "gate"
+    groups: dict[int, list[_Space]] = {}
+    for sp in spaces:
+        groups.setdefault(id(root(sp)), []).append(sp)
+    return [g for g in groups.values() if not (len(g) > 1 and all(sp.failure == "gate" for sp in g))]
+
+
+def _additive(op_node: fx.Node) -> bool:
+    """An element-wise sum or difference of two tensors (a residual join)."""
+    return op_node.target in _ADDITIVE and sum(is_tensor(a) for a in op_node.args) == 2
+
+
+_ADDITIVE = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_",
+             "sub", "sub_")
+
+
+def _same_layout(a: _Space, b: _Space, own: fx.Node, other: fx.Node) -> bool:
+    """The two operands carry their channels the same plain way (same shape, same channel dimension)."""
+    la, lb = a.nodes.get(own), b.nodes.get(other)
+    return (la is not None and lb is not None and la.plain and lb.plain and la.cdim == lb.cdim
+            and shape_of(own) == shape_of(other))
 
 
 def _aligned(sp: _Space, a: fx.Node, b: fx.Node, op_node: fx.Node) -> bool:

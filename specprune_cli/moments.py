@@ -92,7 +92,12 @@ class CrossMoment:
         # Raw sums: "target" (sum x x^T), "target_sum" (sum x) and, once x~ has differed from x,
         # "source" (sum x~ x~^T), "cross" (sum x x~^T), "source_sum" (sum x~).
         self._sums: dict[str, torch.Tensor] = {}
-        self._generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        # The positions of update i are drawn from a generator seeded by (seed, draw_offset +
+        # draw_stride * i): a batch's draw depends on its index in the whole calibration set, so the
+        # processes that each read every world-th batch draw what one process would (docs/method.md §2).
+        self.draw_offset, self.draw_stride = 0, 1
+        self._updates = 0
 
     @property
     def shared(self) -> bool:
@@ -141,7 +146,9 @@ class CrossMoment:
         if self.max_positions is not None and positions > self.max_positions:
             # Distinct positions (no duplicated rows): the first max_positions of a random permutation,
             # the same positions for every signal.
-            idx = torch.rand(n, positions, generator=self._generator).argsort(1)[:, :self.max_positions]
+            key = self.draw_offset + self.draw_stride * self._updates
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
+            idx = torch.rand(n, positions, generator=generator).argsort(1)[:, :self.max_positions]
             positions = self.max_positions
             flats = [torch.gather(f, 2, idx.unsqueeze(1).expand(n, w, positions))
                      for f, w in zip(flats, widths)]
@@ -216,6 +223,7 @@ class CrossMoment:
                     sums["cross"].addmm_(rows.T, tilde)
                     sums["source_sum"] += tilde.sum(0)
             self.count += rows.shape[0]
+        self._updates += 1
         return self
 
     def _split(self) -> None:
@@ -291,10 +299,8 @@ class CrossMoment:
 
     def copy(self) -> "CrossMoment":
         """An independent accumulator holding the same rows so far; later updates to either do not
-        reach the other, and its generator goes on from the same state (same updates, same matrices)."""
+        reach the other, and its draws go on from the same update count (same updates, same matrices)."""
         out = copy.copy(self)
-        out._generator = torch.Generator()
-        out._generator.set_state(self._generator.get_state())
         out._sums = {key: value.clone() for key, value in self._sums.items()}
         return out
 

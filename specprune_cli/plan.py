@@ -73,7 +73,8 @@ class CostModel:
         # module -> (unit whose channels it reads, unit whose channels it writes)
         roles: dict[str, list[str | None]] = {}
         for u in units:
-            roles.setdefault(u.name, [None, None])[1] = u.name
+            for p in u.producers:
+                roles.setdefault(p.module, [None, None])[1] = u.name
             for f in u.followers:
                 roles.setdefault(f.module, [None, None])[1] = u.name
             for c in u.consumers:
@@ -295,7 +296,7 @@ def make_plan(units: Sequence[Unit], kept: Mapping[str, torch.Tensor], dof: Mapp
     return {
         "format": PLAN_FORMAT,
         "units": [
-            {"name": u.name, "kind": u.kind, "width": u.width, "kept": int(kept[u.name].numel()),
+            {"name": u.name, "kind": u.kind, "type": u.type, "width": u.width, "kept": int(kept[u.name].numel()),
              "indices": [int(i) for i in kept[u.name].tolist()],
              "dof": None if u.name not in dof else round(float(dof[u.name]), 4)}
             for u in units if u.name in kept

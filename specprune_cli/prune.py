@@ -32,8 +32,8 @@ from specprune_cli.graph import Unit, UnitGraph, find_units
 from specprune_cli.moments import CrossMoment
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
 from specprune_cli.selection import Choice, TapKey, choose, unit_curve, unit_dof
-from specprune_cli.stats import (SegmentRunner, collect_paired, collect_prefix, new_moments, no_inplace_modules,
-                                 pair_readers)
+from specprune_cli.stats import (SegmentRunner, collect_paired, collect_prefix, new_cross_moments,
+                                 no_inplace_modules, pair_readers)
 from specprune_cli.surgery import absorb_bias, bias_sinks, prune_unit, verify_forward
 
 #: A result further than this above its FLOPs/params target is an error unless prune.allow_partial.
@@ -264,8 +264,7 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
     replay = 0.0
     upstream_cut = False  # once a unit is cut, the two networks differ downstream of it
     for i, u in enumerate(units):
-        local = {(u.name, tap): CrossMoment(u.width, u.width, max_positions=cfg.max_positions, seed=cfg.seed)
-                 for tap in u.taps}
+        local = new_cross_moments(u, max_positions=cfg.max_positions, seed=cfg.seed)
         stop = max(index[tap] for tap in u.taps) + 1
         # Keep what this stretch computed, up to where the next unit starts, if slicing can bring it up
         # to date after the surgery; see SegmentRunner.resume_point. The original never changes.

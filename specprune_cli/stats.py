@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from specprune_cli import distributed
 from specprune_cli.errors import StatisticsError
 from specprune_cli.graph import Unit
 from specprune_cli.layers import tap_rows
@@ -95,8 +96,7 @@ def collect_paired(original: nn.Module | None, pruned: nn.Module, unit: Unit, ba
     """``unit``'s cross moments from whole forward passes of both models, with hooks on one consumer per
     tap (for a graph that cannot be replayed). ``original`` None: the pruned model's own signal."""
     kwargs = dict(forward_kwargs or {})
-    moments = {(unit.name, tap): CrossMoment(unit.width, unit.width, max_positions=max_positions, seed=seed)
-               for tap in unit.taps}
+    moments = new_cross_moments(unit, max_positions=max_positions, seed=seed)
     originals: dict[str, torch.Tensor] = {}
     readers = pair_readers(unit, moments, originals)
     handles = []
@@ -120,13 +120,26 @@ def collect_paired(original: nn.Module | None, pruned: nn.Module, unit: Unit, ba
     return moments
 
 
+def sharded(moment: CrossMoment) -> CrossMoment:
+    """``moment`` drawing its positions by global batch index: under torchrun this process reads
+    batches rank, rank + world, ... (``distributed.shard``), so its i-th update is batch rank + world i."""
+    moment.draw_offset, moment.draw_stride = distributed.rank(), distributed.world_size()
+    return moment
+
+
 def new_moments(units: Sequence[Unit], *, max_positions: int | None, seed: int) -> dict[TapKey, SecondMoment]:
     """One empty accumulator per (unit, tap)."""
     out: dict[TapKey, SecondMoment] = {}
     for u in units:
         for tap in u.taps:
-            out[(u.name, tap)] = SecondMoment(u.width, max_positions=max_positions, seed=seed)
+            out[(u.name, tap)] = sharded(SecondMoment(u.width, max_positions=max_positions, seed=seed))
     return out
+
+
+def new_cross_moments(unit: Unit, *, max_positions: int | None, seed: int) -> dict[TapKey, CrossMoment]:
+    """One empty cross-moment accumulator per tap of ``unit``."""
+    return {(unit.name, tap): sharded(CrossMoment(unit.width, unit.width, max_positions=max_positions, seed=seed))
+            for tap in unit.taps}
 
 
 @contextlib.contextmanager

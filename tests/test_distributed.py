@@ -96,14 +96,16 @@ def _outputs(out: Path) -> tuple[dict, torch.Tensor]:
 
 @pytest.mark.parametrize("order", ["sequential", "oneshot"])
 def test_two_processes_give_the_single_process_plan_and_outputs(tmp_path, order):
-    ck, cfg = _setup(tmp_path, order=order)
+    # 16 of the 64 positions per sample: every process must draw the positions one process draws.
+    ck, cfg = _setup(tmp_path, order=order, max_positions=16)
     _one_process(ck, cfg, tmp_path / "one")
     run = _torchrun(ck, cfg, tmp_path / "two")
     assert run.returncode == 0, run.stdout + run.stderr
     one, y_one = _outputs(tmp_path / "one")
     two, y_two = _outputs(tmp_path / "two")
     kept = {u["name"]: u["kept"] for u in one["plan"]["units"]}
-    assert len(kept) == 2 and all(0 < k < 32 for k in kept.values())  # both blocks pruned
+    widths = {u["name"]: u["width"] for u in one["plan"]["units"]}
+    assert len(kept) == 3 and all(0 < kept[n] < widths[n] for n in kept)  # the stream and both blocks pruned
     assert two["plan"] == one["plan"]
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["prune"]["samples"] == one["prune"]["samples"] == 48
@@ -157,7 +159,7 @@ def test_a_failing_process_stops_both_with_its_message_and_writes_nothing(tmp_pa
     zero, one = _two_processes(_compress_args(ck, cfg, out))
     assert (zero.returncode, one.returncode) == (1, 1), zero.stderr + one.stderr
     message = one.stderr.strip().splitlines()[-1]
-    assert message.startswith("Error: at the input of blocks.0.3 (unit blocks.0.0): ")
+    assert message.startswith("Error: at the input of blocks.0.0 (unit stem.0): ")
     assert "activation values are NaN or Inf" in message
     assert zero.stderr.strip().splitlines()[-1] == message.replace("Error: ", "Error: process 1 of 2 failed: ", 1)
     assert zero.stdout == one.stdout == ""

@@ -24,20 +24,32 @@ def test_flatten_cnn_units_and_consumers():
     assert "model output" in g.skipped[0].reason
 
 
-def test_resnet18_prunes_block_interiors_and_skips_the_residual_stream():
+def test_resnet18_residual_streams_are_units_with_every_producer_and_reader():
     g = _units("resnet18")
-    assert [u.name for u in g.units] == [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
-    reasons = {s.name: s.reason for s in g.skipped}
-    assert reasons["layer1.0.conv2"].startswith("residual stream")
-    assert reasons["conv1"].startswith("residual stream")  # stem output is added in layer1.0
+    interiors = [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
+    streams = {u.name: u for u in g.units if u.type == "stream"}
+    assert sorted(u.name for u in g.units if u.type == "plain") == sorted(interiors)
+    assert sorted(streams) == ["conv1", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2"]
+    # The stage-1 stream: the stem and both blocks write it; both blocks and stage 2's entry read it.
+    first = streams["conv1"]
+    assert [p.module for p in first.producers] == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    assert sorted(c.module for c in first.consumers) == [
+        "layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"]
+    assert len(first.taps) == 3
+    # A downsampling block's shortcut conv writes the next stage's stream.
+    assert "layer2.0.downsample.0" in [p.module for p in streams["layer2.0.conv2"].producers]
+    assert ("layer2.0.downsample.1", "batchnorm") in [(f.module, f.role) for f in streams["layer2.0.conv2"].followers]
+    assert [s.name for s in g.skipped] == ["fc"]
 
 
-def test_resnet50_bottleneck_has_two_units_per_block_and_stem_with_two_consumers():
+def test_resnet50_bottleneck_has_two_units_per_block_and_a_stream_per_stage():
     g = _units("resnet50")
     assert "layer1.0.conv1" in [u.name for u in g.units] and "layer1.0.conv2" in [u.name for u in g.units]
     stem = g.unit("conv1")  # layer1.0 has a downsample: the stem is read by two convs, never added
+    assert stem.type == "plain"
     assert sorted(c.module for c in stem.consumers) == ["layer1.0.conv1", "layer1.0.downsample.0"]
-    assert len(g.units) == 33
+    assert len(g.units) == 33 + 4
+    assert sum(u.type == "stream" for u in g.units) == 4
 
 
 def test_mobilenet_v2_expand_depthwise_project_chain():

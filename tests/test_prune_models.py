@@ -110,14 +110,17 @@ def test_sequential_statistics_equal_a_fresh_forward_despite_inplace_ops():
 
 
 def _sequential_by_definition(model, batches, cfg):
-    """docs/method.md §6 ``sequential`` read literally: for each unit in turn, a full forward pass of the network
-    whose earlier units are already pruned gathers its statistics; no cache, no replay, no slicing."""
+    """docs/method.md §6 ``sequential`` read literally: for each unit in turn, full forward passes of the
+    original network and of the one whose earlier units are already pruned gather its statistics; no
+    cache, no replay, no slicing."""
     import copy
 
     from specprune_cli.plan import CostModel, allocate_widths
-    from specprune_cli.prune import _choose
+    from specprune_cli.selection import choose
+    from specprune_cli.stats import collect_paired
 
     model = copy.deepcopy(model).eval()
+    original = copy.deepcopy(model) if cfg.target_signal == "original" else None
     graph = find_units(model, batches[0][:1])
     widths = allocate_widths(graph.units, CostModel(model, graph.units, batches[0][:1]), allocation="ratio",
                              target_kind=cfg.target_kind, target_value=cfg.target_value, dof={},
@@ -125,11 +128,11 @@ def _sequential_by_definition(model, batches, cfg):
                              min_channels=cfg.min_channels)
     kept = {}
     for u in graph.units:
-        moments = collect_oneshot(graph.gm, [u], batches, max_positions=cfg.max_positions, seed=cfg.seed)
-        keep, a_by_tap = _choose(model, u, widths[u.name], moments, cfg)
-        if keep is not None:
-            prune_unit(model, u, keep, a_by_tap)
-        kept[u.name] = list(range(u.width)) if keep is None else keep.tolist()
+        moments = collect_paired(original, model, u, batches, max_positions=cfg.max_positions, seed=cfg.seed)
+        choice = choose(model, u, widths[u.name], moments, cfg)
+        if choice.keep is not None:
+            prune_unit(model, u, choice.keep, choice.maps)
+        kept[u.name] = list(range(u.width)) if choice.keep is None else choice.keep.tolist()
     return model, kept
 
 
@@ -139,15 +142,17 @@ def _sequential_by_definition(model, batches, cfg):
 _RUNNER_FAST = ("flatten_cnn", "vit_small", "resnet18", "squeezenet1_1", "mobilenet_v3_small")
 
 
-@pytest.mark.parametrize("name", [n if n in _RUNNER_FAST else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in MODELS])
-def test_sequential_runner_matches_the_definition(name):
+@pytest.mark.parametrize("name, target", [
+    (n, "original") if n in _RUNNER_FAST else pytest.param(n, "original", marks=pytest.mark.slow) for n in MODELS
+] + [("resnet18", "pruned")])
+def test_sequential_runner_matches_the_definition(name, target):
     """The runner slices cached activations after each surgery instead of recomputing them (each layer
     runs about once). It must choose the same channels as one full forward pass per unit would, and give
     the same network. Covers flatten -> Linear, residual adds, depthwise chains, SE gates, LayerNorm."""
     model, shape = build(name)
     batches = _batches(shape, n=3, bs=6)
-    cfg = prune_cfg(allocation="ratio", ratio=0.5, round_to=1, min_channels=1, max_positions=8)
+    cfg = prune_cfg(allocation="ratio", ratio=0.5, round_to=1, min_channels=1, max_positions=8,
+                    target_signal=target)
     expected_model, expected = _sequential_by_definition(model, batches, cfg)
     result = prune_model(model, batches, example_input=batches[0][:1], cfg=cfg, progress=False)
     got = {u["name"]: u["indices"] for u in result.plan["units"]}
