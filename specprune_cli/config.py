@@ -165,6 +165,8 @@ class PruneConfig(Section):
         target_signal: what a unit's reconstruction aims at in sequential order: the original
             network's activations (original) or those of the network pruned so far (pruned).
         intercept: also fit a per-channel intercept (the reconstruction becomes affine).
+        kernel_refit: in sequential order, refit each k x k convolution reading a pruned unit by least
+            squares over its patches instead of folding W A (docs/method.md §4).
         allow_partial: a result more than 5% above ``target`` is a warning instead of an error.
     """
 
@@ -187,6 +189,7 @@ class PruneConfig(Section):
     reconstruct: bool = True
     target_signal: Literal["original", "pruned"] = "original"
     intercept: bool = False
+    kernel_refit: bool = True
     allow_partial: bool = False
 
     def _check(self, path: str) -> None:

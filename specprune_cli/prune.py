@@ -31,9 +31,10 @@ from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import Unit, UnitGraph, find_units
 from specprune_cli.moments import CrossMoment
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
+from specprune_cli.refit import KernelFit, refittable
 from specprune_cli.selection import Choice, TapKey, choose, unit_curve, unit_dof
 from specprune_cli.stats import (SegmentRunner, collect_paired, collect_prefix, new_cross_moments,
-                                 no_inplace_modules, pair_readers)
+                                 no_inplace_modules, pair_readers, sharded)
 from specprune_cli.surgery import absorb_bias, bias_sinks, prune_unit, verify_forward
 
 #: A result further than this above its FLOPs/params target is an error unless prune.allow_partial.
@@ -92,6 +93,7 @@ class _Run:
         self.dof: dict[str, float] = {}
         self.losses: dict[str, float] = {}
         self.intercepts = 0
+        self.refits = 0
         self.sinks = bias_sinks(graph.gm, model, graph.units) if cfg.intercept else {}
 
     def apply(self, unit: Unit, k: int, moments: Mapping[TapKey, CrossMoment]) -> Choice:
@@ -236,6 +238,7 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
         "dof_samples": dof_samples if cfg.allocation in ("dof", "loss") else None,
         "target_signal": cfg.target_signal if cfg.order == "sequential" else "original",
         "units_with_intercept": run.intercepts,
+        "kernel_refits": run.refits,
         "flops_before": flops_before, "flops_after": flops_after,
         "params_before": params_before, "params_after": params_after,
         "units": [{"name": u.name, "kind": u.kind, "width": u.width, "kept": int(run.kept[u.name].numel()),
@@ -272,6 +275,7 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
         snap = runner.resume_point(u, limit)
         t_run = time.perf_counter()
         runner.check(stop, snap)
+        fits = _kernel_fits(run, u) if cfg.kernel_refit and cfg.reconstruct else []
         new_cache, new_twin = [], []
         with no_inplace_modules(gm), no_inplace_modules(twin.root if twin else gm):
             for b in range(len(run.inputs)):
@@ -280,8 +284,11 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
                     new_twin.append(twin.run_batch(b, stop, snapshot_at=limit,
                                                    visit={t: (lambda v, t=t: originals.__setitem__(t, v))
                                                           for t in u.taps}))
-                new_cache.append(runner.run_batch(b, stop, snapshot_at=snap,
-                                                  visit=pair_readers(u, local, originals)))
+                visit = pair_readers(u, local, originals)
+                for tap, fit in fits:
+                    visit[tap] = lambda v, tap=tap, fit=fit, read=visit[tap]: (
+                        read(v), fit.update(originals.get(tap, v), v))
+                new_cache.append(runner.run_batch(b, stop, snapshot_at=snap, visit=visit))
         runner.commit(snap, new_cache)
         if twin is not None:
             if upstream_cut:
@@ -294,12 +301,36 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
             run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
         choice = run.apply(u, widths[u.name], local)
         if choice.keep is not None:
+            run.refits += _refit(fits, choice.keep, cfg.ridge) if not choice.biases else 0
             upstream_cut = True
             t_run = time.perf_counter()
             runner.narrow(u, choice.keep)
             replay += time.perf_counter() - t_run
         bar.update(1)
     return replay
+
+
+def _kernel_fits(run: _Run, unit: Unit) -> list[tuple[str, KernelFit]]:
+    """A kernel-wise refit (docs/method.md §4) for each k x k convolution reading ``unit``."""
+    fits = []
+    for c in unit.consumers:
+        mod = run.model.get_submodule(c.module)
+        if c.kind == "conv" and refittable(mod, unit.width):
+            fits.append((c.tap, sharded(KernelFit(c.module, mod, unit.width, max_positions=run.cfg.max_positions,
+                                                  seed=run.cfg.seed))))
+    return fits
+
+
+def _refit(fits: list[tuple[str, KernelFit]], keep: torch.Tensor, ridge: float) -> int:
+    """Replace the folded weights by the kernel-wise least-squares fit; returns how many were."""
+    done = 0
+    for _, fit in fits:
+        weight = fit.solve(keep, ridge)
+        if weight is not None and weight.shape == fit.conv.weight.shape:
+            with torch.no_grad():
+                fit.conv.weight.copy_(weight)
+            done += 1
+    return done
 
 
 def _sequential_hooks(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
