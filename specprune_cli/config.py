@@ -335,8 +335,8 @@ class ExportConfig(Section):
     """``export``: extra files beside model.pt, each verified by loading it back (docs/method.md §7).
 
     Attributes:
-        formats: subset of pt (state_dict + plan), onnx, onnx-int8 (ONNX Runtime static int8),
-            torchscript, module (pickled whole module).
+        formats: subset of pt (state_dict + plan), onnx, onnx-int8 (ONNX Runtime static int8 of the
+            onnx file, so it needs onnx too), torchscript, module (pickled whole module).
         opset: ONNX opset.
         onnx_tolerance: max abs difference between ONNX Runtime and PyTorch outputs.
         int8: settings of the onnx-int8 format.
@@ -352,6 +352,9 @@ class ExportConfig(Section):
     def _check(self, path: str) -> None:
         if len(set(self.formats)) != len(self.formats):
             raise ConfigError(f"config key {path}.formats lists a format twice: {list(self.formats)!r}")
+        if "onnx-int8" in self.formats and "onnx" not in self.formats:
+            raise ConfigError(f"config key {path}.formats lists onnx-int8 without onnx; the int8 model is "
+                              "quantized from model.onnx, so add onnx to export.formats")
         positive(f"{path}.opset", self.opset)
         positive(f"{path}.onnx_tolerance", self.onnx_tolerance)
 

@@ -45,7 +45,6 @@ _NOT_BUILT: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
     ("prune.intercept: true", lambda c: c.prune.intercept, "false"),
     ("model.forward_kwargs", lambda c: bool(c.model.forward_kwargs) and not _prune_takes_forward_kwargs(),
      "{}"),
-    ("export.formats: onnx-int8", lambda c: "onnx-int8" in c.export.formats, "pt, onnx, torchscript, module"),
     ("runtime.device: cuda", lambda c: c.runtime.device == "cuda", "auto or cpu"),
 )
 
