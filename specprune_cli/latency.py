@@ -202,6 +202,22 @@ def measure_onnx_latency(path: str | Path, example_input: torch.Tensor, batch_si
     return {b: _summary(t["m"]) for b, t in timed.items()}
 
 
+def time_onnx_models(paths: Mapping[str, str | Path], example_input: torch.Tensor, batch_sizes: Sequence[int],
+                     repeats: int, threads: int | None = None, *, seconds: float | None = None
+                     ) -> dict[int, dict[str, list[float]]]:
+    """ONNX Runtime time of several files, per batch size, timed in the same rounds (``time_rounds``).
+
+    Args:
+        paths: name -> ONNX file (one input, dynamic first dimension).
+        example_input, batch_sizes, repeats, threads, seconds: as for ``measure_onnx_latency``.
+
+    Returns:
+        ``{batch_size: {name: milliseconds of each round}}``: round i of every file ran in the same round,
+        so their ratios pair up.
+    """
+    return _per_batch(lambda x: _onnx_runs(paths, x, threads), example_input, batch_sizes, repeats, seconds)
+
+
 def _side_by_side(timed: dict[int, dict[str, list[float]]]) -> dict:
     """Per model and batch size its summary; per batch size the speed-up over the original, or why there
     is none: ``speedup`` for the pruned model, ``speedup_int8`` for an ``int8`` one when timed."""
