@@ -247,8 +247,6 @@ def _onnx_int8(job: _Job, path: Path) -> dict:
 
     from specprune_cli.quantize import ort_outputs, quantize_onnx
 
-    if job.calibration is None:
-        raise ConfigError("export format onnx-int8 needs calibration data: pass calibration= to export_model")
     with _quiet() as captured:
         try:
             info = quantize_onnx(job.written["onnx"], path, job.calibration, job.cfg.int8,
@@ -354,12 +352,15 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | o
 
     Raises:
         ExportError: a format could not be written or does not match; no file of that format is left.
-        ConfigError: a format this version cannot write, or 'pt' without plan and source.
+        ConfigError: a format this version cannot write, 'pt' without plan and source, or 'onnx-int8'
+            without calibration.
     """
     unknown = [f for f in cfg.formats if f not in _WRITERS]
     if unknown:
         raise ConfigError(f"export format(s) {unknown} cannot be written by this version; supported: "
                           f"{', '.join(_WRITERS)}")
+    if "onnx-int8" in cfg.formats and calibration is None:
+        raise ConfigError("export format onnx-int8 needs calibration data: pass calibration= to export_model")
     call = call or ModelCall()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
