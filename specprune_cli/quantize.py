@@ -64,7 +64,7 @@ def _reader(batches: Iterable, input_name: str, limit: int):
 
 
 def node_modules(node, prefix: str = "") -> set[str]:
-    """The torch module names a node was exported from: each one on its scope path, outermost first.
+    """The torch modules a node was exported from: every module on its scope path (full dotted names).
 
     Args:
         node: an ``onnx.NodeProto``.
