@@ -203,3 +203,15 @@ def test_compress_writes_int8_reports_it_and_gates_judge_it(tmp_path, cnn_checkp
     assert floats.exit_code == 0
     assert [(g["model"], g["value"]) for g in report["gates"]] == [
         ("float", round(report["evaluation"]["agreement"], 6))]
+
+
+def test_compress_with_a_bad_exclude_exits_2_and_writes_nothing(tmp_path, cnn_checkpoint, write_config):
+    from test_cli import _failure, invoke
+
+    cfg = write_config(export={"formats": ["pt", "onnx", "onnx-int8"], "int8": {"exclude": ["head.1"]}})
+    out = tmp_path / "out"
+    result = invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out, "--quiet")
+    code, last, left = _failure(result, out)
+    assert (code, left) == (2, [])
+    assert last.startswith("Error: config key export.int8.exclude: 'head.1' matches no node of the ONNX model; "
+                           "did you mean head")
