@@ -231,8 +231,9 @@ def warm_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-def prepare(tmp: Path, s: Settings, weights: str) -> dict[str, dict]:
-    """Write state dicts and calibration tensors for the workers; arch -> {"state", "data"}."""
+def prepare(tmp: Path, s: Settings, weights: str, resnet50: bool = True) -> dict[str, dict]:
+    """Write state dicts and calibration tensors for the workers; arch -> {"state", "data"} (resnet50's
+    only when ``resnet50``: section C does not use it)."""
     xtr, _ = load_split("train")
     n = max(s.samples, *s.sample_counts)
     pick = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[:n]
@@ -246,12 +247,14 @@ def prepare(tmp: Path, s: Settings, weights: str) -> dict[str, dict]:
             model = warm_batchnorm(getattr(models, name)(), normalise(xtr[pick[:s.samples]]))
         torch.save(model.state_dict(), tmp / f"{name}.pt")
         files[name] = {"state": str(tmp / f"{name}.pt"), "data": str(tmp / "fashion.pt")}
+    if not resnet50:
+        return files
     import torchvision
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(s.resnet50_images, 3, s.resnet50_size, s.resnet50_size, generator=gen)
-    resnet50 = warm_batchnorm(torchvision.models.resnet50(weights=None, num_classes=1000), images)
-    torch.save(resnet50.state_dict(), tmp / "resnet50.pt")
+    big = warm_batchnorm(torchvision.models.resnet50(weights=None, num_classes=1000), images)
+    torch.save(big.state_dict(), tmp / "resnet50.pt")
     torch.save(images, tmp / "resnet50_images.pt")
     files["resnet50"] = {"state": str(tmp / "resnet50.pt"), "data": str(tmp / "resnet50_images.pt")}
     return files
@@ -482,7 +485,7 @@ def main() -> None:
               "threads torch waits for busy cores and eager timings can be many times too slow "
               "(--threads 1 avoids it)", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench_speed-") as tmp:
-        files = prepare(Path(tmp), settings, args.weights)
+        files = prepare(Path(tmp), settings, args.weights, resnet50=not args.int8_only)
         cases = int8_cases(files, settings) if args.int8_only else plan_cases(files, settings)
         results = run_cases(cases, isolate=not args.quick, threads=args.threads)
     int8 = "\n\n".join([header(args, load_start).replace("## Speed", "## Speed with int8", 1),
