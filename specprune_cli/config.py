@@ -299,6 +299,9 @@ class Int8Config(Section):
         num_samples: calibration samples read for the activation ranges (the first ones).
         method: minmax, entropy or percentile calibration.
         exclude: node or module names (or "re:" patterns) kept in float.
+        activations: uint8 or int8 activations (weights are int8 either way). uint8 is what ONNX
+            Runtime's x86 kernels fuse everywhere; int8 (S8S8) leaves a Conv whose ReLU was folded in as
+            float Conv between Q/DQ pairs on x86, which can be slower than float32.
     """
 
     _path: typing.ClassVar[str] = "export.int8"
@@ -306,6 +309,7 @@ class Int8Config(Section):
     num_samples: int = 256
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     exclude: tuple[str, ...] = ()
+    activations: Literal["uint8", "int8"] = "uint8"
 
     def _check(self, path: str) -> None:
         positive(f"{path}.num_samples", self.num_samples)

@@ -2,7 +2,8 @@
 
 The float ``model.onnx`` is pre-processed first (``quant_pre_process``: symbolic shape inference and
 ORT's graph optimisation, as ONNX Runtime recommends before quantizing), then ``quantize_static``
-writes QDQ format with per-channel int8 weights and int8 activations whose ranges come from the
+writes QDQ format with per-channel int8 weights and 8-bit activations (``export.int8.activations``:
+uint8 by default, the type ONNX Runtime's x86 kernels fuse everywhere) whose ranges come from the
 calibration batches (the first ``export.int8.num_samples`` samples) by ``export.int8.method``.
 
 ``export.int8.exclude`` keeps nodes in float. An entry names an ONNX node, or a torch module: the
@@ -164,7 +165,7 @@ def quantize_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike, ba
         module_names, prefix: see :func:`resolve_exclude`.
 
     Returns:
-        ``method``, ``calibration_samples``, ``preprocess`` (which pre-processing ran),
+        ``method``, ``activations``, ``calibration_samples``, ``preprocess`` (which pre-processing ran),
         ``excluded`` (entry -> node names kept in float), ``int8_nodes`` and ``float_nodes`` (see
         :func:`int8_nodes`).
 
@@ -187,7 +188,8 @@ def quantize_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike, ba
         reader = _reader(batches, proto.graph.input[0].name, cfg.num_samples)
         try:
             quantize_static(str(pre), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[
+                                cfg.activations], weight_type=QuantType.QInt8,
                             nodes_to_exclude=sorted({n for nodes in excluded.values() for n in nodes}),
                             calibrate_method=calibration_method(cfg.method))
         except Exception as exc:  # onnxruntime's calibrators raise their own types
@@ -197,7 +199,7 @@ def quantize_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike, ba
     if read <= 0:
         raise ExportError("int8 calibration read no sample; give data.calibration at least one sample")
     int8, float_ = int8_nodes(onnx.load(str(out_path)))
-    return {"method": cfg.method, "calibration_samples": read, "preprocess": preprocess,
+    return {"method": cfg.method, "activations": cfg.activations, "calibration_samples": read, "preprocess": preprocess,
             "excluded": excluded, "int8_nodes": int8, "float_nodes": float_}
 
 

@@ -67,6 +67,7 @@ def test_int8_file_is_written_loads_and_runs_at_two_batch_sizes(exported):
         assert weight.op_type == "DequantizeLinear" and init[weight.input[0]].dtype == np.int8
         assert init[weight.input[1]].shape == (init[weight.input[0]].shape[0],)  # one scale per channel
         assert producer[conv.input[0]].op_type == "DequantizeLinear"
+    assert init["input_zero_point"].dtype == np.uint8 and int8["activations"] == "uint8"  # the default
     session = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
     for b in (1, 7):
         (logits,) = session.run(None, {"input": np.random.default_rng(b).standard_normal((b, 3, 8, 8),
@@ -115,6 +116,12 @@ def test_calibration_reads_the_first_num_samples_with_the_method(tmp_path, metho
         assert scales[640] < 1.2 * minmax[560]
     else:
         assert scales[640] <= minmax[640] * (1 + 1e-6)
+
+
+def test_int8_activations_are_a_setting(tmp_path):
+    info = int8_export(tmp_path, activations="int8")["onnx-int8"]
+    _, _, init = graph(tmp_path / "model.int8.onnx")
+    assert info["activations"] == "int8" and init["input_zero_point"].dtype == np.int8
 
 
 def test_exclude_by_module_or_node_name_keeps_the_node_in_float(tmp_path):
