@@ -439,20 +439,21 @@ def result_speed(results: dict[str, dict], s: Settings) -> str:
     ])
 
 
-def header(args: argparse.Namespace, load_start: float) -> str:
+def header(args: argparse.Namespace, load_start: float, title: str = "Speed", resnet50: bool = True) -> str:
     import onnxruntime
     import torchvision
     command = shlex.join(["python", "scripts/bench_speed.py", *sys.argv[1:]])
     weights = ("trained reference models (scripts/fashion_common.py)" if args.weights == "trained" else
                "random initialisation, BatchNorm statistics warmed on the calibration images")
     lines = [
-        "## Speed (`scripts/bench_speed.py`)", "",
+        f"## {title} (`scripts/bench_speed.py`)", "",
         f"Produced by `{command}` on {date.today().isoformat()}: {cpu_name()}, {os.cpu_count()} cores, "
         f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}, torchvision "
         f"{torchvision.__version__}, onnxruntime {onnxruntime.__version__}, Python "
         f"{platform.python_version()}; load average {load_start:.1f} at the start and "
-        f"{os.getloadavg()[0]:.1f} at the end. Fashion-MNIST models: {weights}; resnet50: random weights, "
-        "BatchNorm warmed. Cores may be shared with other work: treat single numbers as rough.",
+        f"{os.getloadavg()[0]:.1f} at the end. Fashion-MNIST models: {weights}"
+        + ("; resnet50: random weights, BatchNorm warmed" if resnet50 else "")
+        + ". Cores may be shared with other work: treat single numbers as rough.",
     ]
     if args.quick:
         lines += ["", "**Quick run (`--quick`): small sizes, one repeat, one process. A smoke test, not a "
@@ -488,7 +489,7 @@ def main() -> None:
         files = prepare(Path(tmp), settings, args.weights, resnet50=not args.int8_only)
         cases = int8_cases(files, settings) if args.int8_only else plan_cases(files, settings)
         results = run_cases(cases, isolate=not args.quick, threads=args.threads)
-    int8 = "\n\n".join([header(args, load_start).replace("## Speed", "## Speed with int8", 1),
+    int8 = "\n\n".join([header(args, load_start, "Speed with int8", resnet50=False),
                          int8_section(results, REFERENCE, list(settings.latency_batches),
                                       settings.int8_repeats, args.threads)])
     write_section(args.out, "bench_speed_int8", int8)
