@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import cpu_name, format_table, write_section  # noqa: E402
 from fashion_common import ROOT, load_split, normalise, reference_model  # noqa: E402
+from int8_bench import int8_case, int8_section  # noqa: E402
 from specprune_cli import models, prune_model  # noqa: E402
 from specprune_cli.config import ExportConfig, PruneConfig  # noqa: E402
 from specprune_cli.latency import measure_latency, measure_onnx_latency  # noqa: E402
@@ -83,12 +84,16 @@ class Settings:
     latency_batches: tuple[int, ...] = (1, 64)
     latency_repeats: int = 30              # timed passes per measure_latency call
     latency_rounds: int = 3                # variants measured in turn, this many times: drift hits all alike
+    finetune_samples: int = 5000           # (C): bench_quality's distillation images
+    test_samples: int | None = None        # (C): test images scored (None: all 10,000)
+    int8_repeats: int = 60                 # (C): interleaved rounds of the six files per batch size
 
 
 FULL = Settings()
 QUICK = Settings(samples=128, resnet50_images=8, resnet50_size=32, sample_counts=(64, 128, 256),
                  widths=(128, 256, 512), width_samples=256, repeats=1, resnet50_repeats=1,
-                 latency_batches=(1, 16), latency_repeats=5, latency_rounds=1)
+                 latency_batches=(1, 16), latency_repeats=5, latency_rounds=1, finetune_samples=256,
+                 test_samples=1000, int8_repeats=5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,7 +207,8 @@ def worker(cases: dict[str, dict]) -> dict[str, dict]:
     results = {}
     for case_id, case in cases.items():
         start = time.perf_counter()
-        results[case_id] = {"prune": prune_case, "latency": latency_case}[case["kind"]](case)
+        run = {"prune": prune_case, "latency": latency_case, "int8": int8_case}[case["kind"]]
+        results[case_id] = run(case)
         print(f"{case_id}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     return results
 
@@ -225,8 +231,9 @@ def warm_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-def prepare(tmp: Path, s: Settings, weights: str) -> dict[str, dict]:
-    """Write state dicts and calibration tensors for the workers; arch -> {"state", "data"}."""
+def prepare(tmp: Path, s: Settings, weights: str, resnet50: bool = True) -> dict[str, dict]:
+    """Write state dicts and calibration tensors for the workers; arch -> {"state", "data"} (resnet50's
+    only when ``resnet50``: section C does not use it)."""
     xtr, _ = load_split("train")
     n = max(s.samples, *s.sample_counts)
     pick = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[:n]
@@ -240,20 +247,31 @@ def prepare(tmp: Path, s: Settings, weights: str) -> dict[str, dict]:
             model = warm_batchnorm(getattr(models, name)(), normalise(xtr[pick[:s.samples]]))
         torch.save(model.state_dict(), tmp / f"{name}.pt")
         files[name] = {"state": str(tmp / f"{name}.pt"), "data": str(tmp / "fashion.pt")}
+    if not resnet50:
+        return files
     import torchvision
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(s.resnet50_images, 3, s.resnet50_size, s.resnet50_size, generator=gen)
-    resnet50 = warm_batchnorm(torchvision.models.resnet50(weights=None, num_classes=1000), images)
-    torch.save(resnet50.state_dict(), tmp / "resnet50.pt")
+    big = warm_batchnorm(torchvision.models.resnet50(weights=None, num_classes=1000), images)
+    torch.save(big.state_dict(), tmp / "resnet50.pt")
     torch.save(images, tmp / "resnet50_images.pt")
     files["resnet50"] = {"state": str(tmp / "resnet50.pt"), "data": str(tmp / "resnet50_images.pt")}
     return files
 
 
+def int8_cases(files: dict, s: Settings) -> dict[str, dict]:
+    """The cases of section C, ids ``int8/<arch>``."""
+    return {f"int8/{arch}": {"kind": "int8", "arch": arch, "state": files[arch]["state"],
+                             "samples": s.samples, "finetune_samples": s.finetune_samples,
+                             "test_samples": s.test_samples, "batches": list(s.latency_batches),
+                             "repeats": s.int8_repeats}
+            for arch in REFERENCE}
+
+
 def plan_cases(files: dict, s: Settings) -> dict[str, dict]:
     """Every measurement of a run, id -> case; ids ``prune/<arch>/<order>``, ``samples/<n>``,
-    ``width/<m>``, ``latency/<arch>``."""
+    ``width/<m>``, ``latency/<arch>``, ``int8/<arch>``."""
     cases = {}
     for arch in (*REFERENCE, "resnet50"):
         big = arch == "resnet50"
@@ -274,7 +292,7 @@ def plan_cases(files: dict, s: Settings) -> dict[str, dict]:
             "kind": "latency", "arch": arch, **files[arch], "samples": s.samples,
             "round_to": list(s.round_to), "batches": list(s.latency_batches), "repeats": s.latency_repeats,
             "rounds": s.latency_rounds}
-    return cases
+    return {**cases, **int8_cases(files, s)}
 
 
 def run_cases(cases: dict[str, dict], isolate: bool, threads: int) -> dict[str, dict]:
@@ -421,20 +439,21 @@ def result_speed(results: dict[str, dict], s: Settings) -> str:
     ])
 
 
-def header(args: argparse.Namespace, load_start: float) -> str:
+def header(args: argparse.Namespace, load_start: float, title: str = "Speed", resnet50: bool = True) -> str:
     import onnxruntime
     import torchvision
     command = shlex.join(["python", "scripts/bench_speed.py", *sys.argv[1:]])
     weights = ("trained reference models (scripts/fashion_common.py)" if args.weights == "trained" else
                "random initialisation, BatchNorm statistics warmed on the calibration images")
     lines = [
-        "## Speed (`scripts/bench_speed.py`)", "",
+        f"## {title} (`scripts/bench_speed.py`)", "",
         f"Produced by `{command}` on {date.today().isoformat()}: {cpu_name()}, {os.cpu_count()} cores, "
         f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}, torchvision "
         f"{torchvision.__version__}, onnxruntime {onnxruntime.__version__}, Python "
         f"{platform.python_version()}; load average {load_start:.1f} at the start and "
-        f"{os.getloadavg()[0]:.1f} at the end. Fashion-MNIST models: {weights}; resnet50: random weights, "
-        "BatchNorm warmed. Cores may be shared with other work: treat single numbers as rough.",
+        f"{os.getloadavg()[0]:.1f} at the end. Fashion-MNIST models: {weights}"
+        + ("; resnet50: random weights, BatchNorm warmed" if resnet50 else "")
+        + ". Cores may be shared with other work: treat single numbers as rough.",
     ]
     if args.quick:
         lines += ["", "**Quick run (`--quick`): small sizes, one repeat, one process. A smoke test, not a "
@@ -450,6 +469,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="torch threads (default: torch's, %(default)s here); on a busy machine, 1 avoids "
                     "threads waiting for each other's time slices")
+    ap.add_argument("--int8-only", action="store_true",
+                    help="only section C (pruning with int8; needs trained weights) and its section of --out")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run JSON cases, print JSON results
     args = ap.parse_args()
@@ -465,12 +486,19 @@ def main() -> None:
               "threads torch waits for busy cores and eager timings can be many times too slow "
               "(--threads 1 avoids it)", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench_speed-") as tmp:
-        files = prepare(Path(tmp), settings, args.weights)
-        results = run_cases(plan_cases(files, settings), isolate=not args.quick, threads=args.threads)
-    body = "\n\n".join([header(args, load_start), tool_speed(results, settings, isolate=not args.quick),
-                        result_speed(results, settings)])
-    write_section(args.out, "bench_speed", body)
-    print(body)
+        files = prepare(Path(tmp), settings, args.weights, resnet50=not args.int8_only)
+        cases = int8_cases(files, settings) if args.int8_only else plan_cases(files, settings)
+        results = run_cases(cases, isolate=not args.quick, threads=args.threads)
+    int8 = "\n\n".join([header(args, load_start, "Speed with int8", resnet50=False),
+                         int8_section(results, REFERENCE, list(settings.latency_batches),
+                                      settings.int8_repeats, args.threads)])
+    write_section(args.out, "bench_speed_int8", int8)
+    if not args.int8_only:
+        body = "\n\n".join([header(args, load_start), tool_speed(results, settings, isolate=not args.quick),
+                            result_speed(results, settings)])
+        write_section(args.out, "bench_speed", body)
+        print(body)
+    print(int8)
 
 
 if __name__ == "__main__":

@@ -302,6 +302,9 @@ class Int8Config(Section):
         num_samples: calibration samples read for the activation ranges (the first ones).
         method: minmax, entropy or percentile calibration.
         exclude: node or module names (or "re:" patterns) kept in float.
+        activations: uint8 or int8 activations (weights are int8 either way). uint8 is what ONNX
+            Runtime's x86 kernels fuse everywhere; int8 (S8S8) leaves a Conv whose ReLU was folded in as
+            float Conv between Q/DQ pairs on x86, which can be slower than float32.
     """
 
     _path: typing.ClassVar[str] = "export.int8"
@@ -309,6 +312,7 @@ class Int8Config(Section):
     num_samples: int = 256
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     exclude: tuple[str, ...] = ()
+    activations: Literal["uint8", "int8"] = "uint8"
 
     def _check(self, path: str) -> None:
         positive(f"{path}.num_samples", self.num_samples)
@@ -338,8 +342,8 @@ class ExportConfig(Section):
     """``export``: extra files beside model.pt, each verified by loading it back (docs/method.md §7).
 
     Attributes:
-        formats: subset of pt (state_dict + plan), onnx, onnx-int8 (ONNX Runtime static int8),
-            torchscript, module (pickled whole module).
+        formats: subset of pt (state_dict + plan), onnx, onnx-int8 (ONNX Runtime static int8 of the
+            onnx file, so it needs onnx too), torchscript, module (pickled whole module).
         opset: ONNX opset.
         onnx_tolerance: max abs difference between ONNX Runtime and PyTorch outputs.
         int8: settings of the onnx-int8 format.
@@ -355,6 +359,9 @@ class ExportConfig(Section):
     def _check(self, path: str) -> None:
         if len(set(self.formats)) != len(self.formats):
             raise ConfigError(f"config key {path}.formats lists a format twice: {list(self.formats)!r}")
+        if "onnx-int8" in self.formats and "onnx" not in self.formats:
+            raise ConfigError(f"config key {path}.formats lists onnx-int8 without onnx; the int8 model is "
+                              "quantized from model.onnx, so add onnx to export.formats")
         positive(f"{path}.opset", self.opset)
         positive(f"{path}.onnx_tolerance", self.onnx_tolerance)
 

@@ -1,9 +1,11 @@
-"""Export writers (pt, ONNX, TorchScript, whole module), each verified by loading the file back.
+"""Export writers (pt, ONNX, int8 ONNX, TorchScript, whole module), each verified by loading it back.
 
 Every file is written under a temporary name, loaded back, run on two batch sizes and compared with the
 in-memory model, every output tensor of it; only then is it renamed into place. A failure raises
 ``ExportError`` and leaves no file. Formats are a registry (``@register``), so a new format is one
-function; ``export.formats`` names the ones to write.
+function; ``export.formats`` names the ones to write. The int8 file is the exception to the comparison:
+quantization changes the outputs by design, so it is run back at both batch sizes for shapes and finite
+values, and judged on data by agreement and accuracy (``quantize.evaluate_int8``).
 
 Tolerance: a format counts as equal when ``max|out - ref| <= onnx_tolerance * max(1, max|ref|)``. A
 different runtime (ONNX Runtime, fused TorchScript kernels) sums the same float32 products in another
@@ -19,8 +21,8 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,8 @@ class _Job:
         names: the output tensors' names (``model_io.named_tensors``).
         cfg: the export settings.
         plan, source: for 'pt': the plan and how to rebuild the architecture.
+        calibration: for 'onnx-int8': the calibration batches.
+        written: format -> the file written so far in this run (onnx-int8 quantizes the onnx one).
     """
 
     model: nn.Module
@@ -60,6 +64,8 @@ class _Job:
     cfg: ExportConfig
     plan: dict | None
     source: Architecture | None
+    calibration: Iterable | None = None
+    written: dict[str, Path] = field(default_factory=dict)
 
     def compare(self, fmt: str, loaded: Callable[[torch.Tensor], Any]) -> float:
         """Run ``loaded`` at both batch sizes and compare every output tensor; the worst difference."""
@@ -141,10 +147,6 @@ def _quiet() -> Iterator[_Captured]:
         warnings.simplefilter("always")
         captured.warnings = caught
         yield captured
-
-
-def _message(exc: BaseException) -> str:
-    return _ANSI.sub("", f"{type(exc).__name__}: {exc}")[:_TAIL]
 
 
 def _message(exc: BaseException) -> str:
@@ -236,6 +238,40 @@ def _onnx(job: _Job, path: Path) -> dict:
     return {**info, "max_abs_diff": job.compare("onnx", run)}
 
 
+@register("onnx-int8", "model.int8.onnx")
+def _onnx_int8(job: _Job, path: Path) -> dict:
+    """model.onnx quantized to int8 (``quantize.quantize_onnx``), run back in ONNX Runtime at both batch
+    sizes: the output tensors must come back with the float model's shapes and finite. ``max_abs_diff``
+    (on random inputs) is recorded, not held to a tolerance."""
+    import onnxruntime as ort
+
+    from specprune_cli.quantize import ort_outputs, quantize_onnx
+
+    with _quiet() as captured:
+        try:
+            info = quantize_onnx(job.written["onnx"], path, job.calibration, job.cfg.int8,
+                                 module_names=[n for n, _ in job.model.named_modules() if n],
+                                 prefix="model." if job.call.forward_kwargs else "")  # call.bound's wrapper
+        except ExportError as exc:
+            raise ExportError(f"{exc}{captured.tail()}") from exc
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for b, x in job.inputs.items():
+        try:
+            got = ort_outputs(session, x)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ExportError(f"ONNX Runtime cannot run the int8 model at batch size {b}: {exc}") from exc
+        if [tuple(g.shape) for g in got] != [tuple(w.shape) for w in job.refs[b]]:
+            raise ExportError(f"the int8 model returns shapes {[tuple(g.shape) for g in got]} at batch size "
+                              f"{b}, the model {[tuple(w.shape) for w in job.refs[b]]}; drop onnx-int8")
+        if not all(bool(torch.isfinite(g).all()) for g in got):
+            raise ExportError(f"the int8 model returns NaN or Inf at batch size {b}; exclude the layer that "
+                              "overflows (export.int8.exclude) or try export.int8.method percentile")
+        worst = max([worst, *(float((g.double() - w.double().cpu()).abs().max()) for g, w in
+                              zip(got, job.refs[b]) if w.numel())])
+    return {**info, "max_abs_diff": worst, "outputs": [o.name for o in session.get_outputs()]}
+
+
 class _Flat(nn.Module):
     """A model whose output tensors come out as one flat tuple (TorchScript cannot trace nested dicts)."""
 
@@ -288,12 +324,13 @@ def _remove(*paths: Path) -> None:
 
 def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | os.PathLike, cfg: ExportConfig,
                  *, call: ModelCall | None = None, plan: dict | None = None,
-                 source: Architecture | None = None) -> dict[str, dict]:
+                 source: Architecture | None = None, calibration: Iterable | None = None) -> dict[str, dict]:
     """Write ``model`` in each of ``cfg.formats`` to ``out_dir`` and verify each file by loading it back.
 
     Each file is compared with the in-memory model (eval mode), every output tensor, on random batches
     of 2 (the export batch) and 3 (proving the batch dimension is dynamic). Files: model.pt (state_dict
     + plan), model.onnx (one file, weights inside, outputs named as ``model_io.named_tensors``),
+    model.int8.onnx (model.onnx quantized, written after it; see the module docstring for its check),
     model.torchscript.pt, model.module.pt (a pickled module: loading it runs code).
 
     Args:
@@ -304,29 +341,34 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | o
         call: the forward keyword arguments (``model.forward_kwargs``); default none.
         plan: for 'pt': the plan from ``prune_model``.
         source: for 'pt': how to build the original architecture.
+        calibration: for 'onnx-int8': batches (tensors or ``(x, y)``) that set the activation ranges.
 
     Returns:
         Per format: ``path``, ``bytes``, ``max_abs_diff``, ``verified``, ``batch_sizes`` checked; onnx
         adds ``exporter`` ('dynamo', or 'legacy' with the ``dynamo_error`` that caused the fallback),
         ``opset`` and ``outputs``, and a ``note`` when the opset asked for was not the one written;
-        module adds ``pickled``; pt without ``source.arch`` is written but not verified (``note`` says why).
+        module adds ``pickled``; pt without ``source.arch`` is written but not verified (``note`` says why);
+        onnx-int8 adds what ``quantize.quantize_onnx`` returns and ``outputs``.
 
     Raises:
         ExportError: a format could not be written or does not match; no file of that format is left.
-        ConfigError: a format this version cannot write, or 'pt' without plan and source.
+        ConfigError: a format this version cannot write, 'pt' without plan and source, or 'onnx-int8'
+            without calibration.
     """
     unknown = [f for f in cfg.formats if f not in _WRITERS]
     if unknown:
         raise ConfigError(f"export format(s) {unknown} cannot be written by this version; supported: "
                           f"{', '.join(_WRITERS)}")
+    if "onnx-int8" in cfg.formats and calibration is None:
+        raise ConfigError("export format onnx-int8 needs calibration data: pass calibration= to export_model")
     call = call or ModelCall()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with eval_mode(model):
         inputs, refs, names = _references(model, example_input, call)
-        job = _Job(model, call, inputs, refs, names, cfg, plan, source)
+        job = _Job(model, call, inputs, refs, names, cfg, plan, source, calibration)
         results: dict[str, dict] = {}
-        for fmt in cfg.formats:
+        for fmt in sorted(cfg.formats, key=lambda f: f == "onnx-int8"):  # it reads model.onnx
             filename, write = _WRITERS[fmt]
             final = out / filename
             stem, suffix = final.name.split(".", 1)
@@ -334,6 +376,7 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out_dir: str | o
             try:
                 info = {"verified": True, **write(job, tmp)}
                 os.replace(tmp, final)
+                job.written[fmt] = final
             finally:
                 _remove(tmp, tmp.with_name(tmp.name + ".data"))
             results[fmt] = {"path": str(final), "bytes": final.stat().st_size, **info,

@@ -202,18 +202,40 @@ def measure_onnx_latency(path: str | Path, example_input: torch.Tensor, batch_si
     return {b: _summary(t["m"]) for b, t in timed.items()}
 
 
+def time_onnx_models(paths: Mapping[str, str | Path], example_input: torch.Tensor, batch_sizes: Sequence[int],
+                     repeats: int, threads: int | None = None, *, seconds: float | None = None
+                     ) -> dict[int, dict[str, list[float]]]:
+    """ONNX Runtime time of several files, per batch size, timed in the same rounds (``time_rounds``).
+
+    Args:
+        paths: name -> ONNX file (one input, dynamic first dimension).
+        example_input, batch_sizes, repeats, threads, seconds: as for ``measure_onnx_latency``.
+
+    Returns:
+        ``{batch_size: {name: milliseconds of each round}}``: round i of every file ran in the same round,
+        so their ratios pair up.
+    """
+    return _per_batch(lambda x: _onnx_runs(paths, x, threads), example_input, batch_sizes, repeats, seconds)
+
+
 def _side_by_side(timed: dict[int, dict[str, list[float]]]) -> dict:
-    """Per model and batch size its summary; per batch size the speed-up, or why there is none."""
-    out: dict[str, Any] = {"original": {}, "pruned": {}, "speedup": {}}
+    """Per model and batch size its summary; per batch size the speed-up over the original, or why there
+    is none: ``speedup`` for the pruned model, ``speedup_int8`` for an ``int8`` one when timed."""
+    names = list(next(iter(timed.values()), {}))
+    out: dict[str, Any] = {name: {} for name in names}
+    for name in names[1:]:
+        out["speedup" if name == "pruned" else f"speedup_{name}"] = {}
     for b, t in timed.items():
-        for name in ("original", "pruned"):
+        for name in names:
             out[name][str(b)] = _summary(t[name])
-        ratios = [o / p for o, p in zip(t["original"], t["pruned"]) if p > 0]
-        spread = _spread(ratios)
-        stable = spread <= MAX_SPREAD
-        out["speedup"][str(b)] = {"ratio": round(statistics.median(ratios), 3) if stable and ratios else None,
-                                  "spread": round(spread, 4) if spread != float("inf") else None,
-                                  "stable": stable, "runs": len(ratios)}
+        for name in names[1:]:
+            ratios = [o / p for o, p in zip(t["original"], t[name]) if p > 0]
+            spread = _spread(ratios)
+            stable = spread <= MAX_SPREAD
+            key = "speedup" if name == "pruned" else f"speedup_{name}"
+            out[key][str(b)] = {"ratio": round(statistics.median(ratios), 3) if stable and ratios else None,
+                                "spread": round(spread, 4) if spread != float("inf") else None,
+                                "stable": stable, "runs": len(ratios)}
     return out
 
 
@@ -236,13 +258,15 @@ def compare_latency(original: nn.Module, pruned: nn.Module, example_input: torch
         repeats: the most rounds per batch size.
         seconds: the time budget per (model, batch size).
         call: the forward keyword arguments.
-        onnx: ``{"original": path, "pruned": path}`` to time in ONNX Runtime too.
+        onnx: ``{"original": path, "pruned": path}`` to time in ONNX Runtime too, with ``"int8": path``
+            to time the int8 model in the same rounds.
 
     Returns:
         ``batch_sizes``, ``repeats``, ``seconds``, ``threads``, and per runtime (``torch``,
         ``onnxruntime``): ``original`` and ``pruned`` (batch size -> median_ms, min_ms, spread, samples)
         and ``speedup`` (batch size -> ratio of medians of the paired rounds, or None when unstable;
-        spread; stable; runs).
+        spread; stable; runs); with an int8 file, ``onnxruntime`` also has ``int8`` and ``speedup_int8``
+        (its speed-up over the original float model).
     """
     call = call or ModelCall()
     models = {"original": original, "pruned": pruned}
@@ -253,6 +277,7 @@ def compare_latency(original: nn.Module, pruned: nn.Module, example_input: torch
            "threads": torch.get_num_threads(), "torch": _side_by_side(timed)}
     if onnx:
         threads = torch.get_num_threads()  # like for like with torch
-        out["onnxruntime"] = _side_by_side(_per_batch(lambda x: _onnx_runs(onnx, x, threads), example_input,
-                                                      batch_sizes, repeats, seconds))
+        ordered = {name: onnx[name] for name in ("original", "pruned", "int8") if name in onnx}
+        out["onnxruntime"] = _side_by_side(_per_batch(lambda x: _onnx_runs(ordered, x, threads),
+                                                      example_input, batch_sizes, repeats, seconds))
     return out

@@ -36,6 +36,7 @@ from specprune_cli.model_io import describe
 from specprune_cli.outputs import staged_output, write_json
 from specprune_cli.prepare import Log, Prepared, classes_of, prepare, stderr
 from specprune_cli.pruned_file import Architecture
+from specprune_cli.quantize import evaluate_int8
 from specprune_cli.surgery import verify_forward
 
 REPORT_FORMAT = "specprune-report/1"
@@ -84,6 +85,19 @@ def _evaluation(after_pruning: dict, final: dict, finetuned: bool) -> dict:
     }
 
 
+def _gates(evaluation: dict, config: Config, max_accuracy_drop: float | None,
+           min_agreement: float | None) -> list[dict]:
+    """The gates, judging the model ``evaluate.gate_on`` names (default: int8 when it was exported)."""
+    on = config.evaluate.gate_on or ("int8" if "int8" in evaluation else "float")
+    judged = evaluation
+    if on == "int8":
+        int8 = evaluation["int8"]
+        judged = {"accuracy_before": evaluation["accuracy_before"], "accuracy_after": int8["accuracy"],
+                  "agreement": int8["agreement"]}
+    gates = check_gates(judged, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
+    return [{**g, "model": on} for g in gates]
+
+
 def _latency(prep: Prepared, pruned: nn.Module, tmp: Path, config: Config, log: Log) -> dict:
     """Latency of both models (see ``latency.compare_latency``); ONNX Runtime too when ONNX is exported.
 
@@ -99,6 +113,8 @@ def _latency(prep: Prepared, pruned: nn.Module, tmp: Path, config: Config, log: 
             only_onnx = dataclasses.replace(config.export, formats=("onnx",))
             export_model(prep.model, prep.example, scratch, only_onnx, call=prep.call)
             onnx = {"original": scratch / "model.onnx", "pruned": tmp / "model.onnx"}
+            if (tmp / "model.int8.onnx").is_file():
+                onnx["int8"] = tmp / "model.int8.onnx"
         return compare_latency(prep.model, pruned, prep.example, batch_sizes=ev.latency_batch_sizes,
                                repeats=ev.latency_repeats, seconds=ev.latency_seconds, call=prep.call,
                                onnx=onnx)
@@ -119,7 +135,9 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         trust_checkpoint: allow unpickling arbitrary objects from the checkpoint.
         overwrite: replace a non-empty OUTDIR (only once the new results are complete).
         progress: tqdm bars on stderr.
-        max_accuracy_drop: gate, percentage points; a failed gate still writes the outputs.
+        max_accuracy_drop: gate, percentage points; a failed gate still writes the outputs. The gates
+            judge the model ``evaluate.gate_on`` names: the int8 file when onnx-int8 is exported, unless
+            it says float.
         min_agreement: gate, fraction of top-1 predictions equal to the original's.
         log: receives progress lines and warnings (prefixed "warning: "); default prints to stderr.
 
@@ -183,7 +201,6 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
     if not main:
         return distributed.broadcast_object(None)  # waits for process 0's outputs, or its failure
     evaluation = _evaluation(after_pruning, final, finetune_report is not None)
-    gates = check_gates(evaluation, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
 
     with staged_output(output_dir) as tmp:
         if config.export.formats:
@@ -192,10 +209,15 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
                               dict(config.model.forward_kwargs))
         exports = {}
         for fmt, info in export_model(pruned, prep.example, tmp, config.export, call=call, plan=result.plan,
-                                      source=source).items():
+                                      source=source, calibration=prep.calibration).items():
             exports[fmt] = {**info, "path": Path(info["path"]).name}
             if info.get("note"):
                 log(f"warning: {exports[fmt]['path']}: {info['note']}")
+        if "onnx-int8" in exports:
+            log(f"evaluating the int8 model on {eval_data.num_samples} samples")
+            evaluation["int8"] = evaluate_int8(tmp / "model.int8.onnx", original, pruned, eval_data,
+                                               template=prep.output, call=call, max_samples=max_eval)
+        gates = _gates(evaluation, config, max_accuracy_drop, min_agreement)
         latency = _latency(prep, pruned, tmp, config, log) if config.evaluate.latency else None
         report = {
             "format": REPORT_FORMAT,
@@ -221,7 +243,8 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         dump_resolved(config, tmp / "config.resolved.yaml")
     failed = [g for g in gates if not g["passed"]]
     if failed:
-        detail = "; ".join(f"{g['name']} {g['value']:g} vs limit {g['limit']:g}" for g in failed)
+        detail = "; ".join(f"{g['name']} {g['value']:g} vs limit {g['limit']:g} ({g['model']} model)"
+                           for g in failed)
         raise GateError(f"quality gate failed: {detail}; the outputs were written to {output_dir} for "
                         "inspection", report=report)
     return distributed.broadcast_object(report)

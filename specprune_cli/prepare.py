@@ -33,7 +33,6 @@ def stderr(message: str) -> None:
 # Settings the schema accepts whose behaviour this version does not have yet: refused, never ignored.
 # (key, is the setting in use?, the value that works today)
 _NOT_BUILT: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
-    ("export.formats: onnx-int8", lambda c: "onnx-int8" in c.export.formats, "pt, onnx, torchscript, module"),
     ("runtime.device: cuda", lambda c: c.runtime.device == "cuda", "auto or cpu"),
 )
 

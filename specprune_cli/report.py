@@ -63,12 +63,15 @@ def summary_table(report: dict) -> str:
     if ev:
         rows.append(["top-1 agreement", "", f"{100 * ev['agreement']:.2f}%", ""])
         rows.append(["output rel. error", "", f"{ev['relative_error']:.4f}", ""])
+    rows += _int8_rows(ev)
     before_size = report.get("checkpoint_bytes")
     exports = report.get("exports") or {}
     for fmt, info in exports.items():
         before = human(before_size) + "B" if before_size and fmt == "pt" else ""
-        rows.append([f"file {info.get('path', fmt)}", before, human(info["bytes"]) + "B",
-                     "" if info.get("verified") else "not verified"])
+        kept = "" if info.get("verified") else "not verified"
+        if fmt == "onnx-int8" and "onnx" in exports:
+            kept = f"{info['bytes'] / exports['onnx']['bytes']:.2f}x model.onnx"
+        rows.append([f"file {info.get('path', fmt)}", before, human(info["bytes"]) + "B", kept])
     rows += _latency_rows(report.get("latency") or {})
     text = [format_table(["", "before", "after", "kept"], rows), ""]
     units = p.get("units", [])
@@ -85,15 +88,35 @@ def summary_table(report: dict) -> str:
     return "\n".join(text)
 
 
-def _latency_rows(latency: dict) -> list[list[str]]:
-    """One row per runtime and batch size: the medians and the speed-up, or why it cannot be told."""
+def _int8_rows(ev: dict) -> list[list[str]]:
+    """The int8 model against the original (before) and, in the last column, against the float model."""
+    int8 = ev.get("int8")
+    if not int8:
+        return []
     rows = []
-    for runtime in ("torch", "onnxruntime"):
+    if int8.get("accuracy") is not None:
+        before, after = ev["accuracy_before"], int8["accuracy"]
+        rows.append(["int8 top-1 accuracy", f"{100 * before:.2f}%", f"{100 * after:.2f}%",
+                     f"{100 * (after - before):+.2f} pts"])
+    rows.append(["int8 top-1 agreement", "", f"{100 * int8['agreement']:.2f}%",
+                 f"{100 * int8['agreement_with_float']:.2f}% with float"])
+    rows.append(["int8 output rel. error", "", f"{int8['relative_error']:.4f}",
+                 f"{int8['relative_error_to_float']:.4f} to float"])
+    return rows
+
+
+def _latency_rows(latency: dict) -> list[list[str]]:
+    """One row per runtime and batch size: the medians and the speed-up, or why it cannot be told; the
+    int8 model's rows compare it with the original float model."""
+    rows = []
+    for runtime, model, key in (("torch", "pruned", "speedup"), ("onnxruntime", "pruned", "speedup"),
+                                ("onnxruntime", "int8", "speedup_int8")):
         timing = latency.get(runtime) or {}
-        for b, original in (timing.get("original") or {}).items():
-            pruned, speedup = timing["pruned"][b], timing["speedup"][b]
-            rows.append([f"{runtime} ms @ batch {b}", f"{original['median_ms']:.3f}",
-                         f"{pruned['median_ms']:.3f}", f"{verdict(speedup)} ({speedup['runs']} runs)"])
+        label = runtime if model == "pruned" else f"{runtime} {model}"
+        for b, original in (timing.get("original") or {}).items() if model in timing else ():
+            after, speedup = timing[model][b], timing[key][b]
+            rows.append([f"{label} ms @ batch {b}", f"{original['median_ms']:.3f}",
+                         f"{after['median_ms']:.3f}", f"{verdict(speedup)} ({speedup['runs']} runs)"])
     return rows
 
 

@@ -118,6 +118,10 @@ def test_prune_config_direct_construction_is_validated_and_replaceable():
                                      "'fp16' (str)"),
     ("evaluate:\n  gate_on: int8\n", "config key evaluate.gate_on is int8 but export.formats does not list "
      "onnx-int8; add onnx-int8 to export.formats, or set evaluate.gate_on to float or null"),
+    ("export:\n  formats: [pt, onnx-int8]\n", "config key export.formats lists onnx-int8 without onnx; the "
+     "int8 model is quantized from model.onnx, so add onnx to export.formats"),
+    ("export:\n  int8: {activations: int4}\n",
+     "config key export.int8.activations must be one of uint8, int8, got 'int4' (str)"),
     ("export:\n  int8: {method: kl}\n",
      "config key export.int8.method must be one of minmax, entropy, percentile, got 'kl' (str)"),
     ("export:\n  int8: {nm_samples: 3}\n",
@@ -161,17 +165,17 @@ def test_new_keys_are_read_into_their_attributes(tmp_path):
     text = ("model:\n  forward_kwargs: {embed: false, mode: eval}\n"
             "prune:\n  target_signal: pruned\n  intercept: true\n  allocation: loss\n  allow_partial: true\n"
             "evaluate:\n  output: logits\n  latency_seconds: 0.5\n  gate_on: int8\n"
-            "export:\n  formats: [pt, onnx-int8]\n  int8: "
-            "{num_samples: 64, method: entropy, exclude: [conv1]}\n"
+            "export:\n  formats: [pt, onnx, onnx-int8]\n  int8: "
+            "{num_samples: 64, method: entropy, exclude: [conv1], activations: int8}\n"
             "runtime:\n  device: cpu\n  timeout_s: 60\n")
     cfg = load_config(_write(tmp_path, text), ["evaluate.output=2"])
     assert cfg.model.forward_kwargs == {"embed": False, "mode": "eval"}
     assert (cfg.prune.target_signal, cfg.prune.intercept, cfg.prune.allocation, cfg.prune.allow_partial) == (
         "pruned", True, "loss", True)
     assert (cfg.evaluate.output, cfg.evaluate.latency_seconds, cfg.evaluate.gate_on) == (2, 0.5, "int8")
-    assert cfg.export.formats == ("pt", "onnx-int8")
-    assert (cfg.export.int8.num_samples, cfg.export.int8.method, cfg.export.int8.exclude) == (64, "entropy",
-                                                                                              ("conv1",))
+    assert cfg.export.formats == ("pt", "onnx", "onnx-int8")
+    assert (cfg.export.int8.num_samples, cfg.export.int8.method, cfg.export.int8.exclude,
+            cfg.export.int8.activations) == (64, "entropy", ("conv1",), "int8")
     assert (cfg.runtime.device, cfg.runtime.timeout_s) == ("cpu", 60.0)
     assert Config.from_dict(cfg.to_dict()) == cfg
 

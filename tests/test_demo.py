@@ -23,7 +23,8 @@ def test_demo_config_compresses_finetunes_exports_and_reports(tmp_path):
         "--set", "finetune.max_steps=3", "--set", "evaluate.latency_repeats=3"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml", "model.onnx", "model.pt", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.resolved.yaml", "model.int8.onnx", "model.onnx",
+                                                     "model.pt", "report.json"]
     assert report["prune"]["flops_after"] / report["prune"]["flops_before"] <= 0.5
     assert report["prune"]["params_after"] < report["prune"]["params_before"]
     ev = report["evaluation"]
@@ -34,9 +35,15 @@ def test_demo_config_compresses_finetunes_exports_and_reports(tmp_path):
     assert report["exports"]["onnx"]["verified"] and report["exports"]["onnx"]["path"] == "model.onnx"
     assert set(report["latency"]["torch"]["pruned"]) == {"1", "32"}
     assert set(report["latency"]["onnxruntime"]["original"]) == {"1", "32"}
+    # The int8 file: a quarter of model.onnx plus scales, timed beside it, and close to the float model.
+    int8 = ev["int8"]
+    assert report["exports"]["onnx-int8"]["bytes"] < 0.35 * report["exports"]["onnx"]["bytes"]
+    assert int8["samples"] == 500 and int8["agreement_with_float"] > 0.97
+    assert abs(int8["accuracy"] - ev["accuracy_after"]) < 0.02
+    assert set(report["latency"]["onnxruntime"]["int8"]) == {"1", "32"}
     # The summary table went to stderr, with the accuracy line a person reads first.
-    assert "top-1 accuracy" in result.stderr and "wrote model.pt, report.json, config.resolved.yaml, model.onnx" \
-        in result.stderr
+    assert "top-1 accuracy" in result.stderr and "wrote model.pt, report.json, config.resolved.yaml, model.onnx, " \
+        "model.int8.onnx" in result.stderr
     # model.pt loads without pickled code and reproduces the ONNX file's model.
     model = load_pruned(out / "model.pt")
     widths = {u["name"]: u["kept"] for u in report["plan"]["units"]}

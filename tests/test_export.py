@@ -197,12 +197,16 @@ def test_unwritable_format_and_pt_without_plan_are_config_errors(mlp, tmp_path):
     with pytest.raises(ConfigError) as exc:
         export_model(mlp, torch.zeros(1, 12), tmp_path, SimpleNamespace(formats=["tflite"]))
     assert str(exc.value) == ("export format(s) ['tflite'] cannot be written by this version; supported: "
-                              "pt, onnx, "
-                              "torchscript, module")
+                              "pt, onnx, onnx-int8, torchscript, module")
     with pytest.raises(ConfigError) as exc:
         export_model(mlp, torch.zeros(1, 12), tmp_path, settings("pt"))
     assert str(exc.value) == ("export format 'pt' needs the plan and the architecture: pass plan= and "
                               "source= to "
+                              "export_model")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError) as exc:
+        export_model(mlp, torch.zeros(1, 12), tmp_path, settings("onnx", "onnx-int8"))
+    assert str(exc.value) == ("export format onnx-int8 needs calibration data: pass calibration= to "
                               "export_model")
     assert list(tmp_path.iterdir()) == []
 
