@@ -93,7 +93,7 @@ CLASSIC_ABLATIONS = {
 # Newer options: a row "key=value" for each value that is not the default, when PruneConfig has the key
 # (and, for a Literal, the value).
 NEW_OPTIONS = {"target_signal": ("original", "pruned"), "intercept": (True, False),
-               "allocation": ("loss", "dof")}
+               "allocation": ("loss", "dof"), "kernel_refit": (True, False)}
 TP_METHODS = ("TP L2", "TP Taylor", "TP LAMP", "TP random")
 AIMET_METHODS = tuple(aimet_bench.MODES)
 FLOPS_TOLERANCE = 0.02
