@@ -24,8 +24,9 @@ def test_patch_moments_are_those_of_unfold():
     u = F.unfold(xt, 3, 1, 1, 2).transpose(1, 2).reshape(-1, 54)
     y = F.conv2d(x, conv.weight, None, 2, 1).flatten(2).transpose(1, 2).reshape(-1, 5)
     assert fit.count == 4 * 25
-    torch.testing.assert_close(fit.patches, u.T @ u)
-    torch.testing.assert_close(fit.cross, y.T @ u)
+    # One batch's products are formed in float32 (the refit's cost), then summed in float64.
+    torch.testing.assert_close(fit.patches, u.T @ u, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fit.cross, y.T @ u, rtol=1e-5, atol=1e-4)
 
 
 def test_keeping_every_channel_gives_the_weight_back():
@@ -33,7 +34,7 @@ def test_keeping_every_channel_gives_the_weight_back():
     x = torch.randn(8, 6, 9, 9, dtype=torch.float64)
     fit = KernelFit("c", conv, 6, max_positions=None, seed=0)
     fit.update(x, x)
-    torch.testing.assert_close(fit.solve(torch.arange(6), 1e-12), conv.weight.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fit.solve(torch.arange(6), 1e-12), conv.weight.detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_only_plain_kxk_convolutions_are_refit():
