@@ -189,14 +189,25 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
     if ft_data is not None:
         temperature = config.finetune.temperature
         kd_before = distillation_loss(pruned, original, eval_data, temperature, call=call) if main else None
+        unfinetuned = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
         log(f"fine-tuning for {config.finetune.epochs} epoch(s) on {ft_data.num_samples} samples")
         finetune_report = finetune(pruned, original, distributed.shard(ft_data, even=True), config.finetune,
                                    call=call, progress=progress, log=log)
         if main:
-            finetune_report["distillation_loss_before"] = kd_before
-            finetune_report["distillation_loss_after"] = distillation_loss(pruned, original, eval_data,
-                                                                          temperature, call=call)
-            final = evaluate_model(pruned, original, eval_data, max_samples=max_eval, call=call)
+            kd_after = distillation_loss(pruned, original, eval_data, temperature, call=call)
+            finetune_report.update(distillation_loss_before=kd_before, distillation_loss_after=kd_after,
+                                   kept="fine-tuned")
+            worse = config.finetune.distill and kd_after > kd_before
+            if worse:
+                # A model the pruning left close to the original can only lose from a short run at this
+                # learning rate; the user gets the better of the two, and is told.
+                pruned.load_state_dict(unfinetuned)
+                finetune_report["kept"] = "before fine-tuning"
+                log(f"warning: fine-tuning raised the distillation loss on the evaluation data ({kd_before:.4g} "
+                    f"-> {kd_after:.4g}); the model before fine-tuning is kept (try a lower finetune.lr or "
+                    "more finetune.epochs)")
+            final = after_pruning if worse else evaluate_model(
+                pruned, original, eval_data, max_samples=max_eval, call=call)
         verify_forward(pruned, prep.example, prep.output, call.forward_kwargs)
     if not main:
         return distributed.broadcast_object(None)  # waits for process 0's outputs, or its failure

@@ -241,7 +241,8 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
         "kernel_refits": run.refits,
         "flops_before": flops_before, "flops_after": flops_after,
         "params_before": params_before, "params_after": params_after,
-        "units": [{"name": u.name, "kind": u.kind, "width": u.width, "kept": int(run.kept[u.name].numel()),
+        "units": [{"name": u.name, "kind": u.kind, "type": u.type, "producers": [p.module for p in u.producers],
+                   "width": u.width, "kept": int(run.kept[u.name].numel()),
                    "dof": round(run.dof.get(u.name, float("nan")), 3), "rows": int(run.rows.get(u.name, 0)),
                    "loss": round(run.losses.get(u.name, 0.0), 6)}
                   for u in units],
@@ -296,7 +297,8 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
             else:  # nothing cut yet: the pruned network is the original, and its cache serves both
                 twin.cache, twin.position = [dict(env) for env in runner.cache], runner.position
         replay += time.perf_counter() - t_run
-        distributed.all_reduce_moments(local)  # every rank's shard, before the selection
+        # every rank's shard, before the selection (and the refit)
+        distributed.all_reduce_moments(local, {i: fit for i, (_, fit) in enumerate(fits)})
         if u.name not in run.dof:
             run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
         choice = run.apply(u, widths[u.name], local)

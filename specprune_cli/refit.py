@@ -90,6 +90,17 @@ class KernelFit:
             self.cross += (y.T @ u).double()
             self.count += u.shape[0]
 
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The raw float64 sums and the row count, for ``distributed.all_reduce_moments``."""
+        return {"patches": self.patches.clone(), "cross": self.cross.clone(),
+                "count": torch.tensor(float(self.count), dtype=torch.float64)}
+
+    def load_sums(self, sums: dict[str, torch.Tensor]) -> "KernelFit":
+        """Replace the sums by ``sums`` (as ``sums()`` gives them, e.g. all-reduced). Returns self."""
+        self.patches, self.cross = sums["patches"].clone(), sums["cross"].clone()
+        self.count = int(round(float(sums["count"])))
+        return self
+
     def solve(self, keep: torch.Tensor, ridge: float) -> torch.Tensor | None:
         """W' (out, k, kh, kw) for the kept channels, in the weight's dtype; None if it cannot be solved."""
         if self.count == 0:

@@ -81,7 +81,7 @@ def test_prune_config_direct_construction_is_validated_and_replaceable():
      "unknown config key data.calibration.nm_samples; did you mean data.calibration.num_samples?"),
     ("prune:\n  zzz: 1\n", "unknown config key prune.zzz; valid keys under prune: target, allocation, ratio, "
      "overrides, ridge, theta, order, exclude, round_to, min_channels, max_positions, dof_rows, "
-     "dof_min_samples, seed, reconstruct, target_signal, intercept, allow_partial"),
+     "dof_min_samples, seed, reconstruct, target_signal, intercept, kernel_refit, allow_partial"),
     ("prune:\n  dof_rows: 0\n", "config key prune.dof_rows must be positive, got 0.0"),
     ("prune:\n  dof_min_samples: 0\n", "config key prune.dof_min_samples must be 1 or more, got 0"),
     ("prune:\n  ridge: abc\n", "config key prune.ridge must be a number, got 'abc' (str)"),

@@ -31,7 +31,13 @@ def test_demo_config_compresses_finetunes_exports_and_reports(tmp_path):
     assert ev["labelled"] and ev["finetuned"] and ev["samples"] == 500
     assert 0.85 < ev["accuracy_before"] <= 1.0 and 0.5 < ev["accuracy_after"] <= 1.0
     ft = report["finetune"]
-    assert ft["steps"] == 3 and ft["distillation_loss_after"] < ft["distillation_loss_before"]
+    assert ft["steps"] == 3
+    if ft["kept"] == "fine-tuned":
+        assert ft["distillation_loss_after"] <= ft["distillation_loss_before"]
+    else:  # three steps only raised the loss: the model before fine-tuning is the one written
+        assert ft["kept"] == "before fine-tuning"
+        assert ft["distillation_loss_after"] > ft["distillation_loss_before"]
+        assert ev["accuracy_after"] == ev["accuracy_after_pruning"]
     assert report["exports"]["onnx"]["verified"] and report["exports"]["onnx"]["path"] == "model.onnx"
     assert set(report["latency"]["torch"]["pruned"]) == {"1", "32"}
     assert set(report["latency"]["onnxruntime"]["original"]) == {"1", "32"}

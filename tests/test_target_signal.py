@@ -80,8 +80,9 @@ def test_nothing_cut_upstream_gives_the_same_run_for_both_targets():
 
 
 def test_original_target_beats_pruned_target_on_the_trained_example():
-    """Measured when written: at 15% FLOPs without fine-tuning, original 93.5%, target pruned 85.0%,
-    target original 90.9% (the first 1,000 bundled images calibrate, the other 1,000 evaluate)."""
+    """Measured when written: at 15% FLOPs without fine-tuning (and without the kernel refit, which
+    narrows the gap: 91.5% against 89.7% with it), original 93.5%, target pruned 85.0%, target original
+    90.9% (the first 1,000 bundled images calibrate, the other 1,000 evaluate)."""
     data = np.load(ROOT / "examples" / "fashion_subset.npz")
     x = (torch.from_numpy(data["x"]).float() / 255.0 - 0.2860) / 0.3530
     y = torch.from_numpy(data["y"])
@@ -92,7 +93,7 @@ def test_original_target_beats_pruned_target_on_the_trained_example():
     accuracy = {}
     for target in ("original", "pruned"):
         result = prune_model(model, calib, example_input=x[:1], progress=False,
-                             cfg=prune_cfg(target={"flops": 0.15}, target_signal=target))
+                             cfg=prune_cfg(target={"flops": 0.15}, target_signal=target, kernel_refit=False))
         with torch.no_grad():
             accuracy[target] = float((result.model(x[1000:]).argmax(1) == y[1000:]).float().mean())
     assert accuracy["original"] >= accuracy["pruned"] + 0.03, accuracy
