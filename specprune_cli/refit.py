@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Largest m * K (patch length) refit: the moments are (m K)^2 float64 values (4608: 170 MB).
-MAX_PATCH = 4608
+#: Largest m * K (patch length) refit: 256 channels under a 3x3 kernel. A row of the patch moments costs
+#: (m K)^2 multiply-adds, so wider units keep the fold W A (a 512-wide unit would cost 4x more per row
+#: than a 256-wide one, for a few tenths of a point).
+MAX_PATCH = 2304
 #: Output positions sampled per sample for the patch moments. Each row costs (m K)^2 multiply-adds,
 #: K^2 times what a row of the tap's moments costs, so far fewer rows are read.
 POSITIONS = 8
