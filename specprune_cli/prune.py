@@ -57,7 +57,7 @@ class PruneResult:
     report: dict = field(default_factory=dict)
 
 
-def allocation_prefix(cfg: Any) -> Callable[[Unit, Mapping[TapKey, CrossMoment], int], bool]:
+def allocation_prefix(cfg: PruneConfig) -> Callable[[Unit, Mapping[TapKey, CrossMoment], int], bool]:
     """When the allocation has read enough of a unit: each of its taps holds ``cfg.dof_rows`` rows per
     channel and ``cfg.dof_min_samples`` samples went by (never, if ``dof_rows`` is None).
 
@@ -168,8 +168,6 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
     inputs = _as_inputs(batches)
     if not inputs:
         raise ConfigError("no calibration batches: data.calibration yielded nothing")
-    if cfg.order not in ("sequential", "oneshot"):
-        raise ConfigError(f"prune.order must be 'sequential' or 'oneshot', got {cfg.order!r}")
     timings["trace"] = time.perf_counter() - t
     run = _Run(model, graph, inputs, cfg)
 

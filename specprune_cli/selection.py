@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from specprune_cli.config import PruneConfig
 from specprune_cli.errors import ModelError
 from specprune_cli.graph import Unit
 from specprune_cli.layers import consumer_matrix
@@ -79,7 +79,7 @@ def signal(moment: CrossMoment, gram: torch.Tensor | None, target: str) -> Signa
                   target_mean=moment.target_mean, z_gram=gram)
 
 
-def signals(model: nn.Module, unit: Unit, moments: Mapping[TapKey, CrossMoment], cfg: Any
+def signals(model: nn.Module, unit: Unit, moments: Mapping[TapKey, CrossMoment], cfg: PruneConfig
             ) -> tuple[list[Signal], list[float]]:
     """The unit's signals, one per tap in ``unit.taps`` order, and their weights."""
     weights = tap_weights(model, unit)
@@ -88,14 +88,14 @@ def signals(model: nn.Module, unit: Unit, moments: Mapping[TapKey, CrossMoment],
     return out, [float(weights[t]) for t in unit.taps]
 
 
-def unit_curve(model: nn.Module, unit: Unit, moments: Mapping[TapKey, CrossMoment], cfg: Any) -> torch.Tensor:
+def unit_curve(model: nn.Module, unit: Unit, moments: Mapping[TapKey, CrossMoment], cfg: PruneConfig) -> torch.Tensor:
     """The unit's normalised loss after 0, 1, ..., m greedy picks (float64, (m + 1,)), for the
     ``loss`` allocation (§5)."""
     sigs, weights = signals(model, unit, moments, cfg)
     return loss_curve(sigs, ridge=cfg.ridge, theta=cfg.theta, weights=weights)
 
 
-def choose(model: nn.Module, unit: Unit, k: int, moments: Mapping[TapKey, CrossMoment], cfg: Any,
+def choose(model: nn.Module, unit: Unit, k: int, moments: Mapping[TapKey, CrossMoment], cfg: PruneConfig,
            intercept: bool = False) -> Choice:
     """Select ``k`` of the unit's channels and the fold of each tap (§3, §6).
 
