@@ -15,16 +15,15 @@ nothing here raises on a model that runs.
 """
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from specprune_cli.capture import Capture, capture
-from specprune_cli.layers import LayerKind, follower_kind, layer_kind
+from specprune_cli.joins import Space, fail, per_sample, resolve_joins, stream_unit
+from specprune_cli.layers import follower_kind, layer_kind
 from specprune_cli.layout import (Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors,
                                   reads_shape_of, resized_value, shape_of)
 from specprune_cli.ops import (BINARY, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,
@@ -33,23 +32,6 @@ from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped
 
 # The data model lives in units.py; importing it from here keeps working.
 __all__ = ["Consumer", "Follower", "Producer", "ShapeAttr", "Skipped", "Unit", "UnitGraph", "find_units"]
-
-
-@dataclass
-class _Space:
-    """Propagation state of one producer's channels through the graph."""
-
-    producer: fx.Node
-    width: int
-    kind: LayerKind
-    nodes: dict[fx.Node, Layout] = field(default_factory=dict)
-    followers: list[Follower] = field(default_factory=list)
-    consumers: list[tuple[Consumer, fx.Node]] = field(default_factory=list)
-    # (op node, the other operand, its own operand) of every element-wise op with another tensor
-    joins: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)
-    shape_attrs: dict[tuple[str, str, int | None], ShapeAttr] = field(default_factory=dict)
-    attr_nodes: list[fx.Node] = field(default_factory=list)  # get_attr nodes of int attributes it rewrites
-    failure: str | None = None
 
 
 def find_units(model: nn.Module, example_input: torch.Tensor, exclude: Callable[[str], bool] | None = None,
@@ -100,7 +82,7 @@ class _Finder:
                 self.calls[str(n.target)] = self.calls.get(str(n.target), 0) + 1
 
     def run(self, exclude: Callable[[str], bool] | None) -> tuple[list[Unit], list[Skipped]]:
-        spaces: list[_Space] = []
+        spaces: list[Space] = []
         grouped: list[Skipped] = []
         for n in self.nodes:
             if n.op != "call_module":
@@ -116,7 +98,7 @@ class _Finder:
                                            f"convolution (groups={groups}), which needs group-aware pruning, "
                                            "not supported yet; kept whole"))
                 continue
-            sp = _Space(n, kind.out_channels(mod), kind)
+            sp = Space(n, kind.out_channels(mod), kind)
             if self.calls[str(n.target)] > 1:
                 sp.failure = "module is called more than once (shared weights)"
             elif sp.width < 2:
@@ -124,15 +106,15 @@ class _Finder:
             else:
                 self._propagate(sp)
             spaces.append(sp)
-        owner: dict[fx.Node, _Space] = {}
+        owner: dict[fx.Node, Space] = {}
         for sp in spaces:
             for node in sp.nodes:
                 owner.setdefault(node, sp)
-        streams = _resolve_joins(spaces, owner)
+        streams = resolve_joins(spaces, owner)
         units, skipped = [], []
         for group in streams:
             if len(group) > 1:
-                unit, skip = self._stream(group, exclude)
+                unit, skip = stream_unit(group, self.index, exclude)
                 units.extend([unit] if unit is not None else [])
                 skipped.extend(skip)
                 continue
@@ -160,44 +142,6 @@ class _Finder:
         skipped.extend(self._functional_layers())
         return units, skipped
 
-    def _stream(self, group: list[_Space], exclude: Callable[[str], bool] | None
-                ) -> tuple[Unit | None, list[Skipped]]:
-        """One unit for the producers whose channels are added together (a residual stream,
-        docs/method.md §1): every producer loses the same rows, every consumer of the stream is a tap."""
-        group = sorted(group, key=lambda sp: self.index[sp.producer])
-        names = [str(sp.producer.target) for sp in group]
-        label = f"residual stream of {', '.join(names)}"
-        failure = next((f"{n}: {sp.failure}" for n, sp in zip(names, group) if sp.failure is not None), None)
-        if failure is None and exclude is not None and any(exclude(n) for n in names):
-            failure = "a producer is excluded by config (prune.exclude)"
-        nodes: dict[fx.Node, Layout] = {}
-        for sp in group:
-            for node, lay in sp.nodes.items():
-                if failure is None and node in nodes and nodes[node].cdim != lay.cdim:
-                    failure = f"its channels are on different dimensions at `{node.name}`"
-                nodes.setdefault(node, lay)
-        consumers: dict[tuple[str, str], tuple[Consumer, fx.Node]] = {}
-        followers: dict[Follower, None] = {}
-        attrs: dict[Any, ShapeAttr] = {}
-        for sp in group:
-            for c, cn in sp.consumers:
-                consumers.setdefault((c.module, c.tap), (c, cn))
-            followers.update(dict.fromkeys(sp.followers))
-            attrs.update(sp.shape_attrs)
-        if failure is None and not consumers:
-            failure = "no consumer reads its channels"
-        if failure is not None:
-            return None, [Skipped(n, f"{label}: {failure}") for n in names]
-        first = group[0]
-        return Unit(
-            name=names[0], kind="linear" if first.kind.name == "linear" else "conv", width=first.width,
-            channel_dim=nodes[first.producer].cdim, followers=list(followers),
-            consumers=[c for c, _ in consumers.values()], position=self.index[first.producer],
-            end_position=max(self.index[cn] for _, cn in consumers.values()),
-            channel_nodes={n.name: lay for n, lay in nodes.items()},
-            producers=[Producer(n) for n in names], type="stream",
-            shape_attrs=list(attrs.values())), []
-
     def _functional_layers(self) -> list[Skipped]:
         """Layers written as ``F.conv2d(x, self.weight)``: their weights are listed as kept whole."""
         out = []
@@ -224,7 +168,7 @@ class _Finder:
 
     # -- propagation -------------------------------------------------------------------------------
 
-    def _propagate(self, sp: _Space) -> None:
+    def _propagate(self, sp: Space) -> None:
         """Follow the producer's channels forward, filling ``sp`` (or setting ``sp.failure``)."""
         try:
             sp.nodes[sp.producer] = sp.kind.out_layout(shape_of(sp.producer))
@@ -240,9 +184,9 @@ class _Finder:
                 try:
                     out = self._step(sp, node, user)
                 except Unsupported as exc:
-                    _fail(sp, str(exc))
+                    fail(sp, str(exc))
                 except Exception as exc:  # noqa: BLE001 - a bug here must not stop the run: skip the unit
-                    _fail(sp, f"internal error while following its channels through `{user.name}` "
+                    fail(sp, f"internal error while following its channels through `{user.name}` "
                               f"({type(exc).__name__}: {exc}); please report it")
                     return
                 else:
@@ -255,7 +199,7 @@ class _Finder:
             self._check_guards(sp)
             self._check_attr_uses(sp)
 
-    def _step(self, sp: _Space, src: fx.Node, user: fx.Node) -> Layout | None:
+    def _step(self, sp: Space, src: fx.Node, user: fx.Node) -> Layout | None:
         """Classify one use of a channel tensor. Returns the user's layout if channels flow on."""
         layout = sp.nodes[src]
         if user.op == "output":
@@ -294,7 +238,7 @@ class _Finder:
             raise Unsupported(f"channels enter `{label}` (`{user.name}`) as a secondary argument")
         return self._apply(sp, rule, OpCall(user, src, layout, sp.width))
 
-    def _module(self, sp: _Space, src: fx.Node, user: fx.Node, layout: Layout) -> Layout | None:
+    def _module(self, sp: Space, src: fx.Node, user: fx.Node, layout: Layout) -> Layout | None:
         name = str(user.target)
         mod = self.gm.get_submodule(name)
         what = f"{name} ({type(mod).__name__})"
@@ -334,13 +278,13 @@ class _Finder:
         raise Unsupported(f"channels flow into {what}, which does not keep channel identity or is not "
                           "supported")
 
-    def _apply(self, sp: _Space, rule: Callable[[OpCall], Layout], call: OpCall) -> Layout:
+    def _apply(self, sp: Space, rule: Callable[[OpCall], Layout], call: OpCall) -> Layout:
         out = rule(call)
         for entry, per in call.shape_entries:
             self._size_entry(sp, call.node, entry, per)
         return out
 
-    def _size_entry(self, sp: _Space, node: fx.Node, entry: Any, per: int) -> None:
+    def _size_entry(self, sp: Space, node: fx.Node, entry: Any, per: int) -> None:
         """The size an op gives the channels' dimension must follow a pruned width."""
         if isinstance(entry, ModuleEntry):
             self._add_attr(sp, ShapeAttr(entry.module, entry.attr, per, entry.index))
@@ -363,23 +307,23 @@ class _Finder:
                           "compute it from x.shape, or keep it in an int attribute of the module so "
                           "specprune can rewrite it")
 
-    def _add_attr(self, sp: _Space, attr: ShapeAttr) -> None:
+    def _add_attr(self, sp: Space, attr: ShapeAttr) -> None:
         key = (attr.module, attr.attr, attr.index)
         if key in sp.shape_attrs and sp.shape_attrs[key] != attr:
             raise Unsupported(f"attribute {attr.module or '<model>'}.{attr.attr} sizes the channels in two "
                               "different ways")
         sp.shape_attrs[key] = attr
 
-    def _check_attr_uses(self, sp: _Space) -> None:
+    def _check_attr_uses(self, sp: Space) -> None:
         """An int attribute rewritten for this unit must size nothing else."""
         for node in sp.attr_nodes:
             others = [u for u in node.users if u not in sp.nodes]
             if others:
                 owner, attr = self.cap.int_attrs[str(node.target)]
-                _fail(sp, f"the int attribute {owner or '<model>'}.{attr} sizes this unit's channels and is "
+                fail(sp, f"the int attribute {owner or '<model>'}.{attr} sizes this unit's channels and is "
                           f"also used by `{others[0].name}`; specprune cannot rewrite it")
 
-    def _check_guards(self, sp: _Space) -> None:
+    def _check_guards(self, sp: Space) -> None:
         """Python that read the channel count (a branch, a loop, ``int(x.size(1))``) would not follow a
         pruned width: the captured graph is specialised to it."""
         for name, use in self.cap.guards.items():
@@ -395,11 +339,11 @@ class _Finder:
             except Unsupported:
                 changed = True
             if changed:
-                _fail(sp, f"Python code reads its channel count (`{node.name}`, in a branch, loop or int()); "
+                fail(sp, f"Python code reads its channel count (`{node.name}`, in a branch, loop or int()); "
                           "the pruned model would take another path")
                 return
 
-    def _binary(self, sp: _Space, src: fx.Node, user: fx.Node, layout: Layout) -> Layout | None:
+    def _binary(self, sp: Space, src: fx.Node, user: fx.Node, layout: Layout) -> Layout | None:
         """An element-wise binary op: scalars and tensors broadcast along the channels keep them; a
         per-channel parameter is sliced with the unit; a tensor of the same width from elsewhere is a
         join (residual add, or a squeeze-excitation gate)."""
@@ -420,11 +364,11 @@ class _Finder:
                 self._channel_parameter(sp, user, other, layout, pos)
                 continue
             sp.joins.append((user, other, src))
-            if _per_sample(sshape) == sp.width and _per_sample(oshape) > sp.width:
+            if per_sample(sshape) == sp.width and per_sample(oshape) > sp.width:
                 return None  # src is a per-channel gate (squeeze-excitation): its channels end here
         return result
 
-    def _channel_parameter(self, sp: _Space, user: fx.Node, other: fx.Node, layout: Layout, dim: int) -> None:
+    def _channel_parameter(self, sp: Space, user: fx.Node, other: fx.Node, layout: Layout, dim: int) -> None:
         target = str(other.target)
         owner, _, attr = target.rpartition(".")
         holder = self.gm.get_submodule(owner)
@@ -440,11 +384,6 @@ class _Finder:
         sp.followers.append(Follower(owner, "param", attr=attr, dim=dim))
 
 
-def _fail(sp: _Space, reason: str) -> None:
-    if sp.failure is None:
-        sp.failure = reason
-
-
 def _hashable(target: Any) -> bool:
     try:
         hash(target)
@@ -455,105 +394,3 @@ def _hashable(target: Any) -> bool:
 
 def _two_tensors(node: fx.Node) -> bool:
     return len(node.args) > 1 and is_tensor(node.args[1])
-
-
-def _per_sample(shape: tuple[int, ...]) -> int:
-    total = 1
-    for s in shape[1:]:
-        total *= s
-    return total
-
-
-def _resolve_joins(spaces: list[_Space], owner: dict[fx.Node, _Space]) -> list[list[_Space]]:
-    """Decide every join: a squeeze-excitation gate is absorbed; spaces added together form one
-    residual stream; anything else leaves both unpruned. Returns the spaces grouped by stream (a
-    group of one for a space joined with no other)."""
-    parent = {id(sp): sp for sp in spaces}
-
-    def root(sp: _Space) -> _Space:
-        while parent[id(sp)] is not sp:
-            parent[id(sp)] = parent[id(parent[id(sp)])]
-            sp = parent[id(sp)]
-        return sp
-
-    for sp in spaces:
-        for op_node, other, own in sp.joins:
-            if other in sp.nodes:
-                if not _aligned(sp, own, other, op_node):
-                    _fail(sp, f"`{op_node.name}` combines its channels in two different orders")
-                continue
-            gate = owner.get(other)
-            if gate is not None and gate is not sp and _is_gate(gate, other, op_node):
-                continue
-            if gate is not None and gate is not sp and _is_gate(sp, _operand_in(sp, op_node), op_node):
-                sp.failure = "gate"  # sp itself is the gate of `gate`: the gated space absorbs it
-                continue
-            if (gate is not None and gate is not sp and _additive(op_node) and gate.width == sp.width
-                    and _same_layout(sp, gate, own, other)):
-                parent[id(root(sp))] = root(gate)  # a residual stream: both write the same channels
-                continue
-            if sp.failure is None:
-                what = f"the output of {gate.producer.target}" if gate is not None else f"`{other.name}`"
-                sp.failure = (f"its channels are joined with {what} by `{op_node.name}`, which specprune "
-                              "cannot prune as one residual stream")
-            if gate is not None and gate.failure is None:
-                gate.failure = (f"its channels are joined with the output of {sp.producer.target} by "
-                                f"`{op_node.name}`, which specprune cannot prune as one residual stream")
-    for sp in spaces:
-        if sp.failure is not None:
-            continue
-        for op_node, other, _ in sp.joins:
-            gate = owner.get(other)
-            if other in sp.nodes or gate is None or gate is sp or root(gate) is root(sp):
-                continue
-            sp.followers.append(Follower(str(gate.producer.target), "rows"))
-            sp.followers.extend(gate.followers)
-            gate.failure = "gate"
-    groups: dict[int, list[_Space]] = {}
-    for sp in spaces:
-        groups.setdefault(id(root(sp)), []).append(sp)
-    return [g for g in groups.values() if not (len(g) > 1 and all(sp.failure == "gate" for sp in g))]
-
-
-def _additive(op_node: fx.Node) -> bool:
-    """An element-wise sum or difference of two tensors (a residual join)."""
-    return op_node.target in _ADDITIVE and sum(is_tensor(a) for a in op_node.args) == 2
-
-
-_ADDITIVE = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_",
-             "sub", "sub_")
-
-
-def _same_layout(a: _Space, b: _Space, own: fx.Node, other: fx.Node) -> bool:
-    """The two operands carry their channels the same plain way (same shape, same channel dimension)."""
-    la, lb = a.nodes.get(own), b.nodes.get(other)
-    return (la is not None and lb is not None and la.plain and lb.plain and la.cdim == lb.cdim
-            and shape_of(own) == shape_of(other))
-
-
-def _aligned(sp: _Space, a: fx.Node, b: fx.Node, op_node: fx.Node) -> bool:
-    """Two tensors of the same unit meet element-wise: each element must hold the same channel in both."""
-    la, lb = sp.nodes[a], sp.nodes[b]
-    if la.parts is not None or lb.parts is not None:
-        return False
-    out = shape_of(op_node)
-    ca = la.shifted(len(out) - len(shape_of(a))).tensors(out)[0] if shape_of(a) == out else None
-    cb = lb.shifted(len(out) - len(shape_of(b))).tensors(out)[0] if shape_of(b) == out else None
-    return ca is not None and cb is not None and torch.equal(ca, cb)
-
-
-def _operand_in(sp: _Space, op_node: fx.Node) -> fx.Node | None:
-    for a in op_node.args:
-        if isinstance(a, fx.Node) and a in sp.nodes:
-            return a
-    return None
-
-
-def _is_gate(sp: _Space, operand: fx.Node | None, op_node: fx.Node) -> bool:
-    """True if ``sp`` only exists to scale another space per channel (squeeze-excitation): it has no
-    consumers, its single join is ``op_node``, and its tensor is one value per (sample, channel)."""
-    if operand is None or sp.consumers or len(sp.joins) != 1 or sp.joins[0][0] is not op_node:
-        return False
-    if sp.failure not in (None, "gate"):
-        return False
-    return _per_sample(shape_of(operand)) == sp.width and sp.kind.name == "conv"

@@ -1,0 +1,181 @@
+"""Joins of channel spaces (docs/method.md §1): each producer's channels are followed separately
+(``graph.py``); where two of them meet element-wise, this module decides what they become. A squeeze-
+excitation gate is absorbed by the space it scales; spaces added together (a residual stream) become
+one unit whose producers lose the same rows and whose every reader is a tap; any other join leaves
+both unpruned, with the reason.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from specprune_cli.layers import LayerKind
+from specprune_cli.layout import Layout, is_tensor, shape_of
+from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped, Unit
+
+
+@dataclass
+class Space:
+    """Propagation state of one producer's channels through the graph."""
+
+    producer: fx.Node
+    width: int
+    kind: LayerKind
+    nodes: dict[fx.Node, Layout] = field(default_factory=dict)
+    followers: list[Follower] = field(default_factory=list)
+    consumers: list[tuple[Consumer, fx.Node]] = field(default_factory=list)
+    # (op node, the other operand, its own operand) of every element-wise op with another tensor
+    joins: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)
+    shape_attrs: dict[tuple[str, str, int | None], ShapeAttr] = field(default_factory=dict)
+    attr_nodes: list[fx.Node] = field(default_factory=list)  # get_attr nodes of int attributes it rewrites
+    failure: str | None = None
+
+
+def fail(sp: Space, reason: str) -> None:
+    if sp.failure is None:
+        sp.failure = reason
+
+
+def per_sample(shape: tuple[int, ...]) -> int:
+    total = 1
+    for s in shape[1:]:
+        total *= s
+    return total
+
+
+def resolve_joins(spaces: list[Space], owner: dict[fx.Node, Space]) -> list[list[Space]]:
+    """Decide every join: a squeeze-excitation gate is absorbed; spaces added together form one
+    residual stream; anything else leaves both unpruned. Returns the spaces grouped by stream (a
+    group of one for a space joined with no other)."""
+    parent = {id(sp): sp for sp in spaces}
+
+    def root(sp: Space) -> Space:
+        while parent[id(sp)] is not sp:
+            parent[id(sp)] = parent[id(parent[id(sp)])]
+            sp = parent[id(sp)]
+        return sp
+
+    for sp in spaces:
+        for op_node, other, own in sp.joins:
+            if other in sp.nodes:
+                if not _aligned(sp, own, other, op_node):
+                    fail(sp, f"`{op_node.name}` combines its channels in two different orders")
+                continue
+            gate = owner.get(other)
+            if gate is not None and gate is not sp and _is_gate(gate, other, op_node):
+                continue
+            if gate is not None and gate is not sp and _is_gate(sp, _operand_in(sp, op_node), op_node):
+                sp.failure = "gate"  # sp itself is the gate of `gate`: the gated space absorbs it
+                continue
+            if (gate is not None and gate is not sp and _additive(op_node) and gate.width == sp.width
+                    and _same_layout(sp, gate, own, other)):
+                parent[id(root(sp))] = root(gate)  # a residual stream: both write the same channels
+                continue
+            if sp.failure is None:
+                what = f"the output of {gate.producer.target}" if gate is not None else f"`{other.name}`"
+                sp.failure = (f"its channels are joined with {what} by `{op_node.name}`, which specprune "
+                              "cannot prune as one residual stream")
+            if gate is not None and gate.failure is None:
+                gate.failure = (f"its channels are joined with the output of {sp.producer.target} by "
+                                f"`{op_node.name}`, which specprune cannot prune as one residual stream")
+    for sp in spaces:
+        if sp.failure is not None:
+            continue
+        for op_node, other, _ in sp.joins:
+            gate = owner.get(other)
+            if other in sp.nodes or gate is None or gate is sp or root(gate) is root(sp):
+                continue
+            sp.followers.append(Follower(str(gate.producer.target), "rows"))
+            sp.followers.extend(gate.followers)
+            gate.failure = "gate"
+    groups: dict[int, list[Space]] = {}
+    for sp in spaces:
+        groups.setdefault(id(root(sp)), []).append(sp)
+    return [g for g in groups.values() if not (len(g) > 1 and all(sp.failure == "gate" for sp in g))]
+
+
+def _additive(op_node: fx.Node) -> bool:
+    """An element-wise sum or difference of two tensors (a residual join)."""
+    return op_node.target in _ADDITIVE and sum(is_tensor(a) for a in op_node.args) == 2
+
+
+_ADDITIVE = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_",
+             "sub", "sub_")
+
+
+def _same_layout(a: Space, b: Space, own: fx.Node, other: fx.Node) -> bool:
+    """The two operands carry their channels the same plain way (same shape, same channel dimension)."""
+    la, lb = a.nodes.get(own), b.nodes.get(other)
+    return (la is not None and lb is not None and la.plain and lb.plain and la.cdim == lb.cdim
+            and shape_of(own) == shape_of(other))
+
+
+def _aligned(sp: Space, a: fx.Node, b: fx.Node, op_node: fx.Node) -> bool:
+    """Two tensors of the same unit meet element-wise: each element must hold the same channel in both."""
+    la, lb = sp.nodes[a], sp.nodes[b]
+    if la.parts is not None or lb.parts is not None:
+        return False
+    out = shape_of(op_node)
+    ca = la.shifted(len(out) - len(shape_of(a))).tensors(out)[0] if shape_of(a) == out else None
+    cb = lb.shifted(len(out) - len(shape_of(b))).tensors(out)[0] if shape_of(b) == out else None
+    return ca is not None and cb is not None and torch.equal(ca, cb)
+
+
+def _operand_in(sp: Space, op_node: fx.Node) -> fx.Node | None:
+    for a in op_node.args:
+        if isinstance(a, fx.Node) and a in sp.nodes:
+            return a
+    return None
+
+
+def _is_gate(sp: Space, operand: fx.Node | None, op_node: fx.Node) -> bool:
+    """True if ``sp`` only exists to scale another space per channel (squeeze-excitation): it has no
+    consumers, its single join is ``op_node``, and its tensor is one value per (sample, channel)."""
+    if operand is None or sp.consumers or len(sp.joins) != 1 or sp.joins[0][0] is not op_node:
+        return False
+    if sp.failure not in (None, "gate"):
+        return False
+    return per_sample(shape_of(operand)) == sp.width and sp.kind.name == "conv"
+
+
+def stream_unit(group: list[Space], index: Mapping[fx.Node, int], exclude: Callable[[str], bool] | None
+                ) -> tuple[Unit | None, list[Skipped]]:
+    """One unit for the producers whose channels are added together (a residual stream,
+    docs/method.md §1): every producer loses the same rows, every consumer of the stream is a tap."""
+    group = sorted(group, key=lambda sp: index[sp.producer])
+    names = [str(sp.producer.target) for sp in group]
+    label = f"residual stream of {', '.join(names)}"
+    failure = next((f"{n}: {sp.failure}" for n, sp in zip(names, group) if sp.failure is not None), None)
+    if failure is None and exclude is not None and any(exclude(n) for n in names):
+        failure = "a producer is excluded by config (prune.exclude)"
+    nodes: dict[fx.Node, Layout] = {}
+    for sp in group:
+        for node, lay in sp.nodes.items():
+            if failure is None and node in nodes and nodes[node].cdim != lay.cdim:
+                failure = f"its channels are on different dimensions at `{node.name}`"
+            nodes.setdefault(node, lay)
+    consumers: dict[tuple[str, str], tuple[Consumer, fx.Node]] = {}
+    followers: dict[Follower, None] = {}
+    attrs: dict[Any, ShapeAttr] = {}
+    for sp in group:
+        for c, cn in sp.consumers:
+            consumers.setdefault((c.module, c.tap), (c, cn))
+        followers.update(dict.fromkeys(sp.followers))
+        attrs.update(sp.shape_attrs)
+    if failure is None and not consumers:
+        failure = "no consumer reads its channels"
+    if failure is not None:
+        return None, [Skipped(n, f"{label}: {failure}") for n in names]
+    first = group[0]
+    return Unit(
+        name=names[0], kind="linear" if first.kind.name == "linear" else "conv", width=first.width,
+        channel_dim=nodes[first.producer].cdim, followers=list(followers),
+        consumers=[c for c, _ in consumers.values()], position=index[first.producer],
+        end_position=max(index[cn] for _, cn in consumers.values()),
+        channel_nodes={n.name: lay for n, lay in nodes.items()},
+        producers=[Producer(n) for n in names], type="stream",
+        shape_attrs=list(attrs.values())), []
