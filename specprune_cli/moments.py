@@ -53,6 +53,14 @@ def sym_addmm(out: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor,
     return out
 
 
+def sample_positions(n: int, positions: int, count: int, seed: int, key: int, salt: int = 0) -> torch.Tensor:
+    """``count`` distinct positions of ``positions`` for each of ``n`` samples, (n, count), drawn from a
+    generator seeded by (seed, key, salt) alone: key is the batch's index in the whole calibration set, so
+    every process of a torchrun job draws what one process would (docs/method.md §2)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + key + salt)
+    return torch.rand(n, positions, generator=generator).argsort(1)[:, :count]
+
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when a and b are views of the same memory with the same layout (x~ is x)."""
     return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
@@ -146,9 +154,8 @@ class CrossMoment:
         if self.max_positions is not None and positions > self.max_positions:
             # Distinct positions (no duplicated rows): the first max_positions of a random permutation,
             # the same positions for every signal.
-            key = self.draw_offset + self.draw_stride * self._updates
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
-            idx = torch.rand(n, positions, generator=generator).argsort(1)[:, :self.max_positions]
+            idx = sample_positions(n, positions, self.max_positions, self.seed,
+                                   self.draw_offset + self.draw_stride * self._updates)
             positions = self.max_positions
             flats = [torch.gather(f, 2, idx.unsqueeze(1).expand(n, w, positions))
                      for f, w in zip(flats, widths)]

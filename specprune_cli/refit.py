@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specprune_cli.moments import sample_positions
+
 #: Largest m * K (patch length) refit: 256 channels under a 3x3 kernel. A row of the patch moments costs
 #: (m K)^2 multiply-adds, so wider units keep the fold W A (a 512-wide unit would cost 4x more per row
 #: than a 256-wide one, for a few tenths of a point).
@@ -64,14 +66,13 @@ class KernelFit:
         Only the sampled output positions' patches are formed (no full unfold or convolution)."""
         conv = self.conv
         key = self.draw_offset + self.draw_stride * self._updates
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key + 7)
         self._updates += 1
         (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
         n, _, h, w = x.shape
         out_h, out_w = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         positions = out_h * out_w
         if positions > self.max_positions:
-            idx = torch.rand(n, positions, generator=generator).argsort(1)[:, :self.max_positions]
+            idx = sample_positions(n, positions, self.max_positions, self.seed, key, salt=7)
         else:
             idx = torch.arange(positions).expand(n, positions)
         rows = (idx // out_w)[..., None, None] * sh + (torch.arange(kh) * dh)[:, None]
