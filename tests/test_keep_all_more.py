@@ -11,10 +11,7 @@ import torchvision
 from specprune_cli.config import ExportConfig
 from specprune_cli.export import export_model
 from specprune_cli.graph import find_units
-from specprune_cli.spectral import reconstruction_matrix
-from specprune_cli.stats import collect_oneshot
-from specprune_cli.surgery import prune_unit
-from helpers import warm_batchnorm
+from helpers import fold_keep_all, warm_batchnorm
 
 
 @pytest.mark.parametrize("name", [pytest.param("densenet121", marks=pytest.mark.slow), "regnet_y_400mf"])
@@ -29,11 +26,7 @@ def test_keep_all_fold_is_exact_and_exports_with_parity(name, tmp_path):
     if name == "regnet_y_400mf":
         assert any(u.type == "stream" for u in graph.units)
         assert any("grouped convolution" in s.reason for s in graph.skipped)
-    moments = collect_oneshot(graph.gm, graph.units, [x], max_positions=None, seed=0)
-    for u in graph.units:
-        keep = torch.arange(u.width)
-        prune_unit(model, u, keep, {t: reconstruction_matrix(moments[(u.name, t)].matrix, keep, ridge=1e-9)
-                                    for t in u.taps})
+    fold_keep_all(model, graph, [x])
     with torch.no_grad():
         after = model(x)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))

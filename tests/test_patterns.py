@@ -10,11 +10,9 @@ import torch
 
 from specprune_cli.graph import find_units
 from specprune_cli.prune import prune_model
-from specprune_cli.spectral import reconstruction_matrix
-from specprune_cli.stats import collect_oneshot
 from specprune_cli.pruned_file import apply_plan_shapes
 from specprune_cli.surgery import prune_unit, selection_matrix
-from helpers import prune_cfg
+from helpers import fold_keep_all, prune_cfg
 from patterns import PATTERNS, build
 
 #: pattern -> (pruned units, {skipped producer: words its reason must contain})
@@ -73,11 +71,7 @@ def test_keep_all_reproduces_the_outputs(name):
     with torch.no_grad():
         before = model(x)
     graph = find_units(model, x[:1])
-    moments = collect_oneshot(graph.gm, graph.units, [x], max_positions=None, seed=0)
-    for u in graph.units:
-        keep = torch.arange(u.width)
-        prune_unit(model, u, keep, {t: reconstruction_matrix(moments[(u.name, t)].matrix, keep, ridge=1e-9)
-                                    for t in u.taps})
+    fold_keep_all(model, graph, [x])
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
 

@@ -7,10 +7,9 @@ import torch
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import find_units
 from specprune_cli.prune import prune_model
-from specprune_cli.spectral import reconstruction_matrix
 from specprune_cli.stats import collect_oneshot
 from specprune_cli.surgery import prune_unit
-from helpers import prune_cfg
+from helpers import fold_keep_all, prune_cfg
 from zoo import ZOO, build
 
 MODELS = list(ZOO)
@@ -33,11 +32,7 @@ def test_keep_all_with_vanishing_ridge_reproduces_outputs(name):
         before = model(batches[0])
     graph = find_units(model, batches[0][:1])
     assert graph.units, f"{name}: no prunable unit found"
-    moments = collect_oneshot(graph.gm, graph.units, batches, max_positions=None, seed=0)
-    for u in graph.units:
-        keep = torch.arange(u.width)
-        a = {t: reconstruction_matrix(moments[(u.name, t)].matrix, keep, ridge=1e-9) for t in u.taps}
-        prune_unit(model, u, keep, a)
+    fold_keep_all(model, graph, batches)
     with torch.no_grad():
         after = model(batches[0])
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
