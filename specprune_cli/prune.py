@@ -274,7 +274,10 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
         snap = runner.resume_point(u, limit)
         t_run = time.perf_counter()
         runner.check(stop, snap)
-        fits = _kernel_fits(run, u) if cfg.kernel_refit and cfg.reconstruct else []
+        # Patch moments cost (m K)^2 a row: gathered only for a unit that will be cut and refit.
+        refit = (cfg.kernel_refit and cfg.reconstruct and widths[u.name] < u.width
+                 and not (cfg.intercept and u.name in run.sinks))
+        fits = _kernel_fits(run, u) if refit else []
         new_cache, new_twin = [], []
         with no_inplace_modules(gm), no_inplace_modules(twin.root if twin else gm):
             for b in range(len(run.inputs)):
@@ -301,7 +304,7 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
             run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
         choice = run.apply(u, widths[u.name], local)
         if choice.keep is not None:
-            run.refits += _refit(fits, choice.keep, cfg.ridge) if not choice.biases else 0
+            run.refits += _refit(fits, choice.keep, cfg.ridge)
             upstream_cut = True
             t_run = time.perf_counter()
             runner.narrow(u, choice.keep)
