@@ -16,17 +16,18 @@ nothing here raises on a model that runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from specprune_cli.capture import Capture, capture
-from specprune_cli.joins import Space, fail, per_sample, resolve_joins, stream_unit
+from specprune_cli.joins import Space, anchor_blocks, fail, per_sample, resolve_joins, stream_unit
 from specprune_cli.layers import follower_kind, layer_kind
-from specprune_cli.layout import (Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors,
-                                  reads_shape_of, resized_value, shape_of)
-from specprune_cli.ops import (BINARY, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,
+from specprune_cli.layout import (Block, Layout, ModuleEntry, OpCall, Unsupported, concrete, is_tensor,
+                                  is_tensors, reads_shape_of, resized_value, shape_of)
+from specprune_cli.ops import (BINARY, CONCATS, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,
                                SHAPE_READS, rule_for)
 from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped, Unit, UnitGraph
 
@@ -137,6 +138,8 @@ class _Finder:
                 channel_nodes={n.name: lay for n, lay in sp.nodes.items()},
                 shape_attrs=list(sp.shape_attrs.values())))
         units.sort(key=lambda u: u.position)
+        units, unordered = anchor_blocks(units)
+        skipped.extend(unordered)
         skipped.extend(grouped)
         skipped.extend(self._hidden_producers())
         skipped.extend(self._functional_layers())
@@ -198,6 +201,7 @@ class _Finder:
         if sp.failure is None:
             self._check_guards(sp)
             self._check_attr_uses(sp)
+            self._check_concats(sp)
 
     def _step(self, sp: Space, src: fx.Node, user: fx.Node) -> Layout | None:
         """Classify one use of a channel tensor. Returns the user's layout if channels flow on."""
@@ -218,6 +222,8 @@ class _Finder:
             raise Unsupported(f"channels flow into the functional layer `{label}` (`{user.name}`) whose "
                               f"weights are module parameters; write it as {FUNCTIONAL_LAYERS[target]} to "
                               "prune it")
+        if _hashable(target) and target in CONCATS:
+            return self._concat(sp, src, user, layout)
         if _hashable(target) and target in JOINS:
             raise Unsupported(f"channels are joined with other tensors by `{label}` (`{user.name}`); "
                               "concatenation needs group-aware pruning, not supported yet")
@@ -255,7 +261,7 @@ class _Finder:
                 per, columns = kind.consumer(mod, layout, shape_of(src), sp.width)
             except Unsupported as exc:
                 raise Unsupported(f"{name}: {exc}") from None
-            sp.consumers.append((Consumer(name, kind.name, src.name, per, columns), user))
+            sp.consumers.append((Consumer(name, kind.name, src.name, per, columns, layout.block), user))
             return None
         if kind is not None and not mod.groups == mod.in_channels == mod.out_channels:
             raise Unsupported(f"grouped convolution {name} (groups={mod.groups}) needs group-aware pruning, "
@@ -267,7 +273,7 @@ class _Finder:
             except Unsupported as exc:
                 raise Unsupported(f"{what}: {exc}") from None
             if role is not None:
-                sp.followers.append(Follower(name, role))
+                sp.followers.append(Follower(name, role, block=layout.block))
             return layout
         rule = rule_for(user, mod)
         if rule is not None:
@@ -280,12 +286,17 @@ class _Finder:
 
     def _apply(self, sp: Space, rule: Callable[[OpCall], Layout], call: OpCall) -> Layout:
         out = rule(call)
-        for entry, per in call.shape_entries:
-            self._size_entry(sp, call.node, entry, per)
+        for entry, per, others in call.shape_entries:
+            self._size_entry(sp, call.node, entry, per, others)
         return out
 
-    def _size_entry(self, sp: Space, node: fx.Node, entry: Any, per: int) -> None:
-        """The size an op gives the channels' dimension must follow a pruned width."""
+    def _size_entry(self, sp: Space, node: fx.Node, entry: Any, per: int, others: int) -> None:
+        """The size an op gives the channels' dimension must follow a pruned width (``others``: entries
+        of tensors concatenated with the channels, which stay)."""
+        fixed = not isinstance(entry, fx.Node) or (entry.op == "get_attr" and str(entry.target) in self.cap.int_attrs)
+        if others and fixed and entry != -1:
+            raise Unsupported(f"`{node.name}` sizes a dimension that holds the channels and other tensors' "
+                              "entries with a fixed number; compute it from the tensor's shape or use -1")
         if isinstance(entry, ModuleEntry):
             self._add_attr(sp, ShapeAttr(entry.module, entry.attr, per, entry.index))
             return
@@ -298,7 +309,7 @@ class _Finder:
             return
         if isinstance(entry, fx.Node):
             width = sp.width - 1
-            if resized_value(entry, sp.nodes, sp.width, width) == per * width:
+            if resized_value(entry, sp.nodes, sp.width, width) == per * width + others:
                 return  # computed from the channels' own shape: it follows the pruned width
             raise Unsupported(f"`{node.name}` sizes the channels' dimension with `{entry.name}`, which "
                               "does not scale with the channel count; compute it from the tensor's shape or "
@@ -322,6 +333,33 @@ class _Finder:
                 owner, attr = self.cap.int_attrs[str(node.target)]
                 fail(sp, f"the int attribute {owner or '<model>'}.{attr} sizes this unit's channels and is "
                           f"also used by `{others[0].name}`; specprune cannot rewrite it")
+
+    def _concat(self, sp: Space, src: fx.Node, user: fx.Node, layout: Layout) -> Layout:
+        """``torch.cat`` along the channels' dimension: the channels become a block among the entries
+        of the other tensors (docs/method.md §1); along any other dimension it is a join."""
+        tensors = user.args[0] if user.args else user.kwargs.get("tensors")
+        dim = concrete(user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0))
+        if layout.parts is not None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+            raise Unsupported(f"channels are concatenated by `{user.name}` in a way specprune cannot follow")
+        if dim % len(shape_of(user)) != layout.cdim:
+            raise Unsupported(f"channels are joined with other tensors along another dimension by "
+                              f"`{user.name}`; concatenating along the channels' dimension is supported")
+        if sum(t is src for t in tensors) != 1:
+            raise Unsupported(f"`{user.name}` concatenates the channels with themselves")
+        sizes = [shape_of(t)[layout.cdim] for t in tensors]
+        i = next(j for j, t in enumerate(tensors) if t is src)
+        block = layout.block or Block(0, sizes[i], 0)
+        return replace(layout, block=Block(sum(sizes[:i]) + block.lead, block.own,
+                                           block.trail + sum(sizes[i + 1:])))
+
+    def _check_concats(self, sp: Space) -> None:
+        """A concatenation may carry the channels in one of its tensors only."""
+        for node in sp.nodes:
+            if node.op == "call_function" and _hashable(node.target) and node.target in CONCATS:
+                tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+                if sum(t in sp.nodes for t in tensors) > 1:
+                    fail(sp, f"`{node.name}` concatenates the channels with a copy of themselves")
+                    return
 
     def _check_guards(self, sp: Space) -> None:
         """Python that read the channel count (a branch, a loop, ``int(x.size(1))``) would not follow a

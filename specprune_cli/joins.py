@@ -2,19 +2,20 @@
 (``graph.py``); where two of them meet element-wise, this module decides what they become. A squeeze-
 excitation gate is absorbed by the space it scales; spaces added together (a residual stream) become
 one unit whose producers lose the same rows and whose every reader is a tap; any other join leaves
-both unpruned, with the reason.
+both unpruned, with the reason. Spaces concatenated along the channels stay apart: each is a block of
+the concatenation, and ``anchor_blocks`` says where the block is found when its unit is pruned.
 """
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
 
 from specprune_cli.layers import LayerKind
-from specprune_cli.layout import Layout, is_tensor, shape_of
+from specprune_cli.layout import Block, Layout, is_tensor, shape_of
 from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped, Unit
 
 
@@ -179,3 +180,41 @@ def stream_unit(group: list[Space], index: Mapping[fx.Node, int], exclude: Calla
         channel_nodes={n.name: lay for n, lay in nodes.items()},
         producers=[Producer(n) for n in names], type="stream",
         shape_attrs=list(attrs.values())), []
+
+
+def anchor_blocks(units: list[Unit]) -> tuple[list[Unit], list[Skipped]]:
+    """Say where each concatenated unit's block lies when the unit is pruned (docs/method.md §1).
+
+    Units are pruned in the order of ``units``. A block whose neighbours on one side all belong to
+    units pruned later (or to no unit) keeps its offset from that side (``Block.anchor``); a unit with
+    blocks between channels of units pruned before it on both sides is kept whole, with the reason.
+    Concatenated plain units get type "concat".
+    """
+    pruned_before: dict[str, list[Block]] = {}
+    kept, skipped = [], []
+    for u in units:
+        mine = {n: lay.block for n, lay in u.channel_nodes.items() if lay.block is not None}
+        earlier = [(b, other) for n, b in mine.items() for other in pruned_before.get(n, [])]
+        before = any(other.lead < b.lead for b, other in earlier)
+        after = any(other.lead > b.lead for b, other in earlier)
+        if before and after:
+            reason = ("its channels are concatenated between channels of units pruned before it, on both "
+                      "sides; specprune cannot place them; kept whole")
+            skipped.extend(Skipped(p.module, reason) for p in u.producers)
+            continue
+        if mine:
+            _set_anchor(u, "end" if before else "start")
+        for n, b in mine.items():
+            pruned_before.setdefault(n, []).append(b)
+        kept.append(u)
+    return kept, skipped
+
+
+def _set_anchor(u: Unit, anchor: str) -> None:
+    def anchored(b: Block | None) -> Block | None:
+        return None if b is None else replace(b, anchor=anchor)
+    u.channel_nodes = {n: replace(lay, block=anchored(lay.block)) for n, lay in u.channel_nodes.items()}
+    u.consumers = [replace(c, block=anchored(c.block)) for c in u.consumers]
+    u.followers = [replace(f, block=anchored(f.block)) for f in u.followers]
+    if u.type == "plain":
+        u.type = "concat"

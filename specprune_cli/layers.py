@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from specprune_cli.layout import Layout, Unsupported
+from specprune_cli.layout import Block, Layout, Unsupported
 
 if TYPE_CHECKING:
     from specprune_cli.units import Consumer, Unit
@@ -33,6 +33,20 @@ def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
 
 def _overrides_forward(mod: nn.Module, base: type) -> bool:
     return type(mod).forward is not base.forward
+
+
+def _own(t: torch.Tensor, dim: int, block: Block | None) -> torch.Tensor:
+    """The unit's entries of ``t`` along ``dim`` (all of them unless it is concatenated with others)."""
+    return t if block is None else block.narrow(t, dim)
+
+
+def _splice(t: torch.Tensor, dim: int, block: Block | None, own: torch.Tensor) -> torch.Tensor:
+    """``t`` with the unit's entries along ``dim`` replaced by ``own`` (the other tensors' entries stay)."""
+    if block is None:
+        return own
+    start = block.start(t.shape[dim])
+    end = start + block.own
+    return torch.cat([t.narrow(dim, 0, start), own.to(t.dtype), t.narrow(dim, end, t.shape[dim] - end)], dim)
 
 
 class LayerKind:
@@ -116,8 +130,9 @@ def _conv_plain(mod: nn.Module, layout: Layout, in_shape: tuple[int, ...], width
     if layout.labels is not None:
         raise Unsupported(f"{type(mod).__name__} reads the channels reordered or merged with other "
                           "coordinates")
-    if mod.in_channels != width:
-        raise Unsupported(f"{type(mod).__name__} reads {mod.in_channels} channels, not the unit's {width}")
+    if mod.in_channels != layout.extent(width):
+        raise Unsupported(f"{type(mod).__name__} reads {mod.in_channels} channels, not the "
+                          f"{layout.extent(width)} of its input")
 
 
 @register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -146,17 +161,18 @@ class Conv(LayerKind):
         return 1, None
 
     def matrix(self, mod, consumer):
-        w = mod.weight.detach().to(torch.float64)
+        w = _own(mod.weight.detach(), 1, consumer.block).to(torch.float64)
         return w.movedim(1, -1).reshape(-1, w.shape[1])
 
     def fold(self, mod, consumer, a, keep):
-        w = mod.weight.detach().to(torch.float64)
-        new = (w.movedim(1, -1) @ a.to(torch.float64)).movedim(-1, 1)
-        mod.in_channels = a.shape[1]
+        full = mod.weight.detach().to(torch.float64)
+        w = _own(full, 1, consumer.block)
+        new = _splice(full, 1, consumer.block, (w.movedim(1, -1) @ a.to(torch.float64)).movedim(-1, 1))
+        mod.in_channels = new.shape[1]
         mod.weight = _param(new, mod.weight)
 
     def rows(self, x, consumer):
-        return x
+        return _own(x, 1, consumer.block)
 
 
 @register_layer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -185,17 +201,19 @@ class ConvTranspose(LayerKind):
         return 1, None
 
     def matrix(self, mod, consumer):
-        w = mod.weight.detach().to(torch.float64)
+        w = _own(mod.weight.detach(), 0, consumer.block).to(torch.float64)
         return w.reshape(w.shape[0], -1).T
 
     def fold(self, mod, consumer, a, keep):
-        w = mod.weight.detach().to(torch.float64)
-        new = (a.to(torch.float64).T @ w.reshape(w.shape[0], -1)).reshape(a.shape[1], *w.shape[1:])
-        mod.in_channels = a.shape[1]
+        full = mod.weight.detach().to(torch.float64)
+        w = _own(full, 0, consumer.block)
+        own = (a.to(torch.float64).T @ w.reshape(w.shape[0], -1)).reshape(a.shape[1], *w.shape[1:])
+        new = _splice(full, 0, consumer.block, own)
+        mod.in_channels = new.shape[0]
         mod.weight = _param(new, mod.weight)
 
     def rows(self, x, consumer):
-        return x
+        return _own(x, 1, consumer.block)
 
 
 @register_layer(nn.Linear)
@@ -219,7 +237,7 @@ class Linear(LayerKind):
     def consumer(self, mod, layout, in_shape, width):
         if layout.parts is not None or layout.cdim != len(in_shape) - 1:
             raise Unsupported("Linear reads a dimension other than the channels")
-        labels = layout.channels(in_shape[-1])
+        labels = layout.channels(layout.block.own if layout.block is not None else in_shape[-1])
         counts = torch.bincount(labels, minlength=width)
         if bool((counts != counts[0]).any()):
             raise Unsupported("Linear reads a different number of columns from each channel")
@@ -230,7 +248,7 @@ class Linear(LayerKind):
         return per, columns
 
     def matrix(self, mod, consumer):
-        w = mod.weight.detach().to(torch.float64)
+        w = _own(mod.weight.detach(), 1, consumer.block).to(torch.float64)
         m = consumer_width(consumer, w.shape[1])
         if consumer.columns is None:
             blocks = w.reshape(w.shape[0], m, consumer.spatial)
@@ -239,7 +257,8 @@ class Linear(LayerKind):
         return blocks.permute(0, 2, 1).reshape(-1, m)
 
     def fold(self, mod, consumer, a, keep):
-        w = mod.weight.detach().to(torch.float64)
+        full = mod.weight.detach().to(torch.float64)
+        w = _own(full, 1, consumer.block)
         a = a.to(torch.float64)
         m, k, per = a.shape[0], a.shape[1], consumer.spatial
         if consumer.columns is None:
@@ -252,10 +271,12 @@ class Linear(LayerKind):
             position[kept_columns.flatten().sort().values] = torch.arange(k * per)
             new = torch.empty(w.shape[0], k * per, dtype=torch.float64)
             new[:, position[kept_columns].flatten()] = folded.reshape(w.shape[0], k * per)
-        mod.in_features = k * per
+        new = _splice(full, 1, consumer.block, new)
+        mod.in_features = new.shape[1]
         mod.weight = _param(new, mod.weight)
 
     def rows(self, x, consumer):
+        x = _own(x, x.dim() - 1, consumer.block)
         flat = x.reshape(-1, x.shape[-1])
         if consumer.columns is not None:
             return flat[:, consumer.columns]
@@ -306,9 +327,13 @@ class FollowerKind:
         Raises:
             Unsupported: it mixes channels, or reads them on another dimension.
         """
-        if not layout.plain or layout.cdim != 1:
+        if layout.parts is not None or layout.labels is not None or layout.cdim != 1:
             raise Unsupported(f"{type(mod).__name__} needs the channels on dimension 1")
         return self.role
+
+    def size(self, mod: nn.Module, follower: Any) -> int:
+        """The number of channels ``mod`` holds now (the unit's, and others' after a concatenation)."""
+        raise NotImplementedError
 
     def slice(self, mod: nn.Module, keep: torch.Tensor, follower: Any) -> None:
         raise NotImplementedError
@@ -353,6 +378,9 @@ class Norm(FollowerKind):
 
     role = "batchnorm"
 
+    def size(self, mod, follower):
+        return mod.num_features
+
     def slice(self, mod, keep, follower):
         for name in ("weight", "bias", "running_mean", "running_var"):
             _slice_attr(mod, name, keep)
@@ -370,6 +398,9 @@ class PerChannelGroupNorm(FollowerKind):
             raise Unsupported(f"GroupNorm with {mod.num_groups} groups mixes the channels of each group")
         return super().check(mod, layout, width)
 
+    def size(self, mod, follower):
+        return mod.num_channels
+
     def slice(self, mod, keep, follower):
         _slice_attr(mod, "weight", keep)
         _slice_attr(mod, "bias", keep)
@@ -385,6 +416,9 @@ class PReLU(FollowerKind):
             return None
         return super().check(mod, layout, width)
 
+    def size(self, mod, follower):
+        return mod.num_parameters
+
     def slice(self, mod, keep, follower):
         _slice_attr(mod, "weight", keep)
         mod.num_parameters = int(keep.numel())
@@ -397,10 +431,13 @@ class Depthwise(FollowerKind):
     role = "depthwise"
 
     def check(self, mod, layout, width):
-        if not (mod.groups == mod.in_channels == mod.out_channels == width):
+        if not (mod.groups == mod.in_channels == mod.out_channels == layout.extent(width)):
             raise Unsupported(f"grouped convolution (groups={mod.groups}) needs group-aware pruning, "
                               "not supported yet")
         return super().check(mod, layout, width)
+
+    def size(self, mod, follower):
+        return mod.out_channels
 
     def slice(self, mod, keep, follower):
         LAYER_KINDS[nn.Conv2d].slice_out(mod, keep)
@@ -413,6 +450,9 @@ class GateRows(FollowerKind):
 
     role = "rows"
 
+    def size(self, mod, follower):
+        return require_layer_kind(mod).out_channels(mod)
+
     def slice(self, mod, keep, follower):
         require_layer_kind(mod).slice_out(mod, keep)
 
@@ -422,6 +462,9 @@ class ChannelParameter(FollowerKind):
     """A parameter or buffer of a module that scales or shifts the channels (``x * self.gamma``)."""
 
     role = "param"
+
+    def size(self, mod, follower):
+        return getattr(mod, follower.attr).shape[follower.dim]
 
     def slice(self, mod, keep, follower):
         _slice_attr(mod, follower.attr, keep, follower.dim)
@@ -433,4 +476,6 @@ def slice_follower(mod: nn.Module, follower: Any, keep: torch.Tensor) -> None:
     if kind is None:
         raise ValueError(f"unknown follower role {follower.role!r}; supported: "
                          f"{', '.join(sorted(FOLLOWER_ROLES))}")
+    if getattr(follower, "block", None) is not None:
+        keep = follower.block.expand(keep, kind.size(mod, follower))
     kind.slice(mod, keep, follower)

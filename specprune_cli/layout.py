@@ -14,7 +14,7 @@ dimensions, merges it with the batch, or drops some channels is recognised and r
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,9 @@ class Layout:
         blabels: sample of each index along ``bdim``; None when index i is sample i.
         parts: for a tuple or list of tensors (``chunk``, ``split``), the layout of each element; the
             other fields are then unused.
+        block: after a concatenation along the channels, where the unit's entries sit among other
+            tensors' entries (``Block``); None when ``cdim`` holds only the unit's channels. ``labels``
+            then describe the block's entries alone.
     """
 
     cdim: int
@@ -43,45 +46,87 @@ class Layout:
     bdim: int = 0
     blabels: torch.Tensor | None = None
     parts: tuple["Layout", ...] | None = field(default=None)
+    block: Block | None = None
 
     @property
     def plain(self) -> bool:
         """Channel i at index i of ``cdim``, nothing else merged into it."""
-        return self.labels is None and self.parts is None
+        return self.labels is None and self.parts is None and self.block is None
+
+    def extent(self, width: int) -> int:
+        """Entries along ``cdim`` in the unpruned network, for a unit of ``width`` plain channels."""
+        return width if self.block is None else self.block.lead + self.block.own + self.block.trail
 
     def channels(self, size: int) -> torch.Tensor:
-        """Channel of each of the ``size`` indices along ``cdim``."""
+        """Channel of each of the unit's ``size`` indices along ``cdim`` (its block's, after a concatenation)."""
         return torch.arange(size) if self.labels is None else self.labels
 
     def keep(self, value: Any, keep: torch.Tensor) -> Any:
-        """``value`` with only the channels ``keep`` (sorted): what the pruned network computes there."""
+        """``value`` with only the channels ``keep`` (sorted): what the pruned network computes there.
+        Entries of other tensors concatenated with the channels stay."""
         if self.parts is not None:
             return type(value)(p.keep(v, keep) for p, v in zip(self.parts, value))
-        if self.labels is None:
-            return value.index_select(self.cdim, keep)
-        index = torch.isin(self.labels, keep).nonzero().flatten()
+        index = keep if self.labels is None else torch.isin(self.labels, keep).nonzero().flatten()
+        if self.block is not None:
+            index = self.block.expand(index, value.shape[self.cdim])
         return value.index_select(self.cdim, index)
 
     def tensors(self, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full tensors of ``shape`` holding each element's channel and sample number."""
-        def full(dim: int, labels: torch.Tensor | None) -> torch.Tensor:
-            vec = torch.arange(shape[dim]) if labels is None else labels
+        """Full tensors of ``shape`` holding each element's channel and sample number (channel -1 for the
+        entries of other tensors concatenated with the channels)."""
+        def full(dim: int, vec: torch.Tensor) -> torch.Tensor:
             view = [1] * len(shape)
             view[dim] = -1
             return vec.to(torch.int32).view(view).expand(*shape).contiguous()
-        return full(self.cdim, self.labels), full(self.bdim, self.blabels)
+        lead, trail = (self.block.lead, self.block.trail) if self.block is not None else (0, 0)
+        own = self.channels(shape[self.cdim] - lead - trail)
+        channels = torch.cat([torch.full((lead,), -1), own.to(torch.long), torch.full((trail,), -1)])
+        batch = torch.arange(shape[self.bdim]) if self.blabels is None else self.blabels
+        return full(self.cdim, channels), full(self.bdim, batch)
 
     def shifted(self, by: int) -> "Layout":
         """The same layout in a tensor with ``by`` more leading dimensions (broadcasting)."""
-        return Layout(self.cdim + by, self.labels, self.bdim + by, self.blabels)
+        return replace(self, cdim=self.cdim + by, bdim=self.bdim + by)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Where a unit's entries sit along a dimension they share with other tensors' (a concatenation).
+
+    Attributes:
+        lead, own, trail: entries before the unit's, the unit's, and after them, in the unpruned
+            network. Until the unit itself is pruned it keeps its ``own`` entries.
+        anchor: "start" if the entries before the unit's keep their number until the unit is pruned
+            (the block starts at ``lead``), "end" if those after it do (it ends ``trail`` before the
+            end). ``graph.find_units`` sets it from the order in which units are pruned.
+    """
+
+    lead: int
+    own: int
+    trail: int
+    anchor: str = "start"
+
+    def start(self, size: int) -> int:
+        """First index of the block in a dimension of ``size`` entries (the unit not yet pruned)."""
+        return self.lead if self.anchor == "start" else size - self.trail - self.own
+
+    def narrow(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The unit's entries of ``t`` along ``dim``."""
+        return t.narrow(dim, self.start(t.shape[dim]), self.own)
+
+    def expand(self, index: torch.Tensor, size: int) -> torch.Tensor:
+        """``index`` into the block as indices into the whole dimension, every other entry kept."""
+        start = self.start(size)
+        return torch.cat([torch.arange(start), index.to(torch.long) + start,
+                          torch.arange(start + self.own, size)])
 
 
 def locate(channels: torch.Tensor, batch: torch.Tensor, width: int, what: str) -> Layout:
     """Read a Layout off labelled tensors (see ``Layout.tensors``).
 
     Raises:
-        Unsupported: the channels are spread over several dimensions, merged with the batch, or not
-            all present.
+        Unsupported: the channels are spread over several dimensions, merged with the batch, not all
+            present, or interleaved with other tensors' entries.
     """
     cdims = _varying(channels)
     bdims = _varying(batch)
@@ -93,12 +138,20 @@ def locate(channels: torch.Tensor, batch: torch.Tensor, width: int, what: str) -
     if cdim == bdims[0]:
         raise Unsupported(f"{what} merges the channels with the batch dimension")
     labels = _along(channels, cdim).to(torch.long)
-    counts = torch.bincount(labels, minlength=width)
-    if counts.numel() != width or bool((counts == 0).any()):
+    own = (labels >= 0).nonzero().flatten()
+    block = None
+    if own.numel() and own.numel() < labels.numel():
+        first, last = int(own[0]), int(own[-1])
+        if last - first + 1 != own.numel():
+            raise Unsupported(f"{what} interleaves the channels with the entries of other tensors")
+        block = Block(first, own.numel(), labels.numel() - last - 1)
+        labels = labels[first:last + 1]
+    counts = torch.bincount(labels.clamp(min=0), minlength=width)
+    if counts.numel() != width or bool((counts == 0).any()) or bool((labels < 0).any()):
         raise Unsupported(f"{what} keeps only some of the channels")
     blabels = _along(batch, bdims[0]).to(torch.long)
     return Layout(cdim, None if torch.equal(labels, torch.arange(width)) else labels, bdims[0],
-                  None if torch.equal(blabels, torch.arange(blabels.numel())) else blabels)
+                  None if torch.equal(blabels, torch.arange(blabels.numel())) else blabels, block=block)
 
 
 def _varying(t: torch.Tensor) -> list[int]:
@@ -115,8 +168,8 @@ class OpCall:
 
     Attributes:
         shape_entries: filled by rules that take sizes: (size argument as written in the graph, or a
-            ``ModuleEntry``; channels' share of that size per channel) for the dimension that carries
-            the channels, which must follow a pruned width.
+            ``ModuleEntry``; channels' share of that size per channel; entries of other tensors in it)
+            for the dimension that carries the channels, which must follow a pruned width.
     """
 
     node: fx.Node
@@ -124,7 +177,7 @@ class OpCall:
     layout: Layout
     width: int
     module: nn.Module | None = None
-    shape_entries: list[tuple[Any, int]] = field(default_factory=list)
+    shape_entries: list[tuple[Any, int, int]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -227,7 +280,8 @@ def resized_value(node: Any, tensors: Mapping[fx.Node, Layout], width: int, new_
         shape = list(shape_of(node.args[0]))
         lay = tensors.get(node.args[0])
         if lay is not None and lay.parts is None:
-            shape[lay.cdim] = shape[lay.cdim] // width * new_width
+            own = lay.block.own if lay.block is not None else shape[lay.cdim]
+            shape[lay.cdim] += own // width * new_width - own
         if node.target == "numel":
             return int(torch.Size(shape).numel())
         if node.target == "dim" or attribute == "ndim":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -109,8 +110,8 @@ def _along_dims(call: OpCall, dims: Sequence[int], *, reduce: bool = False, keep
     if lay.bdim in dims:
         raise Unsupported(f"{call.label} mixes the samples of the batch")
     if reduce and not keepdim:
-        return Layout(lay.cdim - sum(d < lay.cdim for d in dims), lay.labels,
-                      lay.bdim - sum(d < lay.bdim for d in dims), lay.blabels)
+        return replace(lay, cdim=lay.cdim - sum(d < lay.cdim for d in dims),
+                       bdim=lay.bdim - sum(d < lay.bdim for d in dims))
     out = call.out_shape
     if len(out) != ndim or out[lay.cdim] != call.in_shape[lay.cdim]:
         raise Unsupported(f"{call.label} changes the channels' dimension")
@@ -264,11 +265,13 @@ def _apply(call: OpCall, labels: torch.Tensor) -> Any:
 def _size_entries(call: OpCall, out: Layout) -> None:
     """Note the size argument that fixes the channels' dimension, for ops that take sizes."""
     node, size = call.node, call.out_shape[out.cdim]
-    per_channel = size // call.width
+    own = out.block.own if out.block is not None else size
+    per_channel, others = own // call.width, size - own
     if isinstance(call.module, nn.Unflatten):
         index = out.cdim - call.module.dim % len(call.in_shape)
         if 0 <= index < len(call.module.unflattened_size):
-            call.shape_entries.append((ModuleEntry(str(node.target), "unflattened_size", index), per_channel))
+            call.shape_entries.append((ModuleEntry(str(node.target), "unflattened_size", index), per_channel,
+                                       others))
         return
     key = node.target if node.op == "call_function" else str(node.target)
     start = _SIZED.get(key) if not isinstance(key, str) or node.op == "call_method" else None
@@ -284,7 +287,7 @@ def _size_entries(call: OpCall, out: Layout) -> None:
         if not 0 <= index < len(sizes):
             return
     if index < len(sizes):
-        call.shape_entries.append((sizes[index], per_channel))
+        call.shape_entries.append((sizes[index], per_channel, others))
 
 
 @channel_op(getattr)
@@ -305,7 +308,9 @@ BINARY = {operator.add, operator.mul, operator.sub, operator.truediv, operator.f
           torch.div, torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.masked_fill, "add",
           "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "truediv", "pow", "maximum", "minimum",
           "masked_fill", "masked_fill_", "__radd__", "__rmul__", "__rsub__", "__rtruediv__"}
-#: joins of whole tensors: group-aware handling is not supported yet.
+#: concatenations: along the channels' dimension they put a unit's channels in a block (``graph.py``).
+CONCATS = {torch.cat, torch.concat, torch.concatenate}
+#: other joins of whole tensors (stacking, concatenating along another dimension): not supported.
 JOINS = {torch.cat, torch.stack, torch.concat, torch.concatenate, torch.hstack, torch.vstack, torch.dstack,
          torch.where}
 #: methods whose second tensor only lends its shape or dtype.

@@ -17,6 +17,7 @@ from torch import nn
 from specprune_cli.errors import BudgetError, ConfigError
 from specprune_cli.flops import count_flops, count_params, module_flops
 from specprune_cli.graph import Unit
+from specprune_cli.layout import Block
 
 PLAN_FORMAT = "specprune-plan/1"
 
@@ -61,8 +62,16 @@ def fit_width(x: float, m: int, *, round_to: int, min_channels: int) -> int:
     return m if k >= m else max(lo, k)
 
 
+Mix = tuple[tuple[str, float], ...]  # (unit, share of the channels it holds): a layer's input or output
+
+
 class CostModel:
-    """FLOPs and parameters of the model as a function of the units' widths."""
+    """FLOPs and parameters of the model as a function of the units' widths.
+
+    Each layer a unit touches costs f * a * c, with a (c) the fraction of its input (output) channels
+    left: a mix of the units it reads (writes), each holding its share of the channels (several after
+    a concatenation), the rest fixed.
+    """
 
     def __init__(self, model: nn.Module, units: Sequence[Unit], example_input: torch.Tensor):
         self.units = list(units)
@@ -70,16 +79,16 @@ class CostModel:
         per_module = module_flops(model, example_input[:1])
         self.total_flops = count_flops(model, example_input[:1])
         self.total_params = count_params(model)
-        # module -> (unit whose channels it reads, unit whose channels it writes)
-        roles: dict[str, list[str | None]] = {}
+        # module -> ({unit it reads: share}, {unit it writes: share})
+        roles: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
         for u in units:
             for p in u.producers:
-                roles.setdefault(p.module, [None, None])[1] = u.name
+                roles.setdefault(p.module, ({}, {}))[1][u.name] = 1.0
             for f in u.followers:
-                roles.setdefault(f.module, [None, None])[1] = u.name
+                roles.setdefault(f.module, ({}, {}))[1][u.name] = _share(f.block)
             for c in u.consumers:
-                roles.setdefault(c.module, [None, None])[0] = u.name
-        self.terms: list[tuple[str | None, str | None, float, float, float]] = []
+                roles.setdefault(c.module, ({}, {}))[0][u.name] = _share(c.block)
+        self.terms: list[tuple[Mix, Mix, float, float, float]] = []
         fixed_flops, fixed_params = float(self.total_flops), float(self.total_params)
         for name, (fin, fout) in roles.items():
             mod = model.get_submodule(name)
@@ -87,23 +96,26 @@ class CostModel:
             w = sum(p.numel() for n, p in mod.named_parameters(recurse=False) if n != "bias")
             b = sum(p.numel() for n, p in mod.named_parameters(recurse=False) if n == "bias")
             if isinstance(mod, nn.Conv2d) and mod.groups > 1:
-                fin = None  # depthwise: its in and out channels are the same channels, counted once
+                fin = {}  # depthwise: its in and out channels are the same channels, counted once
             if not isinstance(mod, (nn.Conv2d, nn.Linear)):
-                fin = None  # BatchNorm / PReLU: one parameter per channel
-            self.terms.append((fin, fout, flops, float(w), float(b)))
+                fin = {}  # BatchNorm / PReLU: one parameter per channel
+            self.terms.append((tuple(fin.items()), tuple(fout.items()), flops, float(w), float(b)))
             fixed_flops -= flops
             fixed_params -= w + b
         self.fixed_flops, self.fixed_params = fixed_flops, fixed_params
 
+    def _frac(self, mix: Mix, widths: Mapping[str, int]) -> float:
+        return 1.0 - sum(share * (1.0 - widths.get(u, self.width[u]) / self.width[u]) for u, share in mix)
+
+    def _term(self, term: tuple[Mix, Mix, float, float, float], widths: Mapping[str, int], kind: str) -> float:
+        fin, fout, f, w, b = term
+        a, c = self._frac(fin, widths), self._frac(fout, widths)
+        return f * a * c if kind == "flops" else w * a * c + b * c
+
     def cost(self, widths: Mapping[str, int]) -> tuple[float, float]:
         """(FLOPs, params) predicted for ``widths`` (unit name -> kept channels; missing = full)."""
-        def frac(u: str | None) -> float:
-            return 1.0 if u is None else widths.get(u, self.width[u]) / self.width[u]
-        flops, params = self.fixed_flops, self.fixed_params
-        for fin, fout, f, w, b in self.terms:
-            a, c = frac(fin), frac(fout)
-            flops += f * a * c
-            params += w * a * c + b * c
+        flops = self.fixed_flops + sum(self._term(t, widths, "flops") for t in self.terms)
+        params = self.fixed_params + sum(self._term(t, widths, "params") for t in self.terms)
         return flops, params
 
     def fraction(self, widths: Mapping[str, int], kind: str) -> float:
@@ -114,23 +126,22 @@ class CostModel:
         """The units whose cost terms ``unit`` shares (their ``delta`` changes when it does)."""
         out: set[str] = set()
         for fin, fout, *_ in self.terms:
-            if unit in (fin, fout):
-                out.update(u for u in (fin, fout) if u is not None)
+            names = {u for u, _ in fin + fout}
+            if unit in names:
+                out.update(names)
         return out
 
     def delta(self, widths: Mapping[str, int], unit: str, k: int, kind: str) -> float:
         """The change of ``fraction(widths, kind)`` when ``unit`` alone goes to width ``k``."""
-        def frac(u: str | None, w: Mapping[str, int]) -> float:
-            return 1.0 if u is None else w.get(u, self.width[u]) / self.width[u]
         trial = {**widths, unit: k}
-        change = 0.0
-        for fin, fout, f, w, b in self.terms:
-            if unit not in (fin, fout):
-                continue
-            for sign, ws in ((1.0, trial), (-1.0, widths)):
-                a, c = frac(fin, ws), frac(fout, ws)
-                change += sign * (f * a * c if kind == "flops" else w * a * c + b * c)
+        change = sum(self._term(t, trial, kind) - self._term(t, widths, kind) for t in self.terms
+                     if any(u == unit for u, _ in t[0] + t[1]))
         return change / (self.total_flops if kind == "flops" else self.total_params)
+
+
+def _share(block: Block | None) -> float:
+    """The share of a layer's channels that are the unit's: all of them unless concatenated."""
+    return 1.0 if block is None else block.own / (block.lead + block.own + block.trail)
 
 
 def allocate_widths(units: Sequence[Unit], cost: CostModel, *, allocation: str, target_kind: str,

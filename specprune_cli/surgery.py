@@ -157,7 +157,7 @@ def bias_sinks(gm: Any, model: nn.Module, units: Sequence[Unit]) -> dict[str, di
         sinks: dict[str, Any] = {}
         for c in u.consumers:
             mod = model.get_submodule(c.module)
-            if c.kind not in ("linear", "conv") or getattr(mod, "groups", 1) != 1:
+            if c.kind not in ("linear", "conv") or getattr(mod, "groups", 1) != 1 or c.block is not None:
                 break
             if getattr(mod, "bias", None) is not None:
                 sinks[c.module] = lambda s, mod=mod: mod.bias.data.add_(s.to(mod.bias.dtype))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from specprune_cli.layout import Layout
+from specprune_cli.layout import Block, Layout
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class Consumer:
             F of a time-major (B, T, C*F) input); 1 otherwise.
         columns: for a Linear whose columns are not channel-major blocks (channel c owning columns
             c*spatial ... c*spatial + spatial - 1), the (m, spatial) column indices of each channel.
+        block: where the unit's entries sit in the consumer's input when they are concatenated with
+            other tensors' (``columns`` then index into the block); None otherwise.
     """
 
     module: str
@@ -41,6 +43,7 @@ class Consumer:
     tap: str
     spatial: int = 1
     columns: torch.Tensor | None = field(default=None, compare=False, hash=False)
+    block: Block | None = None
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class Follower:
     """A layer sliced with the unit. ``role``: "batchnorm", "groupnorm", "prelu", "depthwise", "rows"
     (a gate producer, e.g. squeeze-excitation's second conv) or "param" (parameter ``attr`` of
     ``module`` along dimension ``dim``). It holds unit channels ``offset ... offset + width - 1``
-    (width None: all of them)."""
+    (width None: all of them), at ``block`` among other tensors' channels after a concatenation."""
 
     module: str
     role: str
@@ -56,6 +59,7 @@ class Follower:
     width: int | None = None
     attr: str | None = None
     dim: int = 0
+    block: Block | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,8 @@ class Unit:
             on this).
         producers: the layers whose output rows are the unit's channels (one, at offset 0, for a
             plain unit).
-        type: "plain" (one producer).
+        type: "plain" (one producer), "stream" (a residual stream: several producers added together)
+            or "concat" (one producer whose channels are concatenated with other tensors').
         shape_attrs: int attributes to rewrite after surgery.
     """
 

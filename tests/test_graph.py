@@ -69,9 +69,12 @@ def test_squeeze_excitation_gate_is_sliced_with_the_unit_it_scales():
     assert "features.2.0.block.2.fc2" not in [s.name for s in g.skipped]
 
 
-def test_concat_layernorm_and_grouped_conv_are_reported_not_pruned():
-    reasons = {s.name: s.reason for s in _units("squeezenet1_1").skipped}
-    assert "`cat`" in reasons["features.3.expand1x1"]
+def test_concatenated_expands_are_blocks_layernorm_and_grouped_conv_are_reported_not_pruned():
+    g = _units("squeezenet1_1")
+    e1, e3 = g.unit("features.3.expand1x1"), g.unit("features.3.expand3x3")
+    assert (e1.type, e3.type) == ("concat", "concat")
+    assert [(c.module, c.block.lead, c.block.own, c.block.trail) for c in e1.consumers + e3.consumers] == [
+        ("features.4.squeeze", 0, 64, 64), ("features.4.squeeze", 64, 64, 0)]
     vit = _units("vit_small")
     assert [u.name for u in vit.units] == [f"encoder.layers.encoder_layer_{i}.mlp.0" for i in range(2)]
     assert "LayerNorm" in {s.name: s.reason for s in vit.skipped}["encoder.layers.encoder_layer_0.mlp.3"]

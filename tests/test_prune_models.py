@@ -137,7 +137,7 @@ def _sequential_by_definition(model, batches, cfg):
 # Every structure the runner must get right, in the default run: flatten -> Linear, LayerNorm and Linear
 # on tokens, residual adds, concat, depthwise chains with SE gates. The rest of the zoo (wide Linear
 # layers make the reference slow) runs with `make test-slow`.
-_RUNNER_FAST = ("flatten_cnn", "vit_small", "resnet18", "squeezenet1_1", "mobilenet_v3_small")
+_RUNNER_FAST = ("flatten_cnn", "vit_small", "resnet18", "squeezenet1_1", "densenet_tiny", "mobilenet_v3_small")
 
 
 @pytest.mark.parametrize("name, target", [
