@@ -126,7 +126,8 @@ def target_verdict(arch: str, result: dict) -> str:
     speedup, spread = _ratio(times["original fp32"], times["pruned 50% int8"])
     drop = 100 * (result["variants"]["original fp32"]["accuracy"]
                   - result["variants"]["pruned 50% int8"]["accuracy"])
-    short = [what for what, bad in (("speed", speedup < TARGET_SPEEDUP), ("accuracy", drop > TARGET_DROP)) if bad]
+    short = [what for what, bad in (("speed", speedup < TARGET_SPEEDUP), ("accuracy", drop > TARGET_DROP))
+             if bad]
     return (f"- {arch}: pruned 50% + int8 runs {speedup:.2f}x (spread {spread:.2f}) as fast as the original "
             f"float32 at batch {top}, accuracy {-drop:+.2f} points against it: "
             + (f"missed ({' and '.join(short)})" if short else "met"))
