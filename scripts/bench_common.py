@@ -28,16 +28,20 @@ def format_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, name: str, text: str) -> None:
-    """Put ``text`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path`` (creating the
-    file, or appending the section, when absent); other sections stay as they are. Written to a
-    temporary name, then renamed."""
+def write_section(path: Path, name: str, text: str, after: str | None = None) -> None:
+    """Put ``text`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path``; other sections
+    stay as they are. When the section is absent it goes right after section ``after`` (when given and
+    present), else at the end (creating the file). Written to a temporary name, then renamed."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     current = path.read_text() if path.exists() else HEADER
     block = f"{begin}\n{text.rstrip()}\n{end}"
+    anchor = f"<!-- {after}:end -->"
     if begin in current and end in current:
         head, rest = current.split(begin, 1)
         new = head + block + rest.split(end, 1)[1]
+    elif after is not None and anchor in current:
+        head, rest = current.split(anchor, 1)
+        new = head + anchor + "\n\n" + block + rest
     else:
         new = current.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,11 +41,18 @@ what is missing or changed. The Markdown section of docs/benchmarks.md, docs/ben
 docs/bench_quality.json are written from the cached rows once every model has its specprune rows; the
 section ends with the targets of issue 12 (met or missed, with the figures).
 
+The int8 rows (issue 15, computed by scripts/int8_bench.py): each model's original and specprune's
+default at 50% and 30% of FLOPs after the same fine-tune, as ONNX files in float32 and ONNX Runtime's
+static int8, with their accuracy on the same test images and ORT latency at batch 1 and 64. They are
+cached per model (their latencies are timed together) and have their own section right after the
+accuracy tables, ending with issue 15's target (met or missed, with the figures).
+
 Usage:
   python scripts/bench_quality.py                             # everything (trains models if not cached)
   python scripts/bench_quality.py --models vgg_small --threads 1   # one model, e.g. in parallel runs
   python scripts/bench_quality.py --methods specprune 'AIMET*'     # only these rows (fnmatch patterns)
   python scripts/bench_quality.py --report-only               # rewrite docs from cached results
+  python scripts/bench_quality.py --int8-only --threads 1     # only the int8 rows and their section
   python scripts/bench_quality.py --quick                     # smoke run: 1 model, 1 budget, tiny data
 """
 from __future__ import annotations
@@ -55,6 +62,7 @@ import copy
 import dataclasses
 import fnmatch
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -72,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aimet_bench  # noqa: E402
 from bench_common import cpu_name, format_table, write_section  # noqa: E402
 from fashion_common import CACHE, ROOT, accuracy, load_split, normalise, reference_model  # noqa: E402
+from int8_bench import int8_report, int8_variants  # noqa: E402
 from quality_cache import RowCache, files_hash, library_commit  # noqa: E402
 from specprune_cli.baselines import prune_by_criterion  # noqa: E402
 from specprune_cli.config import FinetuneConfig, PruneConfig  # noqa: E402
@@ -105,6 +114,8 @@ ROW_FORMAT = 2  # bump when the way rows are computed here changes
 TARGET_30 = {"resnet_small": 0.86, "mobilenetv2_small": 0.82, "vgg_small": 0.905}
 TARGET_15 = 0.75
 TARGET_FT_GAP = 0.01
+# The int8 rows (issue 15): batch sizes timed and interleaved rounds, full run and --quick.
+INT8_TIMING = {"full": ((1, 64), 60), "quick": ((1, 16), 5)}
 
 
 @dataclasses.dataclass
@@ -393,6 +404,33 @@ class ModelRun:
                     print(f"{self.name}: cached {method} at {budget:.0%} is stale (settings or code changed)")
         return rows
 
+    def int8_key(self, batches: tuple[int, ...], repeats: int) -> dict:
+        """What the int8 rows depend on: the common key, the library, the int8 code, ONNX Runtime."""
+        import onnxruntime
+
+        return {**self.base, "method": "int8", "eval_code": eval_code(), "specprune": library_commit(),
+                "int8_code": files_hash([Path(__file__).with_name("int8_bench.py")]),
+                "onnxruntime": onnxruntime.__version__, "batches": list(batches), "repeats": repeats}
+
+    def int8(self, batches: tuple[int, ...], repeats: int, compute: bool) -> dict | None:
+        """The six int8 variants (scripts/int8_bench.py) from the cache, else computed when ``compute``
+        (else None); stored with the machine, versions and load average they were measured with."""
+        key = self.int8_key(batches, repeats)
+        result = self.cache.get("int8", None, key)
+        if result is not None or not compute:
+            if result is None and self.cache.path("int8", None).exists():
+                print(f"{self.name}: cached int8 rows are stale (settings or code changed)")
+            return result
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        result = int8_variants(self.model, self.data, list(batches), repeats)
+        result["measured"] = {"date": time.strftime("%Y-%m-%d"), "machine": cpu_name(),
+                              "torch": torch.__version__, "onnxruntime": key["onnxruntime"],
+                              "specprune": key["specprune"][:12], "load": [load, os.getloadavg()[0]]}
+        self.cache.put("int8", None, key, result)
+        print(f"  int8: six variants in {time.perf_counter() - t:.0f}s", flush=True)
+        return result
+
 
 def torch_pruning_version() -> str | None:
     """Torch-Pruning's version, None when it is not installed (the ``bench`` extra)."""
@@ -593,49 +631,30 @@ def trained(name: str) -> bool:
     return all((CACHE / f"{name}-e2-s0{suffix}").exists() for suffix in (".pt", ".json"))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    ap.add_argument("--methods", nargs="+", default=["*"], metavar="PATTERN",
-                    help="only rows whose method matches one of these fnmatch patterns (specprune's "
-                         "always run: the others match its FLOPs)")
-    ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--report-only", action="store_true", help="only rewrite docs from cached results")
-    ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the report goes (default docs/)")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run (first model, 30%% budget, 256/512/256/1000 images, a throw-away cache); "
-                         "writes nothing to docs")
-    ap.add_argument("--progress", action="store_true", help="show the library's progress bars")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    _, notes = specprune_variants()
-    for note in notes:
-        print(f"note: {note}")
-    sizes = (256, 512, 256, 1000) if args.quick else (1024, 5000, 1024, None)
-    budgets = (0.3,) if args.quick else tuple(args.budgets)
-    models = args.models[:1] if args.quick else args.models
-    data = load_data(*sizes)
-    with tempfile.TemporaryDirectory() as tmp:
-        cache_root = Path(tmp) if args.quick else CACHE / "quality"
-        runs = {} if args.report_only else {
-            name: ModelRun(name, data, cache_root, args.methods, args.progress, args.threads)
-            for name in models}
-        if not args.report_only:
-            for name in models:
-                t = time.perf_counter()
-                print(f"{name}: {runs[name].flops0 / 1e6:.1f} MFLOPs, test accuracy "
-                      f"{runs[name].test_accuracy:.4f}", flush=True)
-                runs[name].run(budgets)
-                print(f"{name}: {time.perf_counter() - t:.0f}s", flush=True)
-        if args.quick:
-            return
-    missing = [name for name in MODELS if name not in runs and not trained(name)]
-    runs.update({name: ModelRun(name, data, CACHE / "quality", ["*"], False, args.threads)
-                 for name in MODELS if name not in runs and name not in missing})
+def int8_section(results: dict[str, dict]) -> str:
+    """The int8 section (issue 15): where and with what it was measured, then int8_bench's table and the
+    target's verdicts."""
+    measured = [r["measured"] for r in results.values()]
+
+    def values(field: str) -> str:
+        return ", ".join(sorted({str(m[field]) for m in measured}))
+
+    loads = [x for m in measured for x in m["load"]]
+    heading = "\n".join([
+        "### int8 (issue 15): pruning and quantization together", "",
+        "Produced by `python scripts/bench_quality.py` (`--int8-only`: these rows alone) on "
+        f"{values('machine')}, {values('date')}: "
+        f"torch {values('torch')}, onnxruntime {values('onnxruntime')}, specprune at commit "
+        f"{values('specprune')}; load average {min(loads):.1f} to {max(loads):.1f} at the start and end of "
+        "each model's run. Cores may be shared with other work: treat single timings as rough."])
+    return int8_report(results, heading, distillation="the 1-epoch distillation of the FT columns above")
+
+
+def write_quality_docs(runs: dict[str, ModelRun], data: Data, sizes: tuple, args: argparse.Namespace) -> None:
+    """The accuracy tables, plot and JSON from the cached rows, once every model has rows."""
     results = []
     for name in MODELS:
-        rows = runs[name].rows(tuple(BUDGETS)) if name not in missing else []
+        rows = runs[name].rows(tuple(BUDGETS)) if name in runs else []
         if not rows:
             print(f"docs not written: no results yet for {name}")
             return
@@ -652,6 +671,73 @@ def main() -> None:
     plot(results, args.docs / "bench_quality.png")
     (args.docs / "bench_quality.json").write_text(json.dumps(results, indent=1) + "\n")
     print(text)
+
+
+def write_int8_docs(runs: dict[str, ModelRun], args: argparse.Namespace) -> None:
+    """The int8 section from the cached int8 rows, once every model has them (right after the accuracy
+    tables when it is new)."""
+    results = {name: runs[name].int8(*INT8_TIMING["full"], compute=False) if name in runs else None
+               for name in MODELS}
+    missing = [name for name, r in results.items() if r is None]
+    if missing:
+        print(f"int8 section not written: no int8 results yet for {', '.join(missing)} "
+              "(--int8-only computes them)")
+        return
+    text = int8_section(results)
+    write_section(args.docs / "benchmarks.md", "bench_quality_int8", text, after="bench_quality")
+    print(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--methods", nargs="+", default=["*"], metavar="PATTERN",
+                    help="only rows whose method matches one of these fnmatch patterns (specprune's "
+                         "always run: the others match its FLOPs; 'int8' names the int8 rows)")
+    ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--report-only", action="store_true", help="only rewrite docs from cached results")
+    ap.add_argument("--int8-only", action="store_true",
+                    help="only the int8 rows (issue 15): compute the missing ones and rewrite their section "
+                         "alone (with --report-only: rewrite it from the cache)")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the report goes (default docs/)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run (first model, 30%% budget, 256/512/256/1000 images, a throw-away cache); "
+                         "writes nothing to docs")
+    ap.add_argument("--progress", action="store_true", help="show the library's progress bars")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    _, notes = specprune_variants()
+    for note in notes:
+        print(f"note: {note}")
+    sizes = (256, 512, 256, 1000) if args.quick else (1024, 5000, 1024, None)
+    budgets = (0.3,) if args.quick else tuple(args.budgets)
+    models = args.models[:1] if args.quick else args.models
+    timing = INT8_TIMING["quick" if args.quick else "full"]
+    data = load_data(*sizes)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_root = Path(tmp) if args.quick else CACHE / "quality"
+        runs = {} if args.report_only else {
+            name: ModelRun(name, data, cache_root, args.methods, args.progress, args.threads)
+            for name in models}
+        for name, run in runs.items():
+            t = time.perf_counter()
+            print(f"{name}: {run.flops0 / 1e6:.1f} MFLOPs, test accuracy {run.test_accuracy:.4f}", flush=True)
+            if not args.int8_only:
+                run.run(budgets)
+            if args.int8_only or run.wanted("int8"):
+                int8 = run.int8(*timing, compute=True)
+                if args.quick:
+                    print(int8_section({name: int8}))
+            print(f"{name}: {time.perf_counter() - t:.0f}s", flush=True)
+        if args.quick:
+            return
+    missing = [name for name in MODELS if name not in runs and not trained(name)]
+    runs.update({name: ModelRun(name, data, CACHE / "quality", ["*"], False, args.threads)
+                 for name in MODELS if name not in runs and name not in missing})
+    if not args.int8_only:
+        write_quality_docs(runs, data, sizes, args)
+    write_int8_docs(runs, args)
 
 
 if __name__ == "__main__":

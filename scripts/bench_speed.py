@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import cpu_name, format_table, write_section  # noqa: E402
 from fashion_common import ROOT, load_split, normalise, reference_model  # noqa: E402
-from int8_bench import int8_case, int8_section  # noqa: E402
+from int8_bench import int8_case, int8_report  # noqa: E402
 from specprune_cli import models, prune_model  # noqa: E402
 from specprune_cli.config import ExportConfig, PruneConfig  # noqa: E402
 from specprune_cli.latency import measure_latency, measure_onnx_latency  # noqa: E402
@@ -490,8 +490,8 @@ def main() -> None:
         cases = int8_cases(files, settings) if args.int8_only else plan_cases(files, settings)
         results = run_cases(cases, isolate=not args.quick, threads=args.threads)
     int8 = "\n\n".join([header(args, load_start, "Speed with int8", resnet50=False),
-                         int8_section(results, REFERENCE, list(settings.latency_batches),
-                                      settings.int8_repeats, args.threads)])
+                         int8_report({arch: results[f"int8/{arch}"] for arch in REFERENCE},
+                                     "### (C) Pruning and int8 together (issue 15)")])
     write_section(args.out, "bench_speed_int8", int8)
     if not args.int8_only:
         body = "\n\n".join([header(args, load_start), tool_speed(results, settings, isolate=not args.quick),

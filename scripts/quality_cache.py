@@ -1,4 +1,5 @@
-"""Per-row result cache of scripts/bench_quality.py: one JSON file per (model, method, budget).
+"""Per-row result cache of scripts/bench_quality.py: one JSON file per (model, method, budget), and one
+per model for its int8 rows.
 
 A row is reused only when its key, everything its result depends on, equals the key of the run being
 asked for: the method's settings, the data and fine-tune settings, the reference model, the tool versions
@@ -56,11 +57,12 @@ class RowCache:
     def __init__(self, root: Path, model: str):
         self.dir = root / model
 
-    def path(self, method: str, budget: float) -> Path:
-        """The file of one (method, budget) row."""
-        return self.dir / f"{budget:.3f}-{_slug(method)}.json"
+    def path(self, method: str, budget: float | None) -> Path:
+        """The file of one (method, budget) row; budget None: an entry that spans budgets (the int8 rows)."""
+        name = _slug(method) if budget is None else f"{budget:.3f}-{_slug(method)}"
+        return self.dir / f"{name}.json"
 
-    def get(self, method: str, budget: float, key: dict) -> dict | None:
+    def get(self, method: str, budget: float | None, key: dict) -> dict | None:
         """The cached row when its key equals ``key``, else None."""
         path = self.path(method, budget)
         if not path.exists():
@@ -68,7 +70,7 @@ class RowCache:
         stored = json.loads(path.read_text())
         return stored["row"] if stored.get("key") == _normal(key) else None
 
-    def put(self, method: str, budget: float, key: dict, row: dict) -> None:
+    def put(self, method: str, budget: float | None, key: dict, row: dict) -> None:
         """Store ``row`` under ``key`` (atomically: temporary name, then rename)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(method, budget)
