@@ -59,7 +59,7 @@ def analyze_model(model: nn.Module, batches: Iterable[Any], *, example_input: to
     model = copy.deepcopy(model).eval()
     example1 = example_input[:1]
     graph = find_units(model, example1, exclude=make_matcher(list(cfg.exclude)))
-    inputs = _as_inputs(batches)
+    inputs = _as_inputs(batches, model)
     with tqdm(total=len(inputs), desc="statistics", unit="batch", file=sys.stderr, disable=not progress,
               leave=False) as bar:
         # compress takes each unit's dof from a prefix of the batches (prune.dof_rows); the same

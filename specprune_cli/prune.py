@@ -75,11 +75,14 @@ def allocation_prefix(cfg: PruneConfig) -> Callable[[Unit, Mapping[TapKey, Cross
     return enough
 
 
-def _as_inputs(batches: Iterable[Any]) -> list[torch.Tensor]:
+def _as_inputs(batches: Iterable[Any], model: nn.Module) -> list[torch.Tensor]:
+    """The inputs of ``batches`` (labels dropped); floating ones in the model's floating dtype, others
+    (token ids) as they are."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     out = []
     for b in batches:
-        x = b[0] if isinstance(b, (tuple, list)) else b
-        out.append(x.detach().to(torch.float32))
+        x = (b[0] if isinstance(b, (tuple, list)) else b).detach()
+        out.append(x.to(dtype) if x.is_floating_point() else x)
     return out
 
 
@@ -165,7 +168,7 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
     flops_before, params_before = count_flops(model, example1), count_params(model)
     graph = graph or find_units(model, example1, exclude=make_matcher(list(cfg.exclude)), forward_kwargs=kwargs)
     units = graph.units
-    inputs = _as_inputs(batches)
+    inputs = _as_inputs(batches, model)
     if not inputs:
         raise ConfigError("no calibration batches: data.calibration yielded nothing")
     timings["trace"] = time.perf_counter() - t
