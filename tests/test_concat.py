@@ -65,6 +65,22 @@ class Between(nn.Module):
         return self.out(torch.cat([a, self.b(x), c], 1))
 
 
+class Tabular(nn.Module):
+    """Linear features concatenated on the last dimension (keyword arguments, a tuple), a BatchNorm1d
+    over them, and the input's first columns put before a hidden layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.num = nn.Linear(5, 12), nn.Linear(7, 9)
+        self.bn = nn.BatchNorm1d(21)
+        self.hidden, self.out = nn.Linear(21, 16), nn.Linear(3 + 16, 2)
+
+    def forward(self, x):
+        z = torch.cat(tensors=(torch.relu(self.emb(x[:, :5])), self.num(x[:, 5:])), dim=-1)
+        h = torch.relu(self.hidden(self.bn(z)))
+        return self.out(torch.cat((x[:, :3], h), 1))
+
+
 def _masked(model, graph, keeps):
     """The original network with each dropped channel zeroed where a consumer reads it: what removing
     the channels (A = I[:, keep]) must compute, located with the unpruned layouts."""
@@ -108,6 +124,14 @@ def test_blocks_follow_a_norm_and_a_flatten_and_keep_other_tensors_entries():
     fc = next(c for c in names["mix"].consumers if c.module == "fc")
     assert (fc.block.lead, fc.block.own, fc.block.trail) == (9 * 4, 12 * 4, 0)  # after the 9 input copies
     assert model.bn.num_features == 3 + 2 + 3 and model.fc.in_features == 9 * 4 + 6 * 4
+
+
+def test_linear_features_concatenated_on_the_last_dimension():
+    torch.manual_seed(0)
+    model = warm_batchnorm(Tabular(), (12,))
+    graph = _cut_half(model, torch.randn(6, 12))
+    assert [(u.name, u.type) for u in graph.units] == [("emb", "concat"), ("num", "concat"), ("hidden", "concat")]
+    assert (model.bn.num_features, model.out.in_features) == (6 + 4, 3 + 8)
 
 
 def test_a_block_placed_before_earlier_units_keeps_its_offset_from_the_start():
