@@ -293,7 +293,8 @@ class _Finder:
     def _size_entry(self, sp: Space, node: fx.Node, entry: Any, per: int, others: int) -> None:
         """The size an op gives the channels' dimension must follow a pruned width (``others``: entries
         of tensors concatenated with the channels, which stay)."""
-        fixed = not isinstance(entry, fx.Node) or (entry.op == "get_attr" and str(entry.target) in self.cap.int_attrs)
+        fixed = not isinstance(entry, fx.Node) or (entry.op == "get_attr"
+                                                   and str(entry.target) in self.cap.int_attrs)
         if others and fixed and entry != -1:
             raise Unsupported(f"`{node.name}` sizes a dimension that holds the channels and other tensors' "
                               "entries with a fixed number; compute it from the tensor's shape or use -1")

@@ -183,3 +183,21 @@ def test_the_whole_run_prunes_a_densenet_and_the_plan_records_concat_units():
     assert 0.475 <= result.report["flops_after"] / result.report["flops_before"] <= 0.525
     with torch.no_grad():
         assert torch.isfinite(result.model(batches[1])).all()
+
+
+def test_a_reshape_of_a_concatenation_follows_the_width_when_computed_from_the_shape():
+    class Head(nn.Module):
+        def __init__(self, literal: bool):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1)
+            self.fc, self.literal = nn.Linear(10 * 4, 2), literal
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            size = 40 if self.literal else y.size(1) * y.size(2) * y.size(3)
+            return self.fc(torch.relu(y).reshape(y.size(0), size))
+
+    graph = _cut_half(Head(literal=False), torch.randn(2, 3, 2, 2))
+    assert [u.name for u in graph.units] == ["a", "b"]
+    reasons = {s.name: s.reason for s in find_units(Head(literal=True), torch.zeros(1, 3, 2, 2)).skipped}
+    assert "with a fixed number" in reasons["a"] and "with a fixed number" in reasons["b"]
