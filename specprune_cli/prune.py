@@ -192,6 +192,10 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
             run.dof = {u.name: unit_dof(u, prefix, model, cfg.ridge) for u in units}
             if cfg.allocation == "loss":
                 curves = {u.name: unit_curve(model, u, prefix, cfg) for u in units}
+            # Each unit's m x m moments are freed once used: the prefix's now, oneshot's after its selection.
+            prefix = full = None
+            if cfg.order == "sequential":
+                moments = {}
         timings["statistics"] = time.perf_counter() - t
         t = time.perf_counter()
         try:
@@ -214,7 +218,9 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
               disable=not progress or not units, leave=False) as bar:
         if cfg.order == "oneshot":
             for u in units:  # every unit measured on the original: cutting one leaves the others' moments
-                run.apply(u, widths[u.name], moments)
+                run.apply(u, widths[u.name], _finished(moments, u))
+                for tap in u.taps:
+                    del moments[(u.name, tap)]
                 bar.update(1)
         elif graph.replayable:
             replay = _sequential(run, widths, bar)
@@ -300,6 +306,7 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
         replay += time.perf_counter() - t_run
         # every rank's shard, before the selection (and the refit)
         distributed.all_reduce_moments(local, {i: fit for i, (_, fit) in enumerate(fits)})
+        _finished(local, u)
         if u.name not in run.dof:
             run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
         choice = run.apply(u, widths[u.name], local)
@@ -311,6 +318,14 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
             replay += time.perf_counter() - t_run
         bar.update(1)
     return replay
+
+
+def _finished(moments: dict[TapKey, CrossMoment], unit: Unit) -> dict[TapKey, CrossMoment]:
+    """``moments`` with ``unit``'s accumulators turned into its moments in place (``CrossMoment.finish``):
+    what is read from them now (N(lambda), the selection) reads them without copies. Returns ``moments``."""
+    for tap in unit.taps:
+        moments[(unit.name, tap)].finish()
+    return moments
 
 
 def _kernel_fits(run: _Run, unit: Unit) -> list[tuple[str, KernelFit]]:
@@ -348,6 +363,7 @@ def _sequential_hooks(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
                                seed=cfg.seed)
         replay += time.perf_counter() - t_run
         distributed.all_reduce_moments(local)
+        _finished(local, u)
         if u.name not in run.dof:
             run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
         run.apply(u, widths[u.name], local)
