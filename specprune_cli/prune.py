@@ -284,23 +284,24 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
         refit = (cfg.kernel_refit and cfg.reconstruct and widths[u.name] < u.width
                  and not (cfg.intercept and u.name in run.sinks))
         fits = _kernel_fits(run, u) if refit else []
-        new_cache, new_twin = [], []
         with no_inplace_modules(gm), no_inplace_modules(twin.root if twin else gm):
+            # Each batch's new cache entry replaces its old one at once (a batch reads only its own), so
+            # the values at the old cut are freed batch by batch instead of living until the last batch.
             for b in range(len(run.inputs)):
                 originals: dict[str, torch.Tensor] = {}
                 if twin is not None and upstream_cut:
-                    new_twin.append(twin.run_batch(b, stop, snapshot_at=limit,
+                    twin.cache[b] = twin.run_batch(b, stop, snapshot_at=limit,
                                                    visit={t: (lambda v, t=t: originals.__setitem__(t, v))
-                                                          for t in u.taps}))
+                                                          for t in u.taps})
                 visit = pair_readers(u, local, originals)
                 for tap, fit in fits:
                     visit[tap] = lambda v, tap=tap, fit=fit, read=visit[tap]: (
                         read(v), fit.update(originals.get(tap, v), v))
-                new_cache.append(runner.run_batch(b, stop, snapshot_at=snap, visit=visit))
-        runner.commit(snap, new_cache)
+                runner.cache[b] = runner.run_batch(b, stop, snapshot_at=snap, visit=visit)
+        runner.commit(snap, runner.cache)
         if twin is not None:
             if upstream_cut:
-                twin.commit(limit, new_twin)
+                twin.commit(limit, twin.cache)
             else:  # nothing cut yet: the pruned network is the original, and its cache serves both
                 twin.cache, twin.position = [dict(env) for env in runner.cache], runner.position
         replay += time.perf_counter() - t_run

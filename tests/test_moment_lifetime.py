@@ -45,3 +45,28 @@ def test_only_the_moments_still_to_be_read_are_alive_at_each_selection(monkeypat
     want = [1] * len(units) if order == "sequential" else list(range(len(units), 0, -1))
     assert [live for _, live in seen] == want
     assert _live_accumulators() == []
+
+
+def test_sequential_order_drops_each_batchs_old_cache_entry_once_its_new_one_is_made(monkeypatch):
+    """The values alive at the previous cut are not held until every batch has run: when batch b runs,
+    the runner's entries for batches before it are already their new ones."""
+    from specprune_cli.stats import SegmentRunner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 20), nn.ReLU(), nn.Linear(20, 4)).eval()
+    batches = list(torch.randn(256, 8).split(64))
+    made: dict[int, dict[int, dict]] = {}  # runner -> batch -> the entry run_batch returned
+    stale: list[tuple[int, int]] = []
+    run_batch = SegmentRunner.run_batch
+
+    def checking_run_batch(self, b, stop, **kw):
+        mine = made.setdefault(id(self), {})
+        stale.extend((b, earlier) for earlier in range(b) if self.cache[earlier] is not mine.get(earlier))
+        mine[b] = run_batch(self, b, stop, **kw)
+        return mine[b]
+
+    monkeypatch.setattr(SegmentRunner, "run_batch", checking_run_batch)
+    prune.prune_model(model, batches, example_input=batches[0][:1], progress=False,
+                      cfg=prune_cfg(order="sequential", allocation="ratio", ratio=0.5))
+    assert made and len(next(iter(made.values()))) == len(batches)
+    assert stale == []
