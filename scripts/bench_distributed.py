@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -77,8 +78,9 @@ def main() -> None:
     command = " ".join(["python", "scripts/bench_distributed.py", *sys.argv[1:]])
     text = "\n".join([
         "## Statistics with 1 and 2 processes (`scripts/bench_distributed.py`)", "",
-        f"Produced by `{command}` on {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, Python "
-        f"{platform.python_version()}; load average {load_before[0]:.1f} before and {load_after[0]:.1f} after. "
+        f"Produced by `{command}` on {date.today().isoformat()}: {cpu_name()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, Python {platform.python_version()}; load average {load_before[0]:.1f} before and "
+        f"{load_after[0]:.1f} after. "
         "`compress` in oneshot order under `torch.distributed.run --standalone --nproc_per_node=N`, each "
         f"process with one thread, on {args.samples} synthetic 3x32x32 images and SmallResNet(width=64) "
         "(tests/models_small.py) with random weights: process 0's seconds of the statistics stage (the "
