@@ -1,5 +1,5 @@
-"""What every benchmark script shares: machine facts, Markdown tables, and writing its own section of
-docs/benchmarks.md without touching the others'."""
+"""What every benchmark script shares: machine facts, memory of the process, Markdown tables, and writing its
+own section of docs/benchmarks.md without touching the others'."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,26 @@ from pathlib import Path
 
 HEADER = ("# Benchmarks\n\nEvery table below is written by the script named in its heading; nothing is typed "
           "by hand. Re-run a script to refresh its section (`pip install -e '.[bench]'` first).\n")
+
+
+def memory_mib(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MiB; None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> bool:
+    """Set VmHWM back to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def cpu_name() -> str:

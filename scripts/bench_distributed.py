@@ -5,21 +5,24 @@
 SmallResNet, width 64) with random weights and synthetic 3x32x32 calibration images, launched by
 ``python -m torch.distributed.run --standalone --nproc_per_node=N``, each process with OMP_NUM_THREADS=1.
 The figure is process 0's ``report["prune"]["timings"]["statistics"]``, which includes the all-reduce of
-the moments. Prints a markdown table with the machine's load average before and after; the target is
-a speed-up of 1.6 or more with 2 processes on 2 free cores.
+the moments. Writes a markdown table with the machine's load average before and after into its section
+of docs/benchmarks.md (and prints it); the target is a speed-up of 1.6 or more with 2 processes on 2
+free cores.
 
 Usage:
-  python scripts/bench_distributed.py [--samples 1024] [--repeats 3]
+  python scripts/bench_distributed.py [--samples 1024] [--repeats 3] [--out docs/benchmarks.md]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -27,8 +30,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_common import cpu_name, format_table, write_section  # noqa: E402
 from models_small import SmallResNet  # noqa: E402
+
+TARGET_SPEEDUP = 1.6
 
 
 def run(tmp: Path, processes: int, tag: str) -> float:
@@ -47,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -65,12 +73,25 @@ def main() -> None:
                 times[n].append(run(tmp, n, f"{n}-{r}"))
         load_after = os.getloadavg()
     one, two = statistics.median(times[1]), statistics.median(times[2])
-    print(f"{args.samples} images 3x32x32, SmallResNet(width=64), oneshot, {args.repeats} runs each "
-          f"(median), {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after\n")
-    print("| processes | statistics s (median) | all runs s | speed-up |")
-    print("|---|---|---|---|")
-    for n, t in ((1, one), (2, two)):
-        print(f"| {n} | {t:.2f} | {', '.join(f'{v:.2f}' for v in times[n])} | {one / t:.2f}x |")
+    rows = [[n, f"{t:.2f}", ", ".join(f"{v:.2f}" for v in times[n]), f"{one / t:.2f}x"]
+            for n, t in ((1, one), (2, two))]
+    command = " ".join(["python", "scripts/bench_distributed.py", *sys.argv[1:]])
+    text = "\n".join([
+        "## Statistics with 1 and 2 processes (`scripts/bench_distributed.py`)", "",
+        f"Produced by `{command}` on {date.today().isoformat()}: {cpu_name()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, Python {platform.python_version()}; load average {load_before[0]:.1f} before and "
+        f"{load_after[0]:.1f} after. "
+        "`compress` in oneshot order under `torch.distributed.run --standalone --nproc_per_node=N`, each "
+        f"process with one thread, on {args.samples} synthetic 3x32x32 images and SmallResNet(width=64) "
+        "(tests/models_small.py) with random weights: process 0's seconds of the statistics stage (the "
+        f"all-reduce of the moments included), median of {args.repeats} runs, 1 and 2 processes alternating "
+        "so that a change in load hits both. Cores may be shared with other work.", "",
+        format_table(["processes", "statistics (s, median)", "all runs (s)", "speed-up"], rows), "",
+        f"Target: 2 processes at least {TARGET_SPEEDUP:g}x faster than 1 on 2 free cores: {one / two:.2f}x, "
+        + ("met" if one / two >= TARGET_SPEEDUP else "missed") + ".",
+    ])
+    write_section(args.out, "bench_distributed", text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ width on Linear(m, m) -> ReLU -> Linear(m, 10) kept at k = m/2 (greedy selection
 batch 1 and 64, divided by the FLOPs ratio: the share of the theoretical speed-up that is real. The three
 reference models at 50% of FLOPs, with round_to 8 (the default) and round_to 1.
 
+(C) Pruning and int8 together: scripts/int8_bench.py. (D) Units 8,192 wide, memory and time of pruning
+them and of the selection alone: scripts/width_bench.py.
+
 Every case runs in a fresh worker process (this script with --worker), so no case inherits another's
 memory or warm caches (--quick runs them all in one worker, to save the start-ups). Peak memory is the
 kernel's high-water mark VmHWM (/proc/self/status), reset through /proc/self/clear_refs just before the
@@ -29,6 +32,7 @@ Usage:
   python scripts/bench_speed.py                  # full run, writes docs/benchmarks.md
   python scripts/bench_speed.py --quick          # smoke run: small sizes, one repeat, one process
   python scripts/bench_speed.py --threads 1      # on a busy machine (see --help)
+  python scripts/bench_speed.py --width-only     # section D alone: units 8,192 wide (issue 16)
   python scripts/bench_speed.py --quick --weights trained --out /tmp/benchmarks.md
 """
 from __future__ import annotations
@@ -53,9 +57,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import cpu_name, format_table, write_section  # noqa: E402
+from bench_common import cpu_name, format_table, memory_mib, reset_peak, write_section  # noqa: E402
 from fashion_common import ROOT, load_split, normalise, reference_model  # noqa: E402
 from int8_bench import int8_case, int8_report  # noqa: E402
+from width_bench import select_case, width_cases, width_section  # noqa: E402
 from specprune_cli import models, prune_model  # noqa: E402
 from specprune_cli.config import ExportConfig, PruneConfig  # noqa: E402
 from specprune_cli.latency import measure_latency, measure_onnx_latency  # noqa: E402
@@ -87,44 +92,35 @@ class Settings:
     finetune_samples: int = 5000           # (C): bench_quality's distillation images
     test_samples: int | None = None        # (C): test images scored (None: all 10,000)
     int8_repeats: int = 60                 # (C): interleaved rounds of the six files per batch size
+    wide_width: int = 8192                 # (D): the wide model's units
+    wide_inputs: int = 256                 # (D): its input features
+    wide_samples: int = 4096               # (D): its calibration inputs
+    select_sizes: tuple[int, ...] = (4096, 8192)  # (D): greedy selection at m, k = m/2
+    select_repeats: int = 3                # (D): runs of each selection (median)
 
 
 FULL = Settings()
 QUICK = Settings(samples=128, resnet50_images=8, resnet50_size=32, sample_counts=(64, 128, 256),
                  widths=(128, 256, 512), width_samples=256, repeats=1, resnet50_repeats=1,
                  latency_batches=(1, 16), latency_repeats=5, latency_rounds=1, finetune_samples=256,
-                 test_samples=1000, int8_repeats=5)
+                 test_samples=1000, int8_repeats=5, wide_width=1024, wide_inputs=64, wide_samples=512,
+                 select_sizes=(512, 1024), select_repeats=1)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Worker side: run cases, print their results as JSON.
 # ---------------------------------------------------------------------------------------------------
 
-def memory_mib(field: str) -> float | None:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MiB; None where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak() -> bool:
-    """Set VmHWM back to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def build_model(case: dict) -> nn.Module:
     if case["arch"] == "mlp":
         torch.manual_seed(0)
         m = case["width"]
         return nn.Sequential(nn.Linear(m, m), nn.ReLU(), nn.Linear(m, 10)).eval()
+    if case["arch"] == "wide":
+        torch.manual_seed(0)
+        m = case["width"]
+        return nn.Sequential(nn.Linear(case["inputs"], m), nn.ReLU(), nn.Linear(m, m), nn.ReLU(),
+                             nn.Linear(m, 10)).eval()
     if case["arch"] == "resnet50":
         import torchvision
         model = torchvision.models.resnet50(weights=None, num_classes=1000)
@@ -135,8 +131,9 @@ def build_model(case: dict) -> nn.Module:
 
 
 def calibration(case: dict) -> list[torch.Tensor]:
-    if case["arch"] == "mlp":
-        x = torch.randn(case["samples"], case["width"], generator=torch.Generator().manual_seed(1))
+    if case["arch"] in ("mlp", "wide"):
+        d = case["inputs"] if case["arch"] == "wide" else case["width"]
+        x = torch.randn(case["samples"], d, generator=torch.Generator().manual_seed(1))
     else:
         x = torch.load(case["data"], weights_only=True)[:case["samples"]]
     return list(x.split(BATCH))
@@ -162,12 +159,15 @@ def prune_case(case: dict) -> dict:
     reset = reset_peak() and reset
     cfg = PruneConfig(order=case["order"], **case.get("prune", {}))
     runs = []
+    load = os.getloadavg()[0]
     for _ in range(case["repeats"]):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         report = prune_model(model, batches, example_input=batches[0][:1], cfg=cfg, progress=False).report
-        runs.append((time.perf_counter() - start, report["timings"]))  # the pruned model is dropped here
-    total, timings = min(runs[1:] or runs, key=lambda r: r[0])
-    return {"floor_s": floor, "total_s": total, "first_s": runs[0][0], "timings": timings,
+        # the pruned model is dropped here
+        runs.append((time.perf_counter() - start, report["timings"], time.process_time() - cpu))
+    total, timings, cpu = min(runs[1:] or runs, key=lambda r: r[0])
+    return {"floor_s": floor, "total_s": total, "first_s": runs[0][0], "timings": timings, "cpu_s": cpu,
+            "load": [load, os.getloadavg()[0]],
             "rss_before_mib": before, "peak_forward_mib": forward_peak,
             "peak_prune_mib": memory_mib("VmHWM"), "peak_reset": reset, "samples": report["samples"],
             "dof_samples": report.get("dof_samples"),
@@ -207,7 +207,7 @@ def worker(cases: dict[str, dict]) -> dict[str, dict]:
     results = {}
     for case_id, case in cases.items():
         start = time.perf_counter()
-        run = {"prune": prune_case, "latency": latency_case, "int8": int8_case}[case["kind"]]
+        run = {"prune": prune_case, "latency": latency_case, "int8": int8_case, "select": select_case}[case["kind"]]
         results[case_id] = run(case)
         print(f"{case_id}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     return results
@@ -439,7 +439,8 @@ def result_speed(results: dict[str, dict], s: Settings) -> str:
     ])
 
 
-def header(args: argparse.Namespace, load_start: float, title: str = "Speed", resnet50: bool = True) -> str:
+def header(args: argparse.Namespace, load_start: float, title: str = "Speed", resnet50: bool = True,
+           fashion: bool = True) -> str:
     import onnxruntime
     import torchvision
     command = shlex.join(["python", "scripts/bench_speed.py", *sys.argv[1:]])
@@ -451,9 +452,11 @@ def header(args: argparse.Namespace, load_start: float, title: str = "Speed", re
         f"torch threads: {torch.get_num_threads()}, torch {torch.__version__}, torchvision "
         f"{torchvision.__version__}, onnxruntime {onnxruntime.__version__}, Python "
         f"{platform.python_version()}; load average {load_start:.1f} at the start and "
-        f"{os.getloadavg()[0]:.1f} at the end. Fashion-MNIST models: {weights}"
+        f"{os.getloadavg()[0]:.1f} at the end."
+        + (f" Fashion-MNIST models: {weights}" if fashion else "")
         + ("; resnet50: random weights, BatchNorm warmed" if resnet50 else "")
-        + ". Cores may be shared with other work: treat single numbers as rough.",
+        + (". " if fashion or resnet50 else " ")
+        + "Cores may be shared with other work: treat single numbers as rough.",
     ]
     if args.quick:
         lines += ["", "**Quick run (`--quick`): small sizes, one repeat, one process. A smoke test, not a "
@@ -471,9 +474,14 @@ def main() -> None:
                     "threads waiting for each other's time slices")
     ap.add_argument("--int8-only", action="store_true",
                     help="only section C (pruning with int8; needs trained weights) and its section of --out")
+    ap.add_argument("--width-only", action="store_true",
+                    help="only section D (units 8,192 wide: pruning memory and time, selection at m = 4096 "
+                    "and 8192) and its section of --out")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run JSON cases, print JSON results
     args = ap.parse_args()
+    if args.int8_only and args.width_only:
+        ap.error("--int8-only and --width-only each run one section: give one of them")
     torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -485,20 +493,32 @@ def main() -> None:
         print(f"warning: load average {load_start:.1f} on {os.cpu_count()} cores; with {args.threads} "
               "threads torch waits for busy cores and eager timings can be many times too slow "
               "(--threads 1 avoids it)", file=sys.stderr)
+    wide = width_cases(settings.wide_width, settings.wide_inputs, settings.wide_samples, settings.select_sizes,
+                       settings.select_repeats)
     with tempfile.TemporaryDirectory(prefix="bench_speed-") as tmp:
-        files = prepare(Path(tmp), settings, args.weights, resnet50=not args.int8_only)
-        cases = int8_cases(files, settings) if args.int8_only else plan_cases(files, settings)
+        if args.width_only:
+            cases = wide
+        else:
+            files = prepare(Path(tmp), settings, args.weights, resnet50=not args.int8_only)
+            cases = int8_cases(files, settings) if args.int8_only else {**plan_cases(files, settings), **wide}
         results = run_cases(cases, isolate=not args.quick, threads=args.threads)
-    int8 = "\n\n".join([header(args, load_start, "Speed with int8", resnet50=False),
-                         int8_report({arch: results[f"int8/{arch}"] for arch in REFERENCE},
-                                     "### (C) Pruning and int8 together (issue 15)")])
-    write_section(args.out, "bench_speed_int8", int8)
-    if not args.int8_only:
+    if not args.width_only:
+        int8 = "\n\n".join([header(args, load_start, "Speed with int8", resnet50=False),
+                             int8_report({arch: results[f"int8/{arch}"] for arch in REFERENCE},
+                                         "### (C) Pruning and int8 together (issue 15)")])
+        write_section(args.out, "bench_speed_int8", int8)
+    if not (args.int8_only or args.width_only):
         body = "\n\n".join([header(args, load_start), tool_speed(results, settings, isolate=not args.quick),
                             result_speed(results, settings)])
         write_section(args.out, "bench_speed", body)
         print(body)
-    print(int8)
+    if not args.width_only:
+        print(int8)
+    if not args.int8_only:
+        width = "\n\n".join([header(args, load_start, "Speed at width", resnet50=False, fashion=False),
+                              width_section(results, settings.wide_width, settings.wide_inputs, args.threads)])
+        write_section(args.out, "bench_speed_width", width)
+        print(width)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,20 @@ def sym_addmm(out: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor,
     return out
 
 
+def symmetrise_(s: torch.Tensor) -> torch.Tensor:
+    """s <- (s + s^T) / 2 in place, in squares that fit in cache (a transposed pass over the whole matrix
+    reads a new cache line per element), with no m x m temporary; the values of ``0.5 * (s + s.T)``."""
+    n = s.shape[0]
+    for r0 in range(0, n, _COPY_TILE):
+        rows = slice(r0, r0 + _COPY_TILE)
+        for c0 in range(0, r0 + 1, _COPY_TILE):
+            cols = slice(c0, c0 + _COPY_TILE)
+            mean = (s[rows, cols] + s[cols, rows].T).mul_(0.5)
+            s[rows, cols] = mean
+            s[cols, rows] = mean.T
+    return s
+
+
 def sample_positions(n: int, positions: int, count: int, seed: int, key: int, salt: int = 0) -> torch.Tensor:
     """``count`` distinct positions of ``positions`` for each of ``n`` samples, (n, count), drawn from a
     generator seeded by (seed, key, salt) alone: key is the batch's index in the whole calibration set, so
@@ -106,6 +120,7 @@ class CrossMoment:
         # processes that each read every world-th batch draw what one process would (docs/method.md §2).
         self.draw_offset, self.draw_stride = 0, 1
         self._updates = 0
+        self._finished = False  # the sums hold the moments themselves (``finish``)
 
     @property
     def shared(self) -> bool:
@@ -184,6 +199,7 @@ class CrossMoment:
             StatisticsError: a signal holds NaN/Inf (the message says which), a channel count differs
                 from earlier updates, or the two signals do not have the same rows.
         """
+        self._open("update")
         same = _same_tensor(x, x_tilde)
         x, x_tilde = x.detach(), x_tilde.detach()
         m = self._validate(x, self.channels, self._names[0])
@@ -238,24 +254,46 @@ class CrossMoment:
         self._sums.update(source=self._sums["target"].clone(), cross=self._sums["target"].clone(),
                           source_sum=self._sums["target_sum"].clone())
 
+    def _open(self, what: str) -> None:
+        if self._finished:
+            raise StatisticsError(f"{what} after finish(): the accumulator holds the moments, not the sums, "
+                                  "now; accumulate in a fresh one")
+
     def _read(self, key: str) -> torch.Tensor:
         if not self._sums or self.count == 0:
             raise StatisticsError("the second moment was read before any update: run the 'observe' step "
                                   "(a forward pass over calibration data) first")
         shared = {"source": "target", "cross": "target", "source_sum": "target_sum"}
-        return self._sums[shared.get(key, key) if self.shared else key] / self.count
+        value = self._sums[shared.get(key, key) if self.shared else key]
+        return value if self._finished else value / self.count
+
+    def finish(self) -> "CrossMoment":
+        """Turn the sums into the moments in place: from now on every property returns the accumulator's
+        own tensor (to be read, not written) instead of a new one, with the same values, and updates are
+        refused. For the last reader of a wide tap, which would otherwise hold the moments twice: an
+        8,192-wide tap's S, S~ and C take 1.5 GiB. Returns self.
+        """
+        self._read("target")
+        if not self._finished:
+            for value in self._sums.values():
+                value.div_(self.count)
+            for key in ("target", "source"):
+                if key in self._sums:
+                    symmetrise_(self._sums[key])
+            self._finished = True
+        return self
 
     @property
     def target(self) -> torch.Tensor:
         """S = E[x x^T], symmetrised, float64 (m, m)."""
         s = self._read("target")
-        return 0.5 * (s + s.T)
+        return s if self._finished else symmetrise_(s)
 
     @property
     def source(self) -> torch.Tensor:
         """S~ = E[x~ x~^T], symmetrised, float64 (k0, k0); equal to ``target`` while ``shared``."""
         s = self._read("source")
-        return 0.5 * (s + s.T)
+        return s if self._finished else symmetrise_(s)
 
     @property
     def cross(self) -> torch.Tensor:
@@ -281,6 +319,7 @@ class CrossMoment:
             leaves this accumulator as it is until ``load_sums``. Every rank must be in the same mode
             (``shared`` or not) for the keys to agree.
         """
+        self._open("sums()")
         self._read("target")
         out = {key: value.clone() for key, value in self._sums.items()}
         out["count"] = torch.tensor(float(self.count), dtype=torch.float64)
@@ -292,6 +331,7 @@ class CrossMoment:
         Returns:
             self.
         """
+        self._open("load_sums()")
         m, k0 = self.channels, self.source_channels
         shapes = {"target": (m, m), "target_sum": (m,)}
         if "source" in sums:
@@ -313,6 +353,8 @@ class CrossMoment:
 
     def merge(self, other: "CrossMoment") -> "CrossMoment":
         """Add another accumulator's rows (the result is count-weighted). Returns self."""
+        self._open("merge()")
+        other._open("merge()")
         for mine, theirs in ((self.channels, other.channels), (self.source_channels, other.source_channels)):
             if mine is not None and theirs is not None and mine != theirs:
                 raise StatisticsError(f"cannot merge second moments of {mine} and {theirs} channels: they "

@@ -195,6 +195,10 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
             run.dof = {u.name: unit_dof(u, prefix, model, cfg.ridge) for u in units}
             if cfg.allocation == "loss":
                 curves = {u.name: unit_curve(model, u, prefix, cfg) for u in units}
+            # Each unit's m x m moments are freed once used: the prefix's now, oneshot's after its selection.
+            prefix = full = None
+            if cfg.order == "sequential":
+                moments = {}
         timings["statistics"] = time.perf_counter() - t
         t = time.perf_counter()
         try:
@@ -217,7 +221,9 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
               disable=not progress or not units, leave=False) as bar:
         if cfg.order == "oneshot":
             for u in units:  # every unit measured on the original: cutting one leaves the others' moments
-                run.apply(u, widths[u.name], moments)
+                run.apply(u, widths[u.name], _finished(moments, u))
+                for tap in u.taps:
+                    del moments[(u.name, tap)]
                 bar.update(1)
         elif graph.replayable:
             replay = _sequential(run, widths, bar)
@@ -281,28 +287,30 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
         refit = (cfg.kernel_refit and cfg.reconstruct and widths[u.name] < u.width
                  and not (cfg.intercept and u.name in run.sinks))
         fits = _kernel_fits(run, u) if refit else []
-        new_cache, new_twin = [], []
         with no_inplace_modules(gm), no_inplace_modules(twin.root if twin else gm):
+            # Each batch's new cache entry replaces its old one at once (a batch reads only its own), so
+            # the values at the old cut are freed batch by batch instead of living until the last batch.
             for b in range(len(run.inputs)):
                 originals: dict[str, torch.Tensor] = {}
                 if twin is not None and upstream_cut:
-                    new_twin.append(twin.run_batch(b, stop, snapshot_at=limit,
+                    twin.cache[b] = twin.run_batch(b, stop, snapshot_at=limit,
                                                    visit={t: (lambda v, t=t: originals.__setitem__(t, v))
-                                                          for t in u.taps}))
+                                                          for t in u.taps})
                 visit = pair_readers(u, local, originals)
                 for tap, fit in fits:
                     visit[tap] = lambda v, tap=tap, fit=fit, read=visit[tap]: (
                         read(v), fit.update(originals.get(tap, v), v))
-                new_cache.append(runner.run_batch(b, stop, snapshot_at=snap, visit=visit))
-        runner.commit(snap, new_cache)
+                runner.cache[b] = runner.run_batch(b, stop, snapshot_at=snap, visit=visit)
+        runner.commit(snap, runner.cache)
         if twin is not None:
             if upstream_cut:
-                twin.commit(limit, new_twin)
+                twin.commit(limit, twin.cache)
             else:  # nothing cut yet: the pruned network is the original, and its cache serves both
                 twin.cache, twin.position = [dict(env) for env in runner.cache], runner.position
         replay += time.perf_counter() - t_run
         # every rank's shard, before the selection (and the refit)
         distributed.all_reduce_moments(local, {i: fit for i, (_, fit) in enumerate(fits)})
+        _finished(local, u)
         if u.name not in run.dof:
             run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
         choice = run.apply(u, widths[u.name], local)
@@ -314,6 +322,14 @@ def _sequential(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
             replay += time.perf_counter() - t_run
         bar.update(1)
     return replay
+
+
+def _finished(moments: dict[TapKey, CrossMoment], unit: Unit) -> dict[TapKey, CrossMoment]:
+    """``moments`` with ``unit``'s accumulators turned into its moments in place (``CrossMoment.finish``):
+    what is read from them now (N(lambda), the selection) reads them without copies. Returns ``moments``."""
+    for tap in unit.taps:
+        moments[(unit.name, tap)].finish()
+    return moments
 
 
 def _kernel_fits(run: _Run, unit: Unit) -> list[tuple[str, KernelFit]]:
@@ -351,6 +367,7 @@ def _sequential_hooks(run: _Run, widths: Mapping[str, int], bar: Any) -> float:
                                seed=cfg.seed)
         replay += time.perf_counter() - t_run
         distributed.all_reduce_moments(local)
+        _finished(local, u)
         if u.name not in run.dof:
             run.dof[u.name] = unit_dof(u, local, run.model, cfg.ridge)
         run.apply(u, widths[u.name], local)

@@ -40,6 +40,17 @@ class Choice:
     loss: float = 0.0
 
 
+def consumer_weights(model: nn.Module, unit: Unit, tap: str) -> torch.Tensor:
+    """Z (rows x m, float64): the weights of the consumers at ``tap`` stacked, a column per channel (§3).
+
+    Only Z^T Z enters the objective, but ``spectral`` forms it only where that is the cheaper way
+    (``Signal.z``): a head Linear(m, 10) has 10 rows, and its m x m Gram matrix would cost m^2 memory and
+    more than doubles the work of Q at m = 8,192.
+    """
+    blocks = [consumer_matrix(model.get_submodule(c.module), c) for c in unit.consumers if c.tap == tap]
+    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+
+
 def consumer_gram(model: nn.Module, unit: Unit, tap: str) -> torch.Tensor:
     """Z^T Z for the consumers at ``tap``, Z being their weights with a column per channel (§3).
 
@@ -70,20 +81,21 @@ def unit_dof(unit: Unit, moments: Mapping[TapKey, CrossMoment], model: nn.Module
     return degrees_of_freedom(sigma, relative_lambda(sigma, ridge))
 
 
-def signal(moment: CrossMoment, gram: torch.Tensor | None, target: str) -> Signal:
-    """One tap's ``Signal``: reproduce the original network's signal there (``target`` "original",
-    §6) or the pruned network's own (``"pruned"``); they are the same while nothing upstream is pruned."""
+def signal(moment: CrossMoment, z: torch.Tensor | None, target: str) -> Signal:
+    """One tap's ``Signal``, ``z`` the consumers' weights there: reproduce the original network's signal
+    (``target`` "original", §6) or the pruned network's own (``"pruned"``); they are the same while
+    nothing upstream is pruned."""
     if moment.shared or target == "pruned":
-        return Signal(moment.source, source_mean=moment.source_mean, z_gram=gram)
+        return Signal(moment.source, source_mean=moment.source_mean, z=z)
     return Signal(moment.source, cross=moment.cross, target=moment.target, source_mean=moment.source_mean,
-                  target_mean=moment.target_mean, z_gram=gram)
+                  target_mean=moment.target_mean, z=z)
 
 
 def signals(model: nn.Module, unit: Unit, moments: Mapping[TapKey, CrossMoment], cfg: PruneConfig
             ) -> tuple[list[Signal], list[float]]:
     """The unit's signals, one per tap in ``unit.taps`` order, and their weights."""
     weights = tap_weights(model, unit)
-    out = [signal(moments[(unit.name, t)], consumer_gram(model, unit, t) if cfg.theta > 0 else None,
+    out = [signal(moments[(unit.name, t)], consumer_weights(model, unit, t) if cfg.theta > 0 else None,
                   cfg.target_signal) for t in unit.taps]
     return out, [float(weights[t]) for t in unit.taps]
 

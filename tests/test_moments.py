@@ -232,3 +232,30 @@ def test_accumulation_does_not_depend_on_how_rows_are_split(monkeypatch):
     torch.testing.assert_close(pieces.source_mean, whole.source_mean, atol=1e-14, rtol=1e-13)
     rx, rt = _rows(x), _rows(xt)
     torch.testing.assert_close(flat.cross, rx.T @ rt / 60, atol=1e-14, rtol=1e-13)
+
+
+def test_finish_turns_the_sums_into_the_moments_in_place_with_the_same_values():
+    """After finish() the properties return the accumulator's own tensors (no copy per read), bit for bit
+    what they returned before, and more rows are refused with a message that says what to do."""
+    g = torch.Generator().manual_seed(3)
+    acc = CrossMoment(300, 200)  # 3 x 2 cache tiles, not square
+    acc.update(torch.randn(64, 300, generator=g), torch.randn(64, 200, generator=g))
+    names = ("source", "cross", "target", "source_mean", "target_mean")
+    before = {name: getattr(acc, name) for name in names}
+    assert acc.finish() is acc
+    for name in names:
+        assert torch.equal(getattr(acc, name), before[name]), name
+        assert getattr(acc, name).data_ptr() == getattr(acc, name).data_ptr(), name  # the same storage
+    assert torch.equal(acc.target, acc.target.T) and acc.count == 64
+    for call in (lambda: acc.update(torch.ones(2, 300), torch.ones(2, 200)), acc.sums,
+                 lambda: CrossMoment().merge(acc)):
+        with pytest.raises(StatisticsError, match=r"after finish\(\).*accumulate in a fresh one"):
+            call()
+
+
+def test_symmetrise_in_place_gives_the_values_of_the_mean_with_the_transpose():
+    g = torch.Generator().manual_seed(4)
+    for n in (5, 128, 300):  # one tile, exactly one, a ragged last one
+        s = torch.randn(n, n, generator=g, dtype=torch.float64)
+        want = 0.5 * (s + s.T)
+        assert torch.equal(moments.symmetrise_(s), want)

@@ -218,6 +218,33 @@ def pair_signal(x, xt, z=None) -> Signal:
                   target_mean=x.mean(0), z_gram=None if z is None else z.T @ z)
 
 
+@pytest.mark.parametrize("theta", [0.5, 1.0])
+@pytest.mark.parametrize("intercept", [False, True])
+def test_few_consumer_rows_enter_as_z_itself_with_the_picks_of_z_gram(theta, intercept):
+    """Z with at most m/3 rows is used as a factor (Q = a K^T K + b (ZK)^T (ZK), no m x m Z^T Z): the same
+    order, A and b as through Z^T Z, and the loss curve to round-off; symmetric and cross signals."""
+    from specprune_cli.spectral import _metric_factor
+
+    m, k0 = 48, 40
+    x, xt = random_pair(m, k0, seed=3, offset=0.5)
+    z = random_z(m, 3, rows=m // 3)
+    gram, factor = _metric_factor(m, Signal(x.T @ x, z=z))
+    assert gram is None and torch.equal(factor, z)  # the factor path is the one under test
+    assert _metric_factor(m, Signal(x.T @ x, z=random_z(m, 3, rows=m // 3 + 1)))[1] is None
+    symmetric = Signal(x.T @ x / x.shape[0], source_mean=x.mean(0))
+    for signal in (symmetric, pair_signal(x, xt)):
+        fields = {f: getattr(signal, f) for f in ("source", "cross", "target", "source_mean", "target_mean")}
+        with_factor = select(Signal(**fields, z=z), 17, theta=theta, intercept=intercept, block=8)
+        with_gram = select(Signal(**fields, z_gram=z.T @ z), 17, theta=theta, intercept=intercept, block=8)
+        assert with_factor.order.tolist() == with_gram.order.tolist()
+        assert with_factor.order.tolist() == brute_force_greedy(
+            [Signal(**fields, z_gram=z.T @ z)], 17, ridge=1e-3, theta=theta, intercept=intercept)
+        assert torch.equal(with_factor.maps[0], with_gram.maps[0])
+        torch.testing.assert_close(with_factor.curve, with_gram.curve, atol=1e-12, rtol=0)
+    keep, a = greedy_select(x.T @ x, 17, theta=theta, z=z)
+    assert keep.tolist() == sorted(greedy_select_reference(x.T @ x, 17, theta=theta, z=z))
+
+
 @pytest.mark.parametrize("with_z", [False, True])
 def test_select_with_x_tilde_equal_x_is_greedy_select(with_z):
     """cross/target None, or passed as the source itself: the same picks and bit-identical A."""
