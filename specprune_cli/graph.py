@@ -23,10 +23,11 @@ import torch
 from torch import fx, nn
 
 from specprune_cli.capture import Capture, capture
-from specprune_cli.joins import Space, anchor_blocks, fail, per_sample, resolve_joins, stream_unit
+from specprune_cli.joins import (Space, anchor_blocks, check_concats, concat_layout, fail, per_sample,
+                                 resolve_joins, stream_unit)
 from specprune_cli.layers import follower_kind, layer_kind
-from specprune_cli.layout import (Block, Layout, ModuleEntry, OpCall, Unsupported, concrete, is_tensor,
-                                  is_tensors, reads_shape_of, resized_value, shape_of)
+from specprune_cli.layout import (Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors,
+                                  reads_shape_of, resized_value, shape_of)
 from specprune_cli.ops import (BINARY, CONCATS, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,
                                SHAPE_READS, rule_for)
 from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped, Unit, UnitGraph
@@ -201,7 +202,7 @@ class _Finder:
         if sp.failure is None:
             self._check_guards(sp)
             self._check_attr_uses(sp)
-            self._check_concats(sp)
+            check_concats(sp)
 
     def _step(self, sp: Space, src: fx.Node, user: fx.Node) -> Layout | None:
         """Classify one use of a channel tensor. Returns the user's layout if channels flow on."""
@@ -223,7 +224,7 @@ class _Finder:
                               f"weights are module parameters; write it as {FUNCTIONAL_LAYERS[target]} to "
                               "prune it")
         if _hashable(target) and target in CONCATS:
-            return self._concat(sp, src, user, layout)
+            return concat_layout(src, user, layout)
         if _hashable(target) and target in JOINS:
             raise Unsupported(f"channels are joined with other tensors by `{label}` (`{user.name}`); "
                               "concatenation needs group-aware pruning, not supported yet")
@@ -334,33 +335,6 @@ class _Finder:
                 owner, attr = self.cap.int_attrs[str(node.target)]
                 fail(sp, f"the int attribute {owner or '<model>'}.{attr} sizes this unit's channels and is "
                           f"also used by `{others[0].name}`; specprune cannot rewrite it")
-
-    def _concat(self, sp: Space, src: fx.Node, user: fx.Node, layout: Layout) -> Layout:
-        """``torch.cat`` along the channels' dimension: the channels become a block among the entries
-        of the other tensors (docs/method.md §1); along any other dimension it is a join."""
-        tensors = user.args[0] if user.args else user.kwargs.get("tensors")
-        dim = concrete(user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0))
-        if layout.parts is not None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
-            raise Unsupported(f"channels are concatenated by `{user.name}` in a way specprune cannot follow")
-        if dim % len(shape_of(user)) != layout.cdim:
-            raise Unsupported(f"channels are joined with other tensors along another dimension by "
-                              f"`{user.name}`; concatenating along the channels' dimension is supported")
-        if sum(t is src for t in tensors) != 1:
-            raise Unsupported(f"`{user.name}` concatenates the channels with themselves")
-        sizes = [shape_of(t)[layout.cdim] for t in tensors]
-        i = next(j for j, t in enumerate(tensors) if t is src)
-        block = layout.block or Block(0, sizes[i], 0)
-        return replace(layout, block=Block(sum(sizes[:i]) + block.lead, block.own,
-                                           block.trail + sum(sizes[i + 1:])))
-
-    def _check_concats(self, sp: Space) -> None:
-        """A concatenation may carry the channels in one of its tensors only."""
-        for node in sp.nodes:
-            if node.op == "call_function" and _hashable(node.target) and node.target in CONCATS:
-                tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-                if sum(t in sp.nodes for t in tensors) > 1:
-                    fail(sp, f"`{node.name}` concatenates the channels with a copy of themselves")
-                    return
 
     def _check_guards(self, sp: Space) -> None:
         """Python that read the channel count (a branch, a loop, ``int(x.size(1))``) would not follow a

@@ -15,7 +15,8 @@ import torch
 from torch import fx
 
 from specprune_cli.layers import LayerKind
-from specprune_cli.layout import Block, Layout, is_tensor, shape_of
+from specprune_cli.layout import Block, Layout, Unsupported, concrete, is_tensor, shape_of
+from specprune_cli.ops import CONCATS
 from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped, Unit
 
 
@@ -218,3 +219,39 @@ def _set_anchor(u: Unit, anchor: str) -> None:
     u.followers = [replace(f, block=anchored(f.block)) for f in u.followers]
     if u.type == "plain":
         u.type = "concat"
+
+
+def concat_layout(src: fx.Node, user: fx.Node, layout: Layout) -> Layout:
+    """``torch.cat`` along the channels' dimension: the channels become a block among the entries
+    of the other tensors (docs/method.md §1); along any other dimension it is a join."""
+    tensors = user.args[0] if user.args else user.kwargs.get("tensors")
+    dim = concrete(user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0))
+    if layout.parts is not None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+        raise Unsupported(f"channels are concatenated by `{user.name}` in a way specprune cannot follow")
+    if dim % len(shape_of(user)) != layout.cdim:
+        raise Unsupported(f"channels are joined with other tensors along another dimension by "
+                          f"`{user.name}`; concatenating along the channels' dimension is supported")
+    if sum(t is src for t in tensors) != 1:
+        raise Unsupported(f"`{user.name}` concatenates the channels with themselves")
+    sizes = [shape_of(t)[layout.cdim] for t in tensors]
+    i = next(j for j, t in enumerate(tensors) if t is src)
+    block = layout.block or Block(0, sizes[i], 0)
+    return replace(layout, block=Block(sum(sizes[:i]) + block.lead, block.own,
+                                       block.trail + sum(sizes[i + 1:])))
+
+
+def check_concats(sp: Space) -> None:
+    """A concatenation may carry the channels in one of its tensors only."""
+    for node in sp.nodes:
+        if _is_concat(node):
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+            if sum(t in sp.nodes for t in tensors) > 1:
+                fail(sp, f"`{node.name}` concatenates the channels with a copy of themselves")
+                return
+
+
+def _is_concat(node: fx.Node) -> bool:
+    try:
+        return node.op == "call_function" and node.target in CONCATS
+    except TypeError:  # an unhashable target
+        return False
