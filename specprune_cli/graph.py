@@ -25,7 +25,8 @@ from torch import fx, nn
 from specprune_cli.capture import Capture, capture
 from specprune_cli.joins import (Space, anchor_blocks, check_concats, concat_layout, fail, per_sample,
                                  resolve_joins, stream_unit)
-from specprune_cli.layers import follower_kind, layer_kind
+from specprune_cli.followers import follower_kind
+from specprune_cli.layers import layer_kind
 from specprune_cli.layout import (Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors,
                                   reads_shape_of, resized_value, shape_of)
 from specprune_cli.ops import (BINARY, CONCATS, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,

@@ -1,14 +1,13 @@
 """What specprune knows about each kind of layer: how it is read and cut (docs/method.md §1, §3, §4).
 
-Two registries, keyed by module class (a user subclass counts if it keeps the parent's ``forward``):
+Registries keyed by module class (a user subclass counts if it keeps the parent's ``forward``):
 
 * ``LayerKind`` (``register_layer``): channel-mixing layers, the producers and consumers of units:
   Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear. A kind knows how a producer's output channels are
   sliced, how a consumer's weight is seen as a matrix Z with one column per unit channel (the
   output-aware loss), how W' = W A is folded into it, and how its input becomes statistics rows.
-* ``FollowerKind`` (``register_follower``): layers with one parameter per channel between a producer
-  and its consumers (BatchNorm, InstanceNorm, per-channel GroupNorm and PReLU, depthwise convolution),
-  sliced with the unit.
+* ``FollowerKind`` (``followers.py``): layers with one parameter per channel between a producer and
+  its consumers, sliced with the unit.
 
 A consumer's input columns for each unit channel come from ``Consumer.columns`` when they are not the
 channel-major blocks of a plain ``flatten``; ``tap_rows`` and ``fold`` read the same map.
@@ -16,7 +15,7 @@ channel-major blocks of a plain ``flatten``; ``tap_rows`` and ``fold`` read the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,11 +26,13 @@ if TYPE_CHECKING:
     from specprune_cli.units import Consumer, Unit
 
 
-def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+def as_parameter(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    """``t`` as a parameter replacing ``like`` (same dtype and requires_grad)."""
     return nn.Parameter(t.to(like.dtype).contiguous(), requires_grad=like.requires_grad)
 
 
-def _overrides_forward(mod: nn.Module, base: type) -> bool:
+def overrides_forward(mod: nn.Module, base: type) -> bool:
+    """True if ``mod``'s class replaces ``base.forward`` (its meaning is then unknown)."""
     return type(mod).forward is not base.forward
 
 
@@ -111,7 +112,7 @@ def layer_kind(mod: nn.Module) -> LayerKind | None:
     for c in type(mod).__mro__:
         kind = LAYER_KINDS.get(c)
         if kind is not None:
-            return None if _overrides_forward(mod, c) else kind
+            return None if overrides_forward(mod, c) else kind
     return None
 
 
@@ -151,9 +152,9 @@ class Conv(LayerKind):
         return Layout(1)
 
     def slice_out(self, mod: nn.Module, keep: torch.Tensor) -> None:
-        mod.weight = _param(mod.weight.detach()[keep], mod.weight)
+        mod.weight = as_parameter(mod.weight.detach()[keep], mod.weight)
         if mod.bias is not None:
-            mod.bias = _param(mod.bias.detach()[keep], mod.bias)
+            mod.bias = as_parameter(mod.bias.detach()[keep], mod.bias)
         mod.out_channels = int(keep.numel())
 
     def consumer(self, mod, layout, in_shape, width):
@@ -169,7 +170,7 @@ class Conv(LayerKind):
         w = _own(full, 1, consumer.block)
         new = _splice(full, 1, consumer.block, (w.movedim(1, -1) @ a.to(torch.float64)).movedim(-1, 1))
         mod.in_channels = new.shape[1]
-        mod.weight = _param(new, mod.weight)
+        mod.weight = as_parameter(new, mod.weight)
 
     def rows(self, x, consumer):
         return _own(x, 1, consumer.block)
@@ -191,9 +192,9 @@ class ConvTranspose(LayerKind):
         return Layout(1)
 
     def slice_out(self, mod: nn.Module, keep: torch.Tensor) -> None:
-        mod.weight = _param(mod.weight.detach()[:, keep], mod.weight)
+        mod.weight = as_parameter(mod.weight.detach()[:, keep], mod.weight)
         if mod.bias is not None:
-            mod.bias = _param(mod.bias.detach()[keep], mod.bias)
+            mod.bias = as_parameter(mod.bias.detach()[keep], mod.bias)
         mod.out_channels = int(keep.numel())
 
     def consumer(self, mod, layout, in_shape, width):
@@ -210,7 +211,7 @@ class ConvTranspose(LayerKind):
         own = (a.to(torch.float64).T @ w.reshape(w.shape[0], -1)).reshape(a.shape[1], *w.shape[1:])
         new = _splice(full, 0, consumer.block, own)
         mod.in_channels = new.shape[0]
-        mod.weight = _param(new, mod.weight)
+        mod.weight = as_parameter(new, mod.weight)
 
     def rows(self, x, consumer):
         return _own(x, 1, consumer.block)
@@ -229,9 +230,9 @@ class Linear(LayerKind):
         return Layout(len(out_shape) - 1)
 
     def slice_out(self, mod: nn.Module, keep: torch.Tensor) -> None:
-        mod.weight = _param(mod.weight.detach()[keep], mod.weight)
+        mod.weight = as_parameter(mod.weight.detach()[keep], mod.weight)
         if mod.bias is not None:
-            mod.bias = _param(mod.bias.detach()[keep], mod.bias)
+            mod.bias = as_parameter(mod.bias.detach()[keep], mod.bias)
         mod.out_features = int(keep.numel())
 
     def consumer(self, mod, layout, in_shape, width):
@@ -273,7 +274,7 @@ class Linear(LayerKind):
             new[:, position[kept_columns].flatten()] = folded.reshape(w.shape[0], k * per)
         new = _splice(full, 1, consumer.block, new)
         mod.in_features = new.shape[1]
-        mod.weight = _param(new, mod.weight)
+        mod.weight = as_parameter(new, mod.weight)
 
     def rows(self, x, consumer):
         x = _own(x, x.dim() - 1, consumer.block)
@@ -312,170 +313,3 @@ def tap_rows(x: torch.Tensor, unit: "Unit", consumer: "Consumer") -> torch.Tenso
 
 
 LAYER_KINDS_BY_NAME: dict[str, LayerKind] = {k.name: k for k in LAYER_KINDS.values()}
-
-
-# -- followers: one parameter per channel --------------------------------------------------------------
-
-class FollowerKind:
-    """Layers sliced with a unit. ``role`` names the slicing (``Follower.role``)."""
-
-    role = ""
-
-    def check(self, mod: nn.Module, layout: Layout, width: int) -> str | None:
-        """The role if ``mod`` acts per channel on ``layout`` (None: per element, nothing to slice).
-
-        Raises:
-            Unsupported: it mixes channels, or reads them on another dimension.
-        """
-        if layout.parts is not None or layout.labels is not None or layout.cdim != 1:
-            raise Unsupported(f"{type(mod).__name__} needs the channels on dimension 1")
-        return self.role
-
-    def size(self, mod: nn.Module, follower: Any) -> int:
-        """The number of channels ``mod`` holds now (the unit's, and others' after a concatenation)."""
-        raise NotImplementedError
-
-    def slice(self, mod: nn.Module, keep: torch.Tensor, follower: Any) -> None:
-        raise NotImplementedError
-
-
-FOLLOWER_KINDS: dict[type, FollowerKind] = {}
-FOLLOWER_ROLES: dict[str, FollowerKind] = {}
-
-
-def register_follower(*classes: type) -> Callable[[type[FollowerKind]], type[FollowerKind]]:
-    """Class decorator registering a follower kind for ``classes`` (and for its role name)."""
-    def decorate(kind_cls: type[FollowerKind]) -> type[FollowerKind]:
-        kind = kind_cls()
-        FOLLOWER_ROLES[kind.role] = kind
-        for c in classes:
-            FOLLOWER_KINDS[c] = kind
-        return kind_cls
-    return decorate
-
-
-def follower_kind(mod: nn.Module) -> FollowerKind | None:
-    for c in type(mod).__mro__:
-        if c in FOLLOWER_KINDS:
-            return None if _overrides_forward(mod, c) else FOLLOWER_KINDS[c]
-    return None
-
-
-def _slice_attr(mod: nn.Module, name: str, keep: torch.Tensor, dim: int = 0) -> None:
-    value = getattr(mod, name, None)
-    if value is None:
-        return
-    new = value.detach().index_select(dim, keep)
-    if isinstance(value, nn.Parameter):
-        setattr(mod, name, _param(new, value))
-    else:
-        setattr(mod, name, new.clone())
-
-
-@register_follower(nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-class Norm(FollowerKind):
-    """BatchNorm / InstanceNorm: weight, bias and running statistics per channel (any of them may be None)."""
-
-    role = "batchnorm"
-
-    def size(self, mod, follower):
-        return mod.num_features
-
-    def slice(self, mod, keep, follower):
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            _slice_attr(mod, name, keep)
-        mod.num_features = int(keep.numel())
-
-
-@register_follower(nn.GroupNorm)
-class PerChannelGroupNorm(FollowerKind):
-    """GroupNorm with one channel per group normalises each channel alone; with fewer groups it mixes them."""
-
-    role = "groupnorm"
-
-    def check(self, mod, layout, width):
-        if mod.num_groups != mod.num_channels:
-            raise Unsupported(f"GroupNorm with {mod.num_groups} groups mixes the channels of each group")
-        return super().check(mod, layout, width)
-
-    def size(self, mod, follower):
-        return mod.num_channels
-
-    def slice(self, mod, keep, follower):
-        _slice_attr(mod, "weight", keep)
-        _slice_attr(mod, "bias", keep)
-        mod.num_groups = mod.num_channels = int(keep.numel())
-
-
-@register_follower(nn.PReLU)
-class PReLU(FollowerKind):
-    role = "prelu"
-
-    def check(self, mod, layout, width):
-        if mod.num_parameters == 1:
-            return None
-        return super().check(mod, layout, width)
-
-    def size(self, mod, follower):
-        return mod.num_parameters
-
-    def slice(self, mod, keep, follower):
-        _slice_attr(mod, "weight", keep)
-        mod.num_parameters = int(keep.numel())
-
-
-@register_follower(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-class Depthwise(FollowerKind):
-    """A convolution with groups == in == out channels filters each channel alone."""
-
-    role = "depthwise"
-
-    def check(self, mod, layout, width):
-        if not (mod.groups == mod.in_channels == mod.out_channels == layout.extent(width)):
-            raise Unsupported(f"grouped convolution (groups={mod.groups}) needs group-aware pruning, "
-                              "not supported yet")
-        return super().check(mod, layout, width)
-
-    def size(self, mod, follower):
-        return mod.out_channels
-
-    def slice(self, mod, keep, follower):
-        LAYER_KINDS[nn.Conv2d].slice_out(mod, keep)
-        mod.in_channels = mod.groups = int(keep.numel())
-
-
-@register_follower()
-class GateRows(FollowerKind):
-    """The producer of a squeeze-excitation gate: its output rows scale the unit's channels one to one."""
-
-    role = "rows"
-
-    def size(self, mod, follower):
-        return require_layer_kind(mod).out_channels(mod)
-
-    def slice(self, mod, keep, follower):
-        require_layer_kind(mod).slice_out(mod, keep)
-
-
-@register_follower()
-class ChannelParameter(FollowerKind):
-    """A parameter or buffer of a module that scales or shifts the channels (``x * self.gamma``)."""
-
-    role = "param"
-
-    def size(self, mod, follower):
-        return getattr(mod, follower.attr).shape[follower.dim]
-
-    def slice(self, mod, keep, follower):
-        _slice_attr(mod, follower.attr, keep, follower.dim)
-
-
-def slice_follower(mod: nn.Module, follower: Any, keep: torch.Tensor) -> None:
-    """Slice ``mod`` to the channels ``keep`` in the way ``follower.role`` says."""
-    kind = FOLLOWER_ROLES.get(follower.role)
-    if kind is None:
-        raise ValueError(f"unknown follower role {follower.role!r}; supported: "
-                         f"{', '.join(sorted(FOLLOWER_ROLES))}")
-    if getattr(follower, "block", None) is not None:
-        keep = follower.block.expand(keep, kind.size(mod, follower))
-    kind.slice(mod, keep, follower)

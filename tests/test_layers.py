@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from specprune_cli.graph import Consumer, Follower, find_units
-from specprune_cli.layers import consumer_matrix, require_layer_kind, slice_follower
+from specprune_cli.followers import slice_follower
+from specprune_cli.layers import consumer_matrix, require_layer_kind
 from specprune_cli.surgery import prune_unit, selection_matrix
 
 
