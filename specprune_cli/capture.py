@@ -540,9 +540,11 @@ def _check(result: Capture, model: nn.Module, example: torch.Tensor, fixed: dict
 
 def _same(a: Any, b: Any, loose: bool = False) -> bool:
     """Same structure and values. ``loose`` for runs at different batch sizes, whose kernels may sum
-    in another order: a path that differs changes outputs by far more than 1e-3 of their scale."""
-    fa, sa = torch.utils._pytree.tree_flatten(a)
-    fb, sb = torch.utils._pytree.tree_flatten(b)
+    in another order: a path that differs changes outputs by far more than 1e-3 of their scale. An
+    OrderedDict and a dict with the same keys in the same order are the same structure (fx builds a
+    plain dict where the model returns an OrderedDict, as torchvision's segmentation models do)."""
+    fa, sa = torch.utils._pytree.tree_flatten(_plain_dicts(a))
+    fb, sb = torch.utils._pytree.tree_flatten(_plain_dicts(b))
     if sa != sb or len(fa) != len(fb):
         return False
     for x, y in zip(fa, fb):
@@ -558,6 +560,14 @@ def _same(a: Any, b: Any, loose: bool = False) -> bool:
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             return False
     return True
+
+
+def _plain_dicts(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain_dicts(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_plain_dicts(v) for v in value)
+    return value
 
 
 def _short(exc: BaseException) -> str:

@@ -223,3 +223,26 @@ def test_a_subclass_keeping_the_parent_forward_is_that_layer():
 
     net = nn.Sequential(MyLinear(3, 6), nn.ReLU(), MyLinear(6, 2))
     assert [u.name for u in find_units(net, torch.zeros(1, 3)).units] == ["0"]
+
+
+def test_an_ordered_dict_output_is_captured_like_a_dict():
+    """torchvision's segmentation models return an OrderedDict; the traced graph builds a dict with the
+    same keys. That is the same output, not a graph that took another path."""
+    from collections import OrderedDict
+
+    class Segmenter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 4, 1)
+            self.head = nn.Conv2d(10, 2, 1)
+
+        def forward(self, x):
+            y = self.head(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
+            return OrderedDict(out=F.interpolate(y, size=x.shape[-2:]), aux=y.mean((2, 3)))
+
+    model = Segmenter().eval()
+    x = torch.randn(2, 3, 8, 8)
+    cap = capture(model, x)
+    assert cap.gm is not None and cap.replayable
+    torch.testing.assert_close(dict(cap.gm(x)), dict(model(x)))
+    assert [u.name for u in find_units(model, x[:1]).units] == ["a", "b"]
