@@ -95,9 +95,9 @@ class CostModel:
             flops = float(per_module.get(name, 0))
             w = sum(p.numel() for n, p in mod.named_parameters(recurse=False) if n != "bias")
             b = sum(p.numel() for n, p in mod.named_parameters(recurse=False) if n == "bias")
-            if isinstance(mod, nn.Conv2d) and mod.groups > 1:
+            if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
                 fin = {}  # depthwise: its in and out channels are the same channels, counted once
-            if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
                 fin = {}  # BatchNorm / PReLU: one parameter per channel
             self.terms.append((tuple(fin.items()), tuple(fout.items()), flops, float(w), float(b)))
             fixed_flops -= flops
