@@ -31,7 +31,7 @@ from torch import nn
 
 from specprune_cli.config import ExportConfig
 from specprune_cli.errors import ConfigError, ExportError, reason, user_code
-from specprune_cli.model_io import ModelCall, eval_mode, named_tensors, tensors
+from specprune_cli.model_io import ModelCall, eval_mode, named_tensors, random_batch, tensors
 from specprune_cli.pruned_file import Architecture, load_pruned, save_pruned
 
 EXPORT_BATCH = 2  # not 1: exporters specialise size-1 dimensions
@@ -388,9 +388,7 @@ def _references(model: nn.Module, example_input: torch.Tensor, call: ModelCall
                 ) -> tuple[dict[int, torch.Tensor], dict[int, list[torch.Tensor]], list[str]]:
     """Random inputs at both batch sizes, the model's output tensors on them, and their names."""
     gen = torch.Generator().manual_seed(0)
-    shape = tuple(example_input.shape[1:])
-    inputs = {b: torch.randn((b, *shape), generator=gen, dtype=example_input.dtype).to(example_input.device)
-              for b in (EXPORT_BATCH, CHECK_BATCH)}
+    inputs = {b: random_batch(example_input, b, gen) for b in (EXPORT_BATCH, CHECK_BATCH)}
     refs, names = {}, []
     for b, x in inputs.items():
         with torch.no_grad(), user_code(lambda exc, b=b, x=x: ExportError(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from specprune_cli.model_io import ModelCall, eval_mode
+from specprune_cli.model_io import ModelCall, eval_mode, random_batch
 
 # glibc <malloc.h>: mallopt parameter numbers.
 _M_TRIM_THRESHOLD = -1
@@ -64,9 +64,7 @@ def keep_memory_mapped() -> bool:
 
 
 def _batch(example_input: torch.Tensor, batch_size: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((batch_size, *example_input.shape[1:]), generator=gen, dtype=example_input.dtype)
-    return x.to(example_input.device)
+    return random_batch(example_input, batch_size, torch.Generator().manual_seed(0))
 
 
 def _spread(values: Sequence[float]) -> float:

@@ -197,3 +197,18 @@ class _Bound(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.model(x, **self.forward_kwargs)
+
+
+def random_batch(example: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Random inputs shaped like ``example`` at ``batch_size``: normal values for floating inputs; for
+    integer inputs (token ids) values drawn from the example's own range, so an embedding sees valid
+    indices; random flags for bool inputs."""
+    shape = (batch_size, *example.shape[1:])
+    if example.is_floating_point() or example.is_complex():
+        x = torch.randn(shape, generator=generator, dtype=example.dtype)
+    elif example.dtype == torch.bool:
+        x = torch.rand(shape, generator=generator) < 0.5
+    else:
+        lo, hi = (int(example.min()), int(example.max())) if example.numel() else (0, 0)
+        x = torch.randint(lo, hi + 1, shape, generator=generator, dtype=example.dtype)
+    return x.to(example.device)

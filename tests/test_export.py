@@ -300,3 +300,29 @@ def test_an_opset_the_exporter_replaces_is_stated(tmp_path):
                             "not convert this model); the file was verified as written")
     assert "note" not in export_model(trained_looking(TwoHeads("dict"), (12,)), torch.zeros(1, 12),
                                       tmp_path / "b", settings("onnx", opset=18))["onnx"]
+
+
+def test_a_model_reading_token_ids_is_pruned_and_exported_with_integer_check_inputs(tmp_path):
+    """Exports are checked on random inputs at two batch sizes: for integer inputs (token ids) they are
+    drawn from the example's own range, not as normal floats (which raised inside torch)."""
+    from specprune_cli.prune import prune_model
+    from helpers import prune_cfg
+
+    class TextCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 32)
+            self.c3, self.c5 = nn.Conv1d(32, 48, 3, padding=1), nn.Conv1d(32, 48, 5, padding=2)
+            self.fc = nn.Linear(96, 4)
+
+        def forward(self, tokens):
+            e = self.emb(tokens).transpose(1, 2)
+            return self.fc(torch.cat([torch.relu(self.c3(e)).amax(-1), torch.relu(self.c5(e)).amax(-1)], 1))
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 100, (4, 12), generator=g) for _ in range(2)]
+    result = prune_model(TextCNN().eval(), batches, example_input=batches[0][:1], cfg=prune_cfg(), progress=False)
+    assert [u["type"] for u in result.plan["units"]] == ["concat", "concat"]
+    info = export_model(result.model, batches[0][:2], tmp_path, ExportConfig(formats=("onnx", "torchscript")))
+    assert info["onnx"]["verified"] and info["torchscript"]["verified"]
