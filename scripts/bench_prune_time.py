@@ -15,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import statistics
 import sys
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import cpu_name, format_table, write_section  # noqa: E402
 from fashion_common import ROOT, load_split, normalise, reference_model  # noqa: E402
+from quality_cache import library_commit  # noqa: E402
 from specprune_cli import prune_model  # noqa: E402
 from specprune_cli.config import PruneConfig  # noqa: E402
 
@@ -80,7 +82,9 @@ def main() -> None:
             "prune_model at 50% of FLOPs on 1,024 calibration images, divided by one forward pass over the "
             "same batches timed just before it (median, range). Each row adds one change to the row above "
             "it, so the differences are what the kernel refit, the original-signal target and the "
-            "sequential order cost.\n\n"
+            f"sequential order cost. specprune at commit {library_commit()[:12]} (the last change to "
+            f"specprune_cli/), {datetime.date.today()}. Section (A) of bench_speed was measured with earlier "
+            "defaults; these rows supersede its pruning times.\n\n"
             + format_table(["model", "settings", "prune s", "x one forward pass"], rows))
     write_section(args.out, "prune-time", text)
     print(text)
