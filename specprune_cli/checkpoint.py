@@ -156,7 +156,9 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
     """Load a trained model from a checkpoint file.
 
     Accepts a state_dict, or a dict holding one under ``state_dict``, ``model_state_dict`` or ``model``;
-    ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes are stripped. With ``trust``
+    ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes are stripped, and so is the
+    attribute a training wrapper holds the model under (Lightning's ``model.``) when every key has it
+    and the rest matches the architecture exactly. With ``trust``
     a pickled whole module is accepted too, and then ``arch`` may be None.
 
     Args:
@@ -202,6 +204,7 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
                           "'path/to/file.py:callable'")
     state = _strip_prefixes(state)
     model = build_model(arch, kwargs)
+    state = _drop_wrapper_prefix(model, state)
     check_keys(model, state, f"checkpoint {path} does not match model.arch {arch!r}",
                 "check that model.arch and model.kwargs are the ones the checkpoint was trained with")
     try:
@@ -210,6 +213,19 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
         raise CheckpointError(f"checkpoint {path} does not load into model.arch {arch!r} "
                               f"({reason(exc)})") from None
     return model.eval()
+
+
+def _drop_wrapper_prefix(model: nn.Module, state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The attribute a training wrapper keeps the model under (a LightningModule's ``self.model.`` or
+    ``self.net.``), dropped when every key starts with it and dropping it gives exactly the model's
+    keys; otherwise ``state`` as it is (a mismatch is then reported key by key)."""
+    expected = set(model.state_dict())
+    heads = {key.split(".", 1)[0] for key in state}
+    if set(state) == expected or len(heads) != 1 or not all("." in key for key in state):
+        return state
+    cut = len(next(iter(heads))) + 1
+    stripped = {key[cut:]: value for key, value in state.items()}
+    return stripped if set(stripped) == expected else state
 
 
 def check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, fix: str) -> None:

@@ -47,6 +47,8 @@ def test_build_model_bad_kwargs_message():
     lambda sd: {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3},
     lambda sd: {"model": {"_orig_mod." + k: v for k, v in sd.items()}},
     lambda sd: {"model_state_dict": {"module._orig_mod." + k: v for k, v in sd.items()}},
+    # a LightningModule holding the network as self.net, saved by its Trainer
+    lambda sd: {"state_dict": {"net." + k: v for k, v in sd.items()}, "epoch": 3, "global_step": 90},
 ])
 def test_load_checkpoint_layouts(tmp_path, wrap):
     ref = make_cnn()
@@ -204,3 +206,13 @@ def test_a_trusted_pickle_that_exits_while_loading(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path, arch=None, trust=True)
     assert str(exc.value).startswith(f"cannot read checkpoint {path} (SystemExit: 4)")
+
+
+def test_a_wrapper_prefix_is_kept_when_dropping_it_would_not_match_exactly(tmp_path):
+    """Keys under one wrapper attribute with an extra module (a loss with weights) are not guessed at:
+    the mismatch is reported key by key."""
+    state = {"net." + k: v for k, v in make_cnn().state_dict().items()}
+    state["net.extra.weight"] = torch.zeros(2)
+    torch.save({"state_dict": state}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="unexpected key"):
+        load_checkpoint(tmp_path / "c.pt", arch=ARCH, kwargs={})
