@@ -22,6 +22,7 @@ from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import find_units
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher
 from specprune_cli.prune import _as_inputs, allocation_prefix, prune_model
+from specprune_cli.reparam import working_copy
 from specprune_cli.selection import consumer_gram, primary_tap, unit_curve, unit_dof
 from specprune_cli.spectral import degrees_of_freedom, greedy_select, relative_lambda, selection_loss
 from specprune_cli.stats import collect_prefix
@@ -56,7 +57,7 @@ def analyze_model(model: nn.Module, batches: Iterable[Any], *, example_input: to
         A JSON-serialisable dict: ``units`` (per-unit figures and eigen-spectrum), ``skipped``,
         ``suggested`` (widths, FLOPs and parameters at the configured target), ``samples``.
     """
-    model = copy.deepcopy(model).eval()
+    model, _ = working_copy(model)
     example1 = example_input[:1]
     graph = find_units(model, example1, exclude=make_matcher(list(cfg.exclude)))
     inputs = _as_inputs(batches, model)

@@ -32,6 +32,7 @@ from specprune_cli.graph import Unit, UnitGraph, find_units
 from specprune_cli.moments import CrossMoment
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
 from specprune_cli.refit import KernelFit, refittable
+from specprune_cli.reparam import working_copy
 from specprune_cli.selection import Choice, TapKey, choose, unit_curve, unit_dof
 from specprune_cli.stats import (SegmentRunner, collect_paired, collect_prefix, new_cross_moments,
                                  no_inplace_modules, pair_readers, sharded)
@@ -137,11 +138,13 @@ def prune_model(model: nn.Module, batches: Iterable[Any], *, example_input: torc
         BudgetError: the target cannot be met, or the result is more than 5% above it (naming the
             largest layers left whole and why) without ``cfg.allow_partial``.
     """
-    model = copy.deepcopy(model).eval()
+    model, folded = working_copy(model)
     kwargs = dict(forward_kwargs or {})
     with bound_forward(model, kwargs):
-        return _prune(model, batches, example_input=example_input, cfg=cfg, progress=progress, graph=graph,
-                      kwargs=kwargs)
+        result = _prune(model, batches, example_input=example_input, cfg=cfg, progress=progress, graph=graph,
+                        kwargs=kwargs)
+    result.report["folded_reparametrizations"] = folded
+    return result
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from specprune_cli.checkpoint import build_model, check_keys, torch_load
 from specprune_cli.errors import CheckpointError, reason
 from specprune_cli.graph import find_units
 from specprune_cli.plan import PLAN_FORMAT
+from specprune_cli.reparam import fold_reparametrizations
 from specprune_cli.surgery import prune_unit, selection_matrix
 
 PRUNED_FORMAT = "specprune-pruned/1"
@@ -117,6 +118,7 @@ def apply_plan_shapes(model: nn.Module, plan: Mapping, example_input: torch.Tens
         found = plan.get("format") if isinstance(plan, Mapping) else type(plan).__name__
         raise CheckpointError(f"the plan has format {found!r}, expected {PLAN_FORMAT!r}; the file was not "
                               "written by this version of specprune")
+    fold_reparametrizations(model)  # as prune_model did before cutting (reparam.py)
     graph = find_units(model, example_input)
     by_name = {u.name: u for u in graph.units}
     try:

@@ -56,3 +56,23 @@ class SmallResNet(nn.Module):
 def small_cnn(**kwargs) -> SmallCNN:
     """Factory form, to test "file.py:function" arches."""
     return SmallCNN(**kwargs)
+
+
+class NormedConv1dNet(nn.Module):
+    """An audio-style Conv1d stack whose convolutions carry weight reparametrisations: ``kind`` is
+    "weight_norm" (torch.nn.utils.parametrizations), "old_weight_norm" (the hook-based
+    torch.nn.utils.weight_norm) or "spectral_norm"."""
+
+    def __init__(self, kind: str = "weight_norm"):
+        super().__init__()
+        from torch.nn.utils import parametrizations, weight_norm
+
+        wrap = {"weight_norm": parametrizations.weight_norm, "old_weight_norm": weight_norm,
+                "spectral_norm": parametrizations.spectral_norm}[kind]
+        self.pre = wrap(nn.Conv1d(4, 32, 3, padding=1))
+        self.mid = wrap(nn.Conv1d(32, 32, 3, padding=1))
+        self.post = nn.Conv1d(32, 2, 1)
+
+    def forward(self, x):
+        x = nn.functional.leaky_relu(self.pre(x), 0.1)
+        return self.post(nn.functional.leaky_relu(self.mid(x), 0.1))
