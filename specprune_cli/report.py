@@ -82,6 +82,10 @@ def summary_table(report: dict) -> str:
     skipped = p.get("skipped", [])
     if skipped:
         text += ["", "not pruned:"] + [f"  {s['name']}: {s['reason']}" for s in skipped]
+    folded = p.get("folded_reparametrizations", [])
+    if folded:
+        text += ["", "weight reparametrisations folded into plain weights (the same outputs in eval mode): "
+                 + ", ".join(folded)]
     files = [f for f in OUTPUT_FILES if f != "model.pt" or "pt" in exports]
     files += [i["path"] for f, i in exports.items() if i["path"] not in files]
     text += ["", f"wrote {', '.join(files)} to {report['output_dir']}"]

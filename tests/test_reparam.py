@@ -54,3 +54,27 @@ def test_a_weight_normed_model_is_pruned_and_its_file_loads_back(kind, tmp_path)
     x = torch.randn(3, 4, 20)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), result.model(x))
+
+
+def test_compress_says_which_reparametrisations_it_folded(tmp_path):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from specprune_cli.cli import main
+
+    torch.save(_model("old_weight_norm").state_dict(), tmp_path / "ck.pt")
+    config = {"model": {"arch": f"{TESTS / 'models_small.py'}:NormedConv1dNet", "kwargs": {"kind": "old_weight_norm"},
+                        "input_shape": [4, 20]},
+              "data": {"calibration": {"format": "synthetic", "num_samples": 64, "batch_size": 32}},
+              "prune": {"target": {"flops": 0.5}, "round_to": 1, "min_channels": 1},
+              "export": {"formats": ["pt"]}, "evaluate": {"latency": False}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", str(tmp_path / "ck.pt"), "-c", str(tmp_path / "cfg.yaml"),
+                                       "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "folded into plain weights (the same outputs in eval mode): pre.weight, mid.weight" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["prune"]["folded_reparametrizations"] == ["pre.weight", "mid.weight"]
