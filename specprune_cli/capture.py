@@ -434,6 +434,9 @@ def _capture(model: nn.Module, example: torch.Tensor, fixed: dict[str, Any]) -> 
     except Exception as exc:  # noqa: BLE001 - report, never raise on the user's model
         return Capture(None, failure=f"the model fails on its example input ({_short(exc)})")
     opaque: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if name and isinstance(mod, torch.jit.ScriptModule) and not any(name.startswith(o + ".") for o in opaque):
+            opaque[name] = "it is a TorchScript module (torch.jit.script or trace), whose code fx cannot read"
     for _ in range(_MAX_ATTEMPTS):
         tracer = _ValueTracer(x2, set(opaque))
         constants_before = set(vars(model))

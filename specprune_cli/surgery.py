@@ -81,7 +81,8 @@ def verify_forward(model: nn.Module, example_input: torch.Tensor, expected: Any,
     """
     entered: list[str] = []
     handles = [m.register_forward_pre_hook(lambda _m, _a, name=name: entered.append(name))
-               for name, m in model.named_modules() if name]
+               for name, m in model.named_modules()
+               if name and not isinstance(m, torch.jit.ScriptModule)]  # scripted modules take no hooks
     try:
         with torch.no_grad():
             out = model(example_input, **(forward_kwargs or {}))

@@ -246,3 +246,36 @@ def test_an_ordered_dict_output_is_captured_like_a_dict():
     assert cap.gm is not None and cap.replayable
     torch.testing.assert_close(dict(cap.gm(x)), dict(model(x)))
     assert [u.name for u in find_units(model, x[:1]).units] == ["a", "b"]
+
+
+class _ScriptedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.c(x))
+
+
+def test_a_torchscript_submodule_is_kept_whole_with_the_reason_and_the_rest_pruned():
+    """A scripted submodule (torch.jit.script) has no Python forward fx can read and takes no hooks:
+    it is an opaque leaf, and the pruned model's check pass does not hook it."""
+    from helpers import prune_cfg
+    from specprune_cli.prune import prune_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), torch.jit.script(_ScriptedBlock())
+            self.d, self.fc = nn.Conv2d(8, 16, 3, padding=1), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.d(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    result = prune_model(Net().eval(), batches, example_input=batches[0][:1],
+                         cfg=prune_cfg(round_to=1, min_channels=1), progress=False)
+    assert [u["name"] for u in result.report["units"]] == ["d"]
+    reasons = {s["name"]: s["reason"] for s in result.report["skipped"]}
+    assert "TorchScript module" in reasons["a"]
