@@ -120,4 +120,10 @@ class KernelFit:
         if not torch.isfinite(w).all():
             return None
         conv = self.conv
+        if w.shape[0] != conv.out_channels:
+            # The conv also writes the unit (x + conv(x) in a residual stream): its output rows were cut
+            # to the same kept channels, and least squares fits each output row alone.
+            if w.shape[0] != self.width or conv.out_channels != len(keep):
+                return None
+            w = w[keep.to(torch.long)]
         return w.reshape(conv.out_channels, len(keep), *conv.kernel_size).to(conv.weight.dtype)

@@ -75,3 +75,34 @@ def test_the_refit_lowers_the_consumers_error_and_is_reported():
             refits[flag] = result.report["kernel_refits"]
     assert refits == {False: 0, True: 1}
     assert errors[True] < 0.9 * errors[False], errors
+
+
+def test_a_conv_that_reads_and_writes_the_same_stream_is_refit_on_its_kept_rows():
+    """x + bn(conv(x)): the conv is a consumer and a producer of one residual stream, so its output rows
+    are cut with the stream before the refit solves for them (this crashed on efficientnet_v2)."""
+    from specprune_cli.prune import prune_model
+    from helpers import prune_cfg
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.conv, self.bn = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.head = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x + self.bn(self.conv(torch.relu(x)))
+            return self.head(torch.relu(x)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    result = prune_model(model, batches, example_input=batches[0][:1],
+                         cfg=prune_cfg(allocation="ratio", ratio=0.5, round_to=1, min_channels=1), progress=False)
+    (unit,) = result.report["units"]
+    assert unit["type"] == "stream" and set(unit["producers"]) == {"stem", "conv"}
+    assert result.report["kernel_refits"] == 1
+    assert result.model.conv.weight.shape == (8, 8, 3, 3)
+    with torch.no_grad():
+        assert torch.isfinite(result.model(batches[0])).all()
