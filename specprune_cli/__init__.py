@@ -7,7 +7,7 @@ Every step the CLI runs is a library call::
 from __future__ import annotations
 
 from specprune_cli._version import __version__
-from specprune_cli.config import load_config
+from specprune_cli.config_file import load_config
 from specprune_cli.errors import SpecpruneError
 from specprune_cli.pipeline import analyze, compress
 from specprune_cli.prune import PruneResult, prune_model

@@ -125,7 +125,7 @@ def compress(checkpoint: str, config_path: str, output: str, overrides: tuple[st
     Under torchrun (``torchrun --nproc_per_node=N -m specprune_cli compress ...``) the processes share the
     calibration and fine-tune data, and process 0 writes OUTDIR.
     """
-    from specprune_cli.config import load_config
+    from specprune_cli.config_file import load_config
     from specprune_cli.pipeline import compress as run_compress
     from specprune_cli.prepare import resolve_device
     from specprune_cli.report import summary_table
@@ -189,7 +189,7 @@ def analyze(checkpoint: str, config_path: str, output: str | None, overrides: tu
             overwrite: bool, device: str | None) -> None:
     """Show, per prunable layer, how many channels it really uses (degrees of freedom N(lambda)),
     its eigen-spectrum, and the widths compress would choose for the configured target."""
-    from specprune_cli.config import load_config
+    from specprune_cli.config_file import load_config
     from specprune_cli.pipeline import analyze as run_analyze
     from specprune_cli.prepare import resolve_device
     from specprune_cli.report import analysis_table

@@ -25,7 +25,8 @@ from torch import nn
 
 from specprune_cli import distributed
 from specprune_cli._version import __version__
-from specprune_cli.config import Config, dump_resolved
+from specprune_cli.config import Config
+from specprune_cli.config_file import dump_resolved
 from specprune_cli.data import Batches, build_batches
 from specprune_cli.errors import ConfigError, GateError, ModelError, SpecpruneError, reason
 from specprune_cli.evaluate import check_gates, check_label_range, evaluate_model
@@ -129,7 +130,7 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
     """Prune a trained checkpoint and write the exports, report.json and config.resolved.yaml to OUTDIR.
 
     Args:
-        config: the validated config (``config.load_config``).
+        config: the validated config (``config_file.load_config``).
         checkpoint_path: the trained model (a state_dict, or a pickled module with ``trust_checkpoint``).
         output_dir: OUTDIR; must be absent or empty unless ``overwrite``.
         trust_checkpoint: allow unpickling arbitrary objects from the checkpoint.

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import ARCH, make_cnn, write_npz
 from specprune_cli import __version__, pipeline
 from specprune_cli.cli import main
-from specprune_cli.config import load_config
+from specprune_cli.config_file import load_config
 from specprune_cli.errors import BudgetError, ConfigError
 from specprune_cli.evaluate import check_gates
 from specprune_cli.plan import PLAN_FORMAT

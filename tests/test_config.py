@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from specprune_cli.config import (Config, DataConfig, DataSection, ExportConfig, Int8Config, PruneConfig,
-                                  apply_overrides, dump_resolved, load_config)
+from specprune_cli.config import Config, DataConfig, DataSection, ExportConfig, Int8Config, PruneConfig
+from specprune_cli.config_file import apply_overrides, dump_resolved, load_config
 from specprune_cli.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
