@@ -10,8 +10,11 @@ input (without bias),
     W' = E[y u^T] (E[u u^T] + lambda I)^-1,      lambda = ridge * Tr(E[u u^T]) / (k K),
 
 which is the least-squares fit of the original output from the pruned input (the refit of He et al.
-2017 and AIMET's channel pruning). Its moments are gathered for every channel before the selection
-(m K values per patch), and the rows and columns of the kept channels are read out afterwards.
+2017 and AIMET's channel pruning). The sampled patches (m K values each, every channel) are gathered
+before the selection, and their products are formed afterwards over the kept channels only: at half
+the width that is a quarter of the multiply-adds. Past ``KEEP_BYTES`` of patches, or when the sums are
+all-reduced under torchrun, the products over every channel are summed as the rows come instead, and
+the kept rows and columns are read out of them.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ MAX_PATCH = 2304
 #: Output positions sampled per sample for the patch moments. Each row costs (m K)^2 multiply-adds,
 #: K^2 times what a row of the tap's moments costs, so far fewer rows are read.
 POSITIONS = 8
+#: Bytes of float32 patch rows a fit holds for products over the kept channels only (see above).
+KEEP_BYTES = 256 * 2 ** 20
 
 
 def refittable(mod: nn.Module, width: int) -> bool:
@@ -54,9 +59,12 @@ class KernelFit:
         self.max_positions = POSITIONS if max_positions is None else min(max_positions, POSITIONS)
         self.seed = seed
         self.draw_offset, self.draw_stride = draw_offset, draw_stride
-        size = width * self.kernel
-        self.patches = torch.zeros(size, size, dtype=torch.float64)
-        self.cross = torch.zeros(conv.out_channels, size, dtype=torch.float64)
+        self.size, self.outputs = width * self.kernel, conv.out_channels  # as when the rows are read
+        #: Held batches of (patches u, outputs y) in float32, until the products are formed.
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] | None = []
+        self._held = 0
+        self.patches: torch.Tensor | None = None  # sum of u^T u over every channel, float64, once summed
+        self.cross: torch.Tensor | None = None  # sum of y^T u
         self.count = 0
         self._updates = 0
 
@@ -89,28 +97,66 @@ class KernelFit:
             # batches in float64: the (m K)^2-per-row product is the cost of the refit.
             u = patches(x_tilde)
             y = patches(x) @ conv.weight.detach().float().reshape(conv.out_channels, -1).T
-            self.patches += (u.T @ u).double()
-            self.cross += (y.T @ u).double()
             self.count += u.shape[0]
+            if self.rows is not None and self._held + u.numel() + y.numel() <= KEEP_BYTES // 4:
+                self.rows.append((u, y))
+                self._held += u.numel() + y.numel()
+                return
+            self.sum_rows()
+            self._add(u, y)
+
+    def _add(self, u: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one batch's products over every channel."""
+        if self.patches is None or self.cross is None:
+            self.patches = torch.zeros(self.size, self.size, dtype=torch.float64)
+            self.cross = torch.zeros(self.outputs, self.size, dtype=torch.float64)
+        self.patches += (u.T @ u).double()
+        self.cross += (y.T @ u).double()
+
+    def sum_rows(self) -> None:
+        """Turn the held rows into products over every channel, and sum every later batch as it comes."""
+        if self.rows is None:
+            return
+        held, self.rows, self._held = self.rows, None, 0
+        if self.patches is None:
+            self._add(torch.zeros(0, self.size), torch.zeros(0, self.outputs))
+        for u, y in held:
+            self._add(u, y)
 
     def sums(self) -> dict[str, torch.Tensor]:
         """The raw float64 sums and the row count, for ``distributed.all_reduce_moments``."""
+        self.sum_rows()
+        assert self.patches is not None and self.cross is not None
         return {"patches": self.patches.clone(), "cross": self.cross.clone(),
                 "count": torch.tensor(float(self.count), dtype=torch.float64)}
 
     def load_sums(self, sums: dict[str, torch.Tensor]) -> "KernelFit":
         """Replace the sums by ``sums`` (as ``sums()`` gives them, e.g. all-reduced). Returns self."""
+        self.rows, self._held = None, 0
         self.patches, self.cross = sums["patches"].clone(), sums["cross"].clone()
         self.count = int(round(float(sums["count"])))
         return self
+
+    def _kept_products(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums of u_J^T u_J and y^T u_J over the kept patch columns ``cols``."""
+        if self.rows is None:
+            assert self.patches is not None and self.cross is not None
+            return self.patches[cols][:, cols], self.cross[:, cols]
+        p = torch.zeros(len(cols), len(cols), dtype=torch.float64)
+        q = torch.zeros(self.outputs, len(cols), dtype=torch.float64)
+        for u, y in self.rows:
+            kept = u[:, cols]
+            p += (kept.T @ kept).double()
+            q += (y.T @ kept).double()
+        return p, q
 
     def solve(self, keep: torch.Tensor, ridge: float) -> torch.Tensor | None:
         """W' (out, k, kh, kw) for the kept channels, in the weight's dtype; None if it cannot be solved."""
         if self.count == 0:
             return None
         cols = (keep.to(torch.long)[:, None] * self.kernel + torch.arange(self.kernel)).reshape(-1)
-        p = self.patches[cols][:, cols] / self.count
-        q = self.cross[:, cols] / self.count
+        p, q = self._kept_products(cols)
+        p, q = p / self.count, q / self.count
         lam = ridge * float(torch.trace(p)) / len(cols)
         eye = torch.eye(len(cols), dtype=torch.float64)
         chol, info = torch.linalg.cholesky_ex(p + max(lam, 1e-12) * eye)

@@ -25,8 +25,31 @@ def test_patch_moments_are_those_of_unfold():
     y = F.conv2d(x, conv.weight, None, 2, 1).flatten(2).transpose(1, 2).reshape(-1, 5)
     assert fit.count == 4 * 25
     # One batch's products are formed in float32 (the refit's cost), then summed in float64.
-    torch.testing.assert_close(fit.patches, u.T @ u, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(fit.cross, y.T @ u, rtol=1e-5, atol=1e-4)
+    sums = fit.sums()
+    torch.testing.assert_close(sums["patches"], u.T @ u, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums["cross"], y.T @ u, rtol=1e-5, atol=1e-4)
+
+
+def test_products_over_the_kept_channels_equal_those_read_out_of_every_channel(monkeypatch):
+    """The held rows' products over the kept channels, the products summed over every channel as the
+    rows come (past KEEP_BYTES), and a mix of both, give the same fit."""
+    import specprune_cli.refit as refit
+
+    conv = _conv()
+    xs = [torch.randn(4, 6, 9, 9, dtype=torch.float64) for _ in range(3)]
+    keep = torch.tensor([0, 2, 5])
+    solved, held = {}, {}
+    # one batch's rows (u: 4 x 8 positions x 54, y: x 5) are 1888 floats
+    for name, limit in (("held", 10 ** 9), ("summed", 0), ("mixed", 4 * 1888 + 4)):
+        monkeypatch.setattr(refit, "KEEP_BYTES", limit)
+        fit = KernelFit("c", conv, 6, max_positions=None, seed=0)
+        for x in xs:
+            fit.update(x, 0.5 * x + 0.1)
+        held[name] = None if fit.rows is None else len(fit.rows)
+        solved[name] = fit.solve(keep, 1e-3)
+    assert held == {"held": 3, "summed": None, "mixed": None}
+    torch.testing.assert_close(solved["held"], solved["summed"], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(solved["mixed"], solved["summed"], rtol=1e-6, atol=1e-8)
 
 
 def test_keeping_every_channel_gives_the_weight_back():
