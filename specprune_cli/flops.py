@@ -1,9 +1,30 @@
 """FLOPs and parameter counts, measured with ``torch.utils.flop_counter`` (no hand-written counter)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+
+@contextmanager
+def _counting(model: nn.Module) -> Iterator[FlopCounterMode]:
+    """A FlopCounterMode over ``model`` run without gradients, its parameters frozen meanwhile.
+
+    The counter's module tracker hooks every tensor that requires grad, and fails on one that has no
+    grad_fn, which a view of a parameter taken under ``no_grad`` is (CaiT's ``cls_token.expand``)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    counter = FlopCounterMode(display=False)
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.no_grad(), counter:
+            yield counter
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
@@ -16,16 +37,14 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     Returns:
         Total FLOPs as counted by ``FlopCounterMode`` (a multiply-add counts as 2).
     """
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with _counting(model) as counter:
         model(example_input)
     return int(counter.get_total_flops())
 
 
 def module_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     """FLOPs per leaf module name (the names of ``model.named_modules()``), for one forward pass."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with _counting(model) as counter:
         model(example_input)
     counts = counter.get_flop_counts()
     root = type(model).__name__

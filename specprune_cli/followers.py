@@ -5,9 +5,14 @@
 parent's ``forward``): BatchNorm, InstanceNorm, per-channel GroupNorm and PReLU, depthwise convolution,
 the producer of a squeeze-excitation gate, and a per-channel parameter. After a concatenation a
 follower holds other tensors' channels too (``Follower.block``): only the unit's are cut.
+
+A norm subclass with a forward of its own (timm's ``BatchNormAct2d``: batch norm, dropout, activation)
+is a follower only if it is seen to act on each channel alone: a copy cut to every other channel must
+give, on those channels, the outputs of the whole layer (``acts_per_channel``).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -59,8 +64,39 @@ def register_follower(*classes: type) -> Callable[[type[FollowerKind]], type[Fol
 def follower_kind(mod: nn.Module) -> FollowerKind | None:
     for c in type(mod).__mro__:
         if c in FOLLOWER_KINDS:
-            return None if overrides_forward(mod, c) else FOLLOWER_KINDS[c]
+            kind = FOLLOWER_KINDS[c]
+            if not overrides_forward(mod, c):
+                return kind
+            return kind if c in _PROBED and acts_per_channel(mod, kind) else None
     return None
+
+
+def acts_per_channel(mod: nn.Module, kind: FollowerKind) -> bool:
+    """Whether ``mod``, cut by ``kind`` to every other channel, gives the whole layer's outputs on those
+    channels (in eval mode, on random inputs of 2 to 5 dims, whichever its forward takes; ``mod`` itself
+    is not run)."""
+    channels = kind.size(mod, None)
+    if channels < 2:
+        return False
+    keep = torch.arange(0, channels, 2)
+    whole = copy.deepcopy(mod).eval()
+    cut = copy.deepcopy(mod).eval()
+    kind.slice(cut, keep, None)
+    ref = next(iter(whole.parameters()), None)
+    if ref is None:
+        ref = next(iter(whole.buffers()), torch.empty(0))
+    dtype = ref.dtype if ref.is_floating_point() else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    for spatial in ((5, 4), (6,), (), (3, 3, 2)):
+        x = torch.randn(3, channels, *spatial, generator=gen).to(device=ref.device, dtype=dtype)
+        try:
+            with torch.no_grad():
+                want, got = whole(x), cut(x[:, keep])
+        except Exception:  # noqa: BLE001 - this input's dims are not the layer's: try the next
+            continue
+        return (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and got.shape == want[:, keep].shape
+                and bool(torch.allclose(got, want[:, keep], rtol=1e-4, atol=1e-5)))
+    return False
 
 
 def _slice_attr(mod: nn.Module, name: str, keep: torch.Tensor, dim: int = 0) -> None:
@@ -107,6 +143,10 @@ class PerChannelGroupNorm(FollowerKind):
         _slice_attr(mod, "weight", keep)
         _slice_attr(mod, "bias", keep)
         mod.num_groups = mod.num_channels = int(keep.numel())
+
+
+#: Kinds whose subclasses with a forward of their own are probed (``acts_per_channel``).
+_PROBED = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
 
 
 @register_follower(nn.PReLU)

@@ -266,6 +266,60 @@ class DynamicFlatten(nn.Module):
         return self.fc(x)
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm subclass whose own forward adds an activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         0.1, self.eps)
+        return F.silu(x)
+
+
+class BatchNormMixing(nn.BatchNorm2d):
+    """A BatchNorm subclass whose own forward mixes the channels: it must not be sliced."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x.mean(1, keepdim=True)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's and torchvision's LayerNorm2d: nn.LayerNorm over dim 1 of an NCHW map, by permuting."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class NormSubclasses(nn.Module):
+    """Norm layers subclassed with a forward of their own, and a head that is handed a parameter's view
+    (CaiT's ``blk(x, self.cls_token.expand(...))``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn_act = BatchNormAct(6)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.ln = LayerNorm2d(6)
+        self.c = nn.Conv2d(6, 6, 1)
+        self.bn_mix = BatchNormMixing(6)
+        self.head = TokenHead(6)
+        self.token = nn.Parameter(torch.randn(1, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b(self.bn_act(self.a(x)))
+        x = self.bn_mix(self.c(self.ln(x)))
+        return self.head(x.mean((2, 3)), self.token.expand(x.shape[0], -1))
+
+
+class TokenHead(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + token)
+
+
 PATTERNS = {
     "audio_head": (AudioHead, (1, 8, 6)),
     "audio_head_literal": (AudioHeadLiteral, (1, 8, 6)),
@@ -283,6 +337,7 @@ PATTERNS = {
     "layer_scale": (LayerScale, (3, 8, 8)),
     "reads_channel_count": (ReadsChannelCount, (3, 8, 8)),
     "dynamic_flatten": (DynamicFlatten, (3, 8, 8)),
+    "norm_subclasses": (NormSubclasses, (3, 8, 8)),
 }
 
 

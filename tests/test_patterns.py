@@ -33,6 +33,7 @@ EXPECTED = {
     "layer_scale": (["conv"], {}),
     "reads_channel_count": ([], {"conv": "Python code reads its channel count"}),
     "dynamic_flatten": (["conv"], {}),
+    "norm_subclasses": (["a"], {"b": "LayerNorm2d", "c": "BatchNormMixing"}),
 }
 
 #: (pattern, unit) whose path from producer to consumers maps 0 to 0 (no BatchNorm shift, no `+ 1`):
@@ -131,10 +132,12 @@ def test_half_width_run_and_the_plan_rebuilds_a_fresh_instance(name, order):
         torch.testing.assert_close(fresh(x), out)
 
 
-@pytest.mark.parametrize("name", ["audio_head", "decoder", "keyword_spotter", "volumetric", "layer_scale"])
+@pytest.mark.parametrize("name", ["audio_head", "decoder", "keyword_spotter", "volumetric", "layer_scale",
+                                  "norm_subclasses"])
 def test_pruned_patterns_export_to_onnx_with_parity(name, tmp_path):
     """The rewritten int attribute, the time-major column map, Conv1d/3d, ConvTranspose2d and an
-    Unflatten survive the ONNX exporter (loaded back and compared at batch sizes 2 and 3)."""
+    Unflatten, and a sliced BatchNorm subclass with its own forward survive the ONNX exporter (loaded back
+    and compared at batch sizes 2 and 3)."""
     import types
 
     from specprune_cli.export import export_model
