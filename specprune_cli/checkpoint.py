@@ -1,7 +1,9 @@
 """Building architectures and loading trained checkpoints.
 
 Loading uses ``torch.load(weights_only=True)`` unless the user vouches for the file
-(``--trust-checkpoint``): unpickling arbitrary objects can run arbitrary code. Importing and building
+(``--trust-checkpoint``): unpickling arbitrary objects can run arbitrary code. A safetensors file (as the
+Hugging Face hub and timm ship weights) is read with ``safetensors``, which holds tensors only; the
+weights it stores once for tied parameters are given to every name that shares them. Importing and building
 the architecture runs the user's code too: whatever it raises, ``SystemExit`` included, becomes an
 error that says where it happened (see ``errors.user_code``).
 """
@@ -122,6 +124,8 @@ def torch_load(path: Path, *, trust: bool) -> Any:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the file was not written completely: "
                               "save it again with torch.save(model.state_dict(), path)")
+    if _is_safetensors(path):
+        return _load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except KeyboardInterrupt:
@@ -151,11 +155,52 @@ def torch_load(path: Path, *, trust: bool) -> Any:
                               "path)") from None
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: an 8-byte little-endian header length that fits
+    the file, then the header's JSON."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False  # torch.load reports it
+    return (len(head) == 9 and head[8:9] == b"{"
+            and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: B036 - SafetensorError, OSError, a header that is not JSON
+        raise CheckpointError(f"cannot read checkpoint {path} as a safetensors file ({reason(exc)}); it is "
+                              "damaged or truncated: save or download it again") from None
+
+
+def _fill_tied(model: nn.Module, state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state`` with a missing key filled from a present one whose tensor the model shares with it (tied
+    weights, which ``safetensors.torch.save_model`` stores once)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if not missing:
+        return state
+    by_storage = {(v.data_ptr(), tuple(v.shape)): k for k, v in expected.items() if k in state and v.numel()}
+    filled = dict(state)
+    for key in missing:
+        twin = by_storage.get((expected[key].data_ptr(), tuple(expected[key].shape)))
+        if twin is not None and expected[key].numel():
+            filled[key] = state[twin]
+    return filled
+
+
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mapping[str, Any] | None = None,
                     trust: bool = False) -> nn.Module:
     """Load a trained model from a checkpoint file.
 
-    Accepts a state_dict, or a dict holding one under ``state_dict``, ``model_state_dict`` or ``model``;
+    Accepts a state_dict (a torch.save file, or a safetensors file), or a dict holding one under
+    ``state_dict``, ``model_state_dict`` or ``model``;
     ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes are stripped, and so is the
     attribute a training wrapper holds the model under (Lightning's ``model.``) when every key has it
     and the rest matches the architecture exactly. With ``trust``
@@ -204,7 +249,7 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
                           "'path/to/file.py:callable'")
     state = _strip_prefixes(state)
     model = build_model(arch, kwargs)
-    state = _drop_wrapper_prefix(model, state)
+    state = _fill_tied(model, _drop_wrapper_prefix(model, state))
     check_keys(model, state, f"checkpoint {path} does not match model.arch {arch!r}",
                 "check that model.arch and model.kwargs are the ones the checkpoint was trained with")
     try:

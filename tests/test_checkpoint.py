@@ -110,6 +110,51 @@ def test_state_dict_without_arch_and_not_a_state_dict(tmp_path, cnn_checkpoint):
                               "model.state_dict(), or a dict with it under 'state_dict' or 'model'")
 
 
+class Tied(nn.Module):
+    """An embedding and an output layer sharing one weight (safetensors' save_model stores it once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.out = nn.Linear(4, 7, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.out(self.embed(x))
+
+
+def test_safetensors_checkpoints_load(tmp_path):
+    from safetensors.torch import save_file, save_model
+
+    ref = make_cnn()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+    model = load_checkpoint(path, arch=ARCH, kwargs={})
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), ref(x))
+    # tied weights stored once; the name does not matter, the content does
+    torch.manual_seed(0)
+    tied = Tied()
+    save_model(tied, str(tmp_path / "tied.bin"))
+    loaded = load_checkpoint(tmp_path / "tied.bin", arch=f"{__file__}:Tied")
+    tokens = torch.tensor([[0, 3, 6]])
+    torch.testing.assert_close(loaded(tokens), tied(tokens))
+    assert loaded.out.weight is loaded.embed.weight
+
+
+def test_a_damaged_safetensors_file_is_a_clean_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in make_cnn().state_dict().items()}, path)
+    path.write_bytes(path.read_bytes()[:-100])  # truncated download
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, arch=ARCH)
+    assert str(exc.value).startswith(f"cannot read checkpoint {path} as a safetensors file (")
+    assert str(exc.value).endswith("it is damaged or truncated: save or download it again")
+    assert exc.value.exit_code == 1
+
+
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(tmp_path / "none.pt", arch=ARCH)
