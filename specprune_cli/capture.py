@@ -1,28 +1,19 @@
-"""Capturing a model as an fx graph of its own leaf modules, whatever Python its forward runs.
-
-See docs/method.md §1.
+"""Capturing a model as an fx graph of its leaf modules, whatever Python its forward runs (docs/method.md §1).
 
 Unit finding, surgery and the sequential statistics all speak in module names and replay the graph
 node by node, so the capture is an ``fx.GraphModule`` whose ``call_module`` nodes are the model's own
 leaf modules (convolutions, linears, norms, activations) and whose other nodes are the torch-level
 functions and tensor methods the forward calls.
 
-``torch.fx.symbolic_trace`` alone fails on ordinary code: ``if x.dim() == 4``, ``for i in
-range(x.size(1))``, a ``mask=None`` argument. Here the tracer carries the *value* of every node along
-with its proxy (one real forward pass on the example input) and answers Python's questions from the
-values: a branch on a shape or a flag takes the path the example takes, and the graph records that
-path. Shapes that flow into operations stay symbolic (``x.view(x.size(0), -1)`` keeps working at any
-batch size). Two things are never guessed:
+The tracer (``tracer.py``) computes every node's value on the example input, so a branch on a shape
+or a flag takes the example's path and int attributes stay live; non-tensor forward arguments are
+fixed to their defaults, or to ``forward_kwargs``. Two things are never guessed:
 
 * a branch on tensor *values* (``if x.sum() > 0``): another input could take the other path. The
   innermost module whose forward does this is kept whole (an opaque leaf) and the trace restarts; if
   the model's own forward does it, nothing is captured and the reason says where;
 * an exception while tracing a submodule (code that rejects proxies, say): that module becomes an
   opaque leaf the same way.
-
-Non-tensor forward arguments are fixed to their defaults, or to ``forward_kwargs``. Non-bool int
-attributes of the traced modules are read through ``get_attr`` nodes bound to the live attribute, so
-surgery can rewrite a width held in ``self.flat_dim`` and the graph sees it.
 
 The graph is checked against the model: on the example batch and on a batch of another size the
 two must give the same outputs. A graph that only differs at the other batch size (a branch on the
@@ -31,33 +22,19 @@ other batches.
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
-import operator
-import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx._symbolic_trace import _orig_module_call
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from specprune_cli.errors import ConfigError
+from specprune_cli.tracer import Untraceable, ValueTracer, int_attributes
 
-#: Module classes always kept as leaves: the layers specprune reads and slices. A user subclass of
-#: nn.Conv2d lives outside torch.nn, and fx would otherwise trace into its forward and lose the module.
-LEAF_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase,
-                                nn.GroupNorm, nn.LayerNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention,
-                                nn.RNNBase)
-
-#: Reading these off a tensor gives a shape, not data: Python may branch on them.
-_SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device"}
-_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
 _MAX_ATTEMPTS = 64
-_PLAIN = (int, float, bool, str, torch.Size, torch.dtype, torch.device, type(None))
 
 
 @dataclass
@@ -83,17 +60,6 @@ class Capture:
     replayable: bool = True
     int_attrs: dict[str, tuple[str, str]] = field(default_factory=dict)
     guards: dict[str, str] = field(default_factory=dict)
-
-
-class _Untraceable(Exception):
-    """Python asked for a value the capture must not specialise on (a tensor's content)."""
-
-
-class _AttrInt(int):
-    """An int attribute of a traced module, remembering where it lives (see ``_int_attributes``)."""
-
-    owner: str
-    attr: str
 
 
 def forward_arguments(model: nn.Module, forward_kwargs: Mapping[str, Any] | None = None
@@ -146,251 +112,6 @@ def forward_arguments(model: nn.Module, forward_kwargs: Mapping[str, Any] | None
     return first.name, values
 
 
-@contextlib.contextmanager
-def _int_attributes(model: nn.Module, leaves: set[str]) -> Iterator[None]:
-    """Swap the plain int attributes of the modules being traced for ``_AttrInt`` while the block runs.
-
-    fx reads ``self.flat_dim`` as a literal; an ``_AttrInt`` still behaves as the int but tells the
-    tracer where it came from, so the graph reads the attribute instead of copying its value.
-    """
-    swapped: list[tuple[nn.Module, str, int]] = []
-    try:
-        for name, mod in model.named_modules():
-            if name in leaves or isinstance(mod, LEAF_TYPES) or _is_torch_leaf(mod):
-                continue
-            for attr, value in list(vars(mod).items()):
-                if type(value) is int and not attr.startswith("_"):
-                    wrapped = _AttrInt(value)
-                    wrapped.owner, wrapped.attr = name, attr
-                    object.__setattr__(mod, attr, wrapped)
-                    swapped.append((mod, attr, value))
-        yield
-    finally:
-        for mod, attr, value in swapped:
-            if type(vars(mod).get(attr)) is _AttrInt:  # the forward may have assigned a new value
-                object.__setattr__(mod, attr, value)
-
-
-def _is_torch_leaf(mod: nn.Module) -> bool:
-    """fx's own rule: modules of torch.nn are leaves, except Sequential."""
-    return mod.__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(mod, nn.Sequential)
-
-
-def _where(frames: traceback.StackSummary | None = None) -> str:
-    """file:line of the innermost user frame (not torch, not this file), for messages."""
-    stack = frames if frames is not None else traceback.extract_stack()
-    for frame in reversed(stack):
-        path = frame.filename.replace("\\", "/")
-        if "/torch/" not in path and not path.endswith("specprune_cli/capture.py"):
-            return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}"
-    return "unknown location"
-
-
-class _ValueProxy(fx.Proxy):
-    """A proxy that answers Python's questions from the node's value (see ``_ValueTracer.python_value``).
-
-    It also answers ``isinstance`` as its value would: code that checks ``isinstance(x, torch.Tensor)``
-    (einops, input normalisation) takes the path the real tensor takes.
-    """
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:
-        own = vars(self)  # not self.node: an Attribute creates its node lazily, through isinstance checks
-        tracer, node = own.get("tracer"), own.get("node")
-        value = tracer.values.get(node) if isinstance(tracer, _ValueTracer) and node is not None else None
-        return type(value) if type(value) is torch.Tensor or type(value) is nn.Parameter else type(self)
-
-    def __getattr__(self, k: str) -> "_ValueAttribute":
-        return _ValueAttribute(self, k)
-
-    def __len__(self) -> int:
-        return len(self.tracer.python_value(self, "len()", length_only=True))
-
-    def __index__(self) -> int:
-        return operator.index(self.tracer.python_value(self, "an integer conversion"))
-
-    def __int__(self) -> int:
-        return int(self.tracer.python_value(self, "int()"))
-
-    def __float__(self) -> float:
-        return float(self.tracer.python_value(self, "float()"))
-
-
-class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):
-    pass
-
-
-class _ValueTracer(fx.Tracer):
-    """fx tracing that also computes every node's value on the example input (see the module docstring)."""
-
-    def __init__(self, example: torch.Tensor, leaves: set[str]):
-        super().__init__()
-        self.example = example
-        self.leaves = leaves
-        self.values: dict[fx.Node, Any] = {}
-        self.tainted: set[fx.Node] = set()  # nodes whose value depends on tensor contents
-        self.guards: dict[fx.Node, str] = {}
-        self.int_attrs: dict[tuple[str, str], fx.Node] = {}
-        self.arg_nodes: list[fx.Node] = []  # nodes fx makes for the fixed arguments (removed later)
-        self.input_node: fx.Node | None = None
-        self.output: Any = None  # the value the traced run returned
-        self._building_args = False
-        self._concrete = 0  # > 0 while a value is being computed: modules and attributes act normally
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or isinstance(m, LEAF_TYPES) or \
-            super().is_leaf_module(m, module_qualified_name)
-
-    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
-                    type_expr: Any = None) -> fx.Node:
-        node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        if kind == "output":
-            self.output = self._value(args[0])
-        return node
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _ValueProxy(node, self)
-
-    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
-        self._building_args = True
-        try:
-            return super().create_args_for_root(root_fn, is_module, concrete_args)
-        finally:
-            self._building_args = False
-
-    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        if self._concrete:
-            return forward(*args, **kwargs)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception as exc:
-            if not hasattr(exc, "specprune_module"):  # the innermost module whose code failed
-                exc.specprune_module = self.path_of_module(m)  # type: ignore[attr-defined]
-                where = _where(traceback.extract_tb(exc.__traceback__))
-                exc.specprune_where = where  # type: ignore[attr-defined]
-            raise
-
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        if self._concrete:
-            return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-    def create_arg(self, a: Any) -> Any:
-        if issubclass(type(a), fx.Proxy):  # first: a proxy claims its value's class to isinstance
-            return a.node
-        if isinstance(a, _AttrInt):
-            key = (a.owner, a.attr)
-            if key not in self.int_attrs:
-                target = f"{a.owner}.{a.attr}" if a.owner else a.attr
-                node = self.create_node("get_attr", target, (), {})
-                self.values[node] = int(a)
-                node.meta["value"] = int(a)
-                self.int_attrs[key] = node
-            return self.int_attrs[key]
-        return super().create_arg(a)
-
-    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
-                     type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        node = proxy.node
-        if self._building_args:
-            if kind == "placeholder" and self.input_node is None:
-                self.input_node = node
-                self._record(node, self.example, tainted=True)
-            else:
-                self.arg_nodes.append(node)
-            return proxy
-        value = self._evaluate(kind, target, args, kwargs)
-        shape_read = (kind == "call_method" and target in _SHAPE_METHODS) or (
-            kind == "call_function" and target is getattr and len(args) > 1 and args[1] in _SHAPE_ATTRIBUTES)
-        tainted = isinstance(value, torch.Tensor) or (
-            not shape_read and any(n in self.tainted for n in node.all_input_nodes))
-        self._record(node, value, tainted)
-        return proxy
-
-    def _record(self, node: fx.Node, value: Any, tainted: bool) -> None:
-        self.values[node] = value
-        if tainted:
-            self.tainted.add(node)
-        record_meta(node, value)
-
-    def _value(self, a: Any) -> Any:
-        if isinstance(a, fx.Proxy):
-            return self.values[a.node]
-        if isinstance(a, fx.Node):
-            if a not in self.values and a.op == "get_attr":  # a constant fx stored without a proxy
-                return self._evaluate("get_attr", a.target, (), {})
-            return self.values[a]
-        if isinstance(a, tuple) and hasattr(a, "_fields"):
-            return type(a)(*(self._value(x) for x in a))
-        if isinstance(a, (tuple, list)):
-            return type(a)(self._value(x) for x in a)
-        if isinstance(a, dict):
-            return {k: self._value(v) for k, v in a.items()}
-        if isinstance(a, slice):
-            return slice(self._value(a.start), self._value(a.stop), self._value(a.step))
-        return a
-
-    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
-        a, k = self._value(tuple(args)), self._value(dict(kwargs))
-        self._concrete += 1
-        try:
-            if kind == "call_function":
-                return target(*a, **k)
-            if kind == "call_method":
-                return getattr(a[0], target)(*a[1:], **k)
-            if kind == "call_module":
-                return _orig_module_call(self.root.get_submodule(target), *a, **k)
-            if kind == "get_attr":
-                obj: Any = self.root
-                for part in str(target).split("."):
-                    obj = getattr(obj, part)
-                return obj
-            raise RuntimeError(f"unexpected fx node kind {kind}")
-        finally:
-            self._concrete -= 1
-
-    def python_value(self, proxy: fx.Proxy, use: str, *, length_only: bool = False) -> Any:
-        """The value behind ``proxy`` for Python to use, if it does not depend on tensor contents."""
-        node = proxy.node
-        if node in self.tainted:
-            raise _Untraceable(f"its forward uses a tensor's values in Python ({use} at {_where()})")
-        if self.guards.get(node) != "value":
-            self.guards[node] = "len" if length_only else "value"
-        return self.values[node]
-
-    def to_bool(self, obj: fx.Proxy) -> bool:
-        return bool(self.python_value(obj, "`if`/`while`/`and`/`or` on a tensor"))
-
-    def iter(self, obj: fx.Proxy) -> Iterator:  # type: ignore[override]
-        value = self.values[obj.node]
-        if isinstance(value, torch.Tensor):
-            count = value.shape[0]  # iterating a tensor: its first dimension, a shape
-        else:
-            count = len(self.python_value(obj, "iteration", length_only=True))
-        if obj.node not in self.guards:
-            self.guards[obj.node] = "len"
-        return (obj[i] for i in range(count))
-
-    def keys(self, obj: fx.Proxy) -> Any:
-        return list(self.python_value(obj, "keys()").keys())
-
-
-def record_meta(node: fx.Node, value: Any) -> None:
-    """Store what unit finding needs about ``value`` on ``node.meta``: ``tensor_meta`` for a tensor (as
-    ShapeProp does), a tuple of them for a sequence of tensors, ``value`` for small Python values and
-    small integer tensors (indices)."""
-    if isinstance(value, torch.Tensor):
-        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
-        if not value.is_floating_point() and value.numel() <= 4096:
-            node.meta["value"] = value.detach().clone()
-    elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        node.meta["tensor_meta"] = tuple(_extract_tensor_metadata(v) for v in value)
-    elif isinstance(value, _PLAIN) or (isinstance(value, (tuple, list))
-                                       and all(isinstance(v, _PLAIN) for v in value)):
-        node.meta["value"] = value
-
-
 def _batch(example: torch.Tensor, n: int) -> torch.Tensor:
     x = example[:1]
     return x.expand(n, *x.shape[1:]).clone()
@@ -438,17 +159,17 @@ def _capture(model: nn.Module, example: torch.Tensor, fixed: dict[str, Any]) -> 
         if name and isinstance(mod, torch.jit.ScriptModule) and not any(name.startswith(o + ".") for o in opaque):
             opaque[name] = "it is a TorchScript module (torch.jit.script or trace), whose code fx cannot read"
     for _ in range(_MAX_ATTEMPTS):
-        tracer = _ValueTracer(x2, set(opaque))
+        tracer = ValueTracer(x2, set(opaque))
         constants_before = set(vars(model))
         try:
-            with _int_attributes(model, set(opaque)):
+            with int_attributes(model, set(opaque)):
                 graph = tracer.trace(model, concrete_args=_concrete_args(model, fixed))
         except Exception as exc:  # noqa: BLE001 - decide which module to keep whole, then retry
             _drop_constants(model, constants_before)
             culprit = getattr(exc, "specprune_module", "")
             while culprit in opaque or (culprit and _is_leaf(tracer, model, culprit)):
                 culprit = culprit.rpartition(".")[0]  # a leaf cannot fail on its own: blame its parent
-            reason = str(exc) if isinstance(exc, _Untraceable) else \
+            reason = str(exc) if isinstance(exc, Untraceable) else \
                 f"torch.fx cannot trace it: {_short(exc)} at {getattr(exc, 'specprune_where', None) or '?'}"
             if not culprit:
                 return Capture(None, opaque,
@@ -477,7 +198,7 @@ def _drop_constants(model: nn.Module, before: set[str]) -> None:
             delattr(model, attr)
 
 
-def _is_leaf(tracer: _ValueTracer, model: nn.Module, name: str) -> bool:
+def _is_leaf(tracer: ValueTracer, model: nn.Module, name: str) -> bool:
     return tracer.is_leaf_module(model.get_submodule(name), name)
 
 
@@ -494,7 +215,7 @@ def _concrete_args(model: nn.Module, fixed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _build(model: nn.Module, graph: fx.Graph, tracer: _ValueTracer) -> tuple[fx.GraphModule, dict]:
+def _build(model: nn.Module, graph: fx.Graph, tracer: ValueTracer) -> tuple[fx.GraphModule, dict]:
     """The GraphModule, without fx's placeholders and checks for the fixed arguments, reading int
     attributes live from the model."""
     for node in reversed(tracer.arg_nodes):

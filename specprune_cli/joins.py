@@ -1,5 +1,5 @@
 """Joins of channel spaces (docs/method.md §1): each producer's channels are followed separately
-(``graph.py``); where two of them meet element-wise, this module decides what they become. A squeeze-
+(``propagate.py``); where two of them meet element-wise, this module decides what they become. A squeeze-
 excitation gate is absorbed by the space it scales; spaces added together (a residual stream) become
 one unit whose producers lose the same rows and whose every reader is a tap; any other join leaves
 both unpruned, with the reason. Spaces concatenated along the channels stay apart: each is a block of
@@ -10,13 +10,14 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import fx
 
 from specprune_cli.layers import LayerKind
 from specprune_cli.layout import Block, Layout, Unsupported, concrete, is_tensor, shape_of
-from specprune_cli.ops import CONCATS
+from specprune_cli.ops import CONCATS, listed
 from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped, Unit
 
 
@@ -224,7 +225,7 @@ def _set_anchor(u: Unit, anchor: str) -> None:
 def concat_layout(src: fx.Node, user: fx.Node, layout: Layout) -> Layout:
     """``torch.cat`` along the channels' dimension: the channels become a block among the entries
     of the other tensors (docs/method.md §1); along any other dimension it is a join."""
-    tensors = user.args[0] if user.args else user.kwargs.get("tensors")
+    tensors = _cat_tensors(user)
     dim = concrete(user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0))
     if layout.parts is not None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
         raise Unsupported(f"channels are concatenated by `{user.name}` in a way specprune cannot follow")
@@ -243,15 +244,17 @@ def concat_layout(src: fx.Node, user: fx.Node, layout: Layout) -> Layout:
 def check_concats(sp: Space) -> None:
     """A concatenation may carry the channels in one of its tensors only."""
     for node in sp.nodes:
-        if _is_concat(node):
-            tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-            if sum(t in sp.nodes for t in tensors) > 1:
-                fail(sp, f"`{node.name}` concatenates the channels with a copy of themselves")
-                return
+        tensors = _cat_tensors(node) if is_concat(node) else None
+        if isinstance(tensors, (list, tuple)) and sum(t in sp.nodes for t in tensors) > 1:
+            fail(sp, f"`{node.name}` concatenates the channels with a copy of themselves")
+            return
 
 
-def _is_concat(node: fx.Node) -> bool:
-    try:
-        return node.op == "call_function" and node.target in CONCATS
-    except TypeError:  # an unhashable target
-        return False
+def is_concat(node: fx.Node) -> bool:
+    """A ``torch.cat`` (or an alias of it): along the channels' dimension it makes them a block."""
+    return node.op == "call_function" and listed(node.target, CONCATS)
+
+
+def _cat_tensors(node: fx.Node) -> Any:
+    """The tensors a concatenation joins, as the call passes them (a list or tuple, if it can be followed)."""
+    return node.args[0] if node.args else node.kwargs.get("tensors")

@@ -11,7 +11,7 @@ reason, never guessed.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -50,10 +50,15 @@ def rule_for(node: fx.Node, module: nn.Module | None) -> Rule | None:
         return None if cls is None or overrides_forward(module, cls) else RULES[cls]
     if node.op == "call_method":
         return RULES.get(f"Tensor.{node.target}")
+    return RULES.get(node.target) if listed(node.target, RULES) else None
+
+
+def listed(target: Any, table: Collection[Any]) -> bool:
+    """``target in table``; False for an unhashable target (fx allows any callable), which no table holds."""
     try:
-        return RULES.get(node.target)
-    except TypeError:  # an unhashable target
-        return None
+        return target in table
+    except TypeError:
+        return False
 
 
 def supported() -> list[str]:
@@ -202,7 +207,7 @@ def reduction(call: OpCall) -> Layout:
     else:
         raw = node.kwargs.get("dim", node.kwargs.get("axis"))
     if is_tensor(raw):
-        raise Unsupported(f"{call.label} between two tensors")  # torch.max(a, b) is binary: graph.py
+        raise Unsupported(f"{call.label} between two tensors")  # torch.max(a, b) is binary: propagate.py
     dim = concrete(raw)
     if dim is None:
         raise Unsupported(f"{call.label} over all dimensions mixes the channels")
@@ -305,13 +310,13 @@ def attribute(call: OpCall) -> Layout:
 
 
 #: element-wise binary operations: a scalar or a tensor broadcast along the channels keeps them; a
-#: tensor of the same width is a join (graph.py decides).
+#: tensor of the same width is a join (propagate.py records it, joins.py decides).
 BINARY = {operator.add, operator.mul, operator.sub, operator.truediv, operator.floordiv, operator.pow,
           operator.iadd, operator.imul, operator.isub, operator.itruediv, torch.add, torch.mul, torch.sub,
           torch.div, torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.masked_fill, "add",
           "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "truediv", "pow", "maximum", "minimum",
           "masked_fill", "masked_fill_", "__radd__", "__rmul__", "__rsub__", "__rtruediv__"}
-#: concatenations: along the channels' dimension they put a unit's channels in a block (``graph.py``).
+#: concatenations: along the channels' dimension they put a unit's channels in a block (``joins.py``).
 CONCATS = {torch.cat, torch.concat, torch.concatenate}
 #: other joins of whole tensors (stacking, concatenating along another dimension): not supported.
 JOINS = {torch.cat, torch.stack, torch.concat, torch.concatenate, torch.hstack, torch.vstack, torch.dstack,
