@@ -15,16 +15,16 @@ def _counting(model: nn.Module) -> Iterator[FlopCounterMode]:
 
     The counter's module tracker hooks every tensor that requires grad, and fails on one that has no
     grad_fn, which a view of a parameter taken under ``no_grad`` is (CaiT's ``cls_token.expand``)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    frozen = [p for p in model.parameters() if p.requires_grad and p.is_leaf]  # (a scripted one may not be)
     counter = FlopCounterMode(display=False)
     try:
-        for p, _ in flags:
+        for p in frozen:
             p.requires_grad_(False)
         with torch.no_grad(), counter:
             yield counter
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
