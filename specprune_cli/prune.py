@@ -34,8 +34,8 @@ from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_pl
 from specprune_cli.refit import KernelFit, refittable
 from specprune_cli.reparam import working_copy
 from specprune_cli.selection import Choice, TapKey, choose, unit_curve, unit_dof
-from specprune_cli.stats import (SegmentRunner, collect_paired, collect_prefix, new_cross_moments,
-                                 no_inplace_modules, pair_readers, sharded)
+from specprune_cli.runner import SegmentRunner, no_inplace_modules
+from specprune_cli.stats import collect_paired, collect_prefix, new_cross_moments, pair_readers, sharded
 from specprune_cli.surgery import absorb_bias, bias_sinks, prune_unit, verify_forward
 
 #: A result further than this above its FLOPs/params target is an error unless prune.allow_partial.

@@ -50,7 +50,7 @@ def test_only_the_moments_still_to_be_read_are_alive_at_each_selection(monkeypat
 def test_sequential_order_drops_each_batchs_old_cache_entry_once_its_new_one_is_made(monkeypatch):
     """The values alive at the previous cut are not held until every batch has run: when batch b runs,
     the runner's entries for batches before it are already their new ones."""
-    from specprune_cli.stats import SegmentRunner
+    from specprune_cli.runner import SegmentRunner
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 20), nn.ReLU(), nn.Linear(20, 4)).eval()

@@ -76,7 +76,8 @@ def test_sequential_statistics_equal_a_fresh_forward_despite_inplace_ops():
     be applied twice. With keep-all widths, each unit's sequential statistics must equal the oneshot ones."""
     from torch import nn
 
-    from specprune_cli.stats import SegmentRunner, new_moments, no_inplace_modules, observe
+    from specprune_cli.runner import SegmentRunner, no_inplace_modules
+    from specprune_cli.stats import new_moments, observe
 
     class Block(nn.Module):
         def __init__(self):
@@ -170,7 +171,7 @@ def test_runner_resumes_where_slicing_is_exact():
     every value alive at the next producer carries only the unit's channels, so the run resumes there
     and each layer is computed once. A squeeze-excitation gate mixes the channels (its first conv reads
     them and changes with the fold), so the cut falls back to just before that conv."""
-    from specprune_cli.stats import SegmentRunner
+    from specprune_cli.runner import SegmentRunner
 
     model, shape = build("flatten_cnn")
     graph = find_units(model, torch.randn(1, *shape))
