@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from specprune_cli.config import DataConfig
+from specprune_cli.config_inputs import DataConfig
 from specprune_cli.errors import DataError, SpecpruneError, reason
 
 Log = Callable[[str], None]
