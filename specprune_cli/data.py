@@ -13,19 +13,23 @@ Conventions, shared by every consumer:
   Then ``mean``/``std`` normalise, when given.
 - a sample may have any shape: (C, H, W) images, (C, L) sequences, (L,) feature vectors. Arrays of
   shape (N, *rest) gain a channel axis when ``model.input_shape`` is (1, *rest).
+
+Under torchrun each process reads its share of the batches (``Batches.shard``), re-batched so that
+together the shares are the single-process batches, in the same order and shuffling.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
 from specprune_cli.config_inputs import DataConfig
 from specprune_cli.data_formats import UNLABELED, Log, check_shape, read_dataset
-from specprune_cli.errors import DataError, SpecpruneError, reason
+from specprune_cli.errors import ConfigError, DataError, SpecpruneError, reason
 
 
 def _warn(message: str) -> None:
@@ -70,6 +74,31 @@ class Batches:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def shard(self, me: int, world: int, *, even: bool = False) -> Batches:
+        """Rank ``me``'s share out of ``world`` processes: batch i goes to rank ``i % world``,
+        re-batched so that the rank reads only its own samples (``distributed.shard``).
+
+        Args:
+            me, world: this process's rank and the number of processes.
+            even: drop the last incomplete round of batches so that every rank gets as many.
+
+        Raises:
+            ConfigError: fewer batches than processes.
+        """
+        loader = self.loader
+        generator = None
+        if isinstance(loader.sampler, RandomSampler):
+            generator = torch.Generator()
+            generator.set_state(loader.sampler.generator.get_state())
+        sampler = _ShardSampler(len(loader.dataset), loader.batch_size, me, world, generator, even)
+        if len(sampler) == 0:
+            raise ConfigError(f"data.{self.where} has {len(loader)} batch(es) of {loader.batch_size}, fewer "
+                              f"than the {world} processes{' (whole rounds)' if even else ''}; give every "
+                              "process at least one: lower the batch size or run fewer processes")
+        shared = DataLoader(loader.dataset, batch_sampler=sampler, num_workers=0, generator=generator)
+        samples = sum(len(b) for b in sampler._batches(list(range(sampler.n))))
+        return dataclasses.replace(self, loader=shared, num_samples=samples)
+
 
 def build_batches(data_cfg: DataConfig, input_shape: Sequence[int], *, shuffle: bool = False,
                   where: str = "calibration", batch_size: int | None = None,
@@ -108,6 +137,40 @@ def build_batches(data_cfg: DataConfig, input_shape: Sequence[int], *, shuffle: 
     labelled = max_label is not None and max_label >= 0  # a y of -1 throughout is no labels
     return Batches(loader=loader, where=where, num_samples=len(dataset), has_labels=labelled,
                    max_label=max_label)
+
+
+class _ShardSampler(Sampler[list[int]]):
+    """The batches of ``rank`` out of the single-process batching: batch i goes to rank i % world.
+
+    Shuffled, each epoch draws the permutation a single-process DataLoader would draw (same seeded
+    generator, the same on every rank). ``even`` keeps only whole rounds of ``world`` batches, so that
+    every rank takes the same number of steps (what DistributedDataParallel needs).
+    """
+
+    def __init__(self, n: int, batch_size: int, me: int, world: int, generator: torch.Generator | None,
+                 even: bool):
+        self.n, self.batch_size, self.me, self.world = n, batch_size, me, world
+        self.generator, self.even = generator, even
+
+    def _batches(self, order: list[int]) -> list[list[int]]:
+        batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        if self.even:
+            batches = batches[:len(batches) - len(batches) % self.world]
+        return batches[self.me::self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A generator function: the permutation is drawn at the first batch, after the DataLoader has
+        # drawn its base seed from the same generator, as it does before a RandomSampler's draw.
+        if self.generator is None:
+            yield from self._batches(list(range(self.n)))
+            return
+        yield from self._batches(torch.randperm(self.n, generator=self.generator).tolist())
+        # A RandomSampler draws one more (empty) permutation when it runs out; so does this epoch, so
+        # that the next one draws what a single process's next epoch draws.
+        torch.randperm(self.n, generator=self.generator)
+
+    def __len__(self) -> int:
+        return len(self._batches(list(range(self.n))))
 
 
 __all__ = ["Batches", "build_batches", "UNLABELED"]
