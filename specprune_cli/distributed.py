@@ -22,7 +22,6 @@ or hangs is caught by the collectives' timeout (``runtime.timeout_s``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -31,7 +30,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from specprune_cli.data import Batches
 from specprune_cli.errors import ConfigError, DistributedError, SpecpruneError, reason
@@ -265,40 +263,6 @@ def data_parallel(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
-class _ShardSampler(Sampler[list[int]]):
-    """The batches of ``rank`` out of the single-process batching: batch i goes to rank i % world.
-
-    Shuffled, each epoch draws the permutation a single-process DataLoader would draw (same seeded
-    generator, the same on every rank). ``even`` keeps only whole rounds of ``world`` batches, so that
-    every rank takes the same number of steps (what DistributedDataParallel needs).
-    """
-
-    def __init__(self, n: int, batch_size: int, me: int, world: int, generator: torch.Generator | None,
-                 even: bool):
-        self.n, self.batch_size, self.me, self.world = n, batch_size, me, world
-        self.generator, self.even = generator, even
-
-    def _batches(self, order: list[int]) -> list[list[int]]:
-        batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        if self.even:
-            batches = batches[:len(batches) - len(batches) % self.world]
-        return batches[self.me::self.world]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        # A generator function: the permutation is drawn at the first batch, after the DataLoader has
-        # drawn its base seed from the same generator, as it does before a RandomSampler's draw.
-        if self.generator is None:
-            yield from self._batches(list(range(self.n)))
-            return
-        yield from self._batches(torch.randperm(self.n, generator=self.generator).tolist())
-        # A RandomSampler draws one more (empty) permutation when it runs out; so does this epoch, so
-        # that the next one draws what a single process's next epoch draws.
-        torch.randperm(self.n, generator=self.generator)
-
-    def __len__(self) -> int:
-        return len(self._batches(list(range(self.n))))
-
-
 def shard(batches: Batches | Iterable[Any], *, even: bool = False) -> Batches | Iterable[Any]:
     """This rank's share of ``batches``: batch i goes to rank ``i % world`` (disjoint, deterministic).
 
@@ -316,16 +280,4 @@ def shard(batches: Batches | Iterable[Any], *, even: bool = False) -> Batches | 
         return batches
     if not isinstance(batches, Batches):
         return [b for i, b in enumerate(batches) if i % world == me]
-    loader = batches.loader
-    generator = None
-    if isinstance(loader.sampler, RandomSampler):
-        generator = torch.Generator()
-        generator.set_state(loader.sampler.generator.get_state())
-    sampler = _ShardSampler(len(loader.dataset), loader.batch_size, me, world, generator, even)
-    if len(sampler) == 0:
-        raise ConfigError(f"data.{batches.where} has {len(loader)} batch(es) of {loader.batch_size}, fewer "
-                          f"than the {world} processes{' (whole rounds)' if even else ''}; give every "
-                          "process at least one: lower the batch size or run fewer processes")
-    shared = DataLoader(loader.dataset, batch_sampler=sampler, num_workers=0, generator=generator)
-    samples = sum(len(b) for b in sampler._batches(list(range(sampler.n))))
-    return dataclasses.replace(batches, loader=shared, num_samples=samples)
+    return batches.shard(me, world, even=even)

@@ -21,7 +21,7 @@ import yaml
 from conftest import TESTS
 from helpers import warm_batchnorm
 from models_small import SmallMLP, SmallResNet
-from specprune_cli import distributed
+from specprune_cli import data, distributed
 from specprune_cli.pruned_file import load_pruned
 
 ROOT = TESTS.parent
@@ -188,7 +188,7 @@ def test_shards_are_disjoint_and_together_the_single_process_batches(shuffle):
         out = []
         for rank in range(2):
             g = torch.Generator().manual_seed(5) if shuffle else None
-            sampler = distributed._ShardSampler(20, 3, rank, 2, g, even)
+            sampler = data._ShardSampler(20, 3, rank, 2, g, even)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=g)
             out.append([[b[0].tolist() for b in loader] for _epoch in range(2)])
         return out

@@ -154,11 +154,11 @@ def test_pt_without_arch_is_written_but_not_claimed_verified(tmp_path):
 
 
 def test_a_mismatched_load_raises_and_leaves_no_file(tmp_path, monkeypatch):
-    import specprune_cli.export as export
+    import specprune_cli.export_formats as export_formats
 
     model = make_cnn()
     other = make_cnn(seed=1)  # what a broken loader would give back: other weights, same architecture
-    monkeypatch.setattr(export, "load_pruned", lambda path: other)
+    monkeypatch.setattr(export_formats, "load_pruned", lambda path: other)
     with pytest.raises(ExportError, match=r"pt export does not match the in-memory model at batch size 2 "
                                           r"\(output "
                                           r"output\): max abs difference [0-9.e+-]+ > 0\.0001 \* max\(1, "):
@@ -273,7 +273,7 @@ def test_structured_outputs_export_with_named_outputs_each_compared(kind, names,
 
 
 def test_one_wrong_output_tensor_among_several_is_caught(tmp_path, monkeypatch):
-    import specprune_cli.export as export
+    import specprune_cli.export_formats as export_formats
 
     model = trained_looking(TwoHeads("dict"), (12,))
 
@@ -283,7 +283,7 @@ def test_one_wrong_output_tensor_among_several_is_caught(tmp_path, monkeypatch):
             loaded.emb.bias.add_(1.0)
         return loaded
 
-    monkeypatch.setattr(export, "load_pruned", broken)
+    monkeypatch.setattr(export_formats, "load_pruned", broken)
     with pytest.raises(ExportError, match=r"\(output aux\.embedding\): max abs difference 1 > "):
         export_model(model, torch.zeros(1, 12), tmp_path, settings("pt"), plan=KEEP_ALL,
                      source=Architecture("unused:unused", {}, (12,)))
