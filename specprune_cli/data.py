@@ -2,15 +2,17 @@
 
 Conventions, shared by every consumer:
 
-- every batch is a pair ``(x, y)``: x float32 of shape (B, *model.input_shape); y int64 of shape (B,),
+- every batch is a pair ``(x, y)``: x of shape (B, *model.input_shape), float32 (int64 for token ids,
+  see below); y int64 of shape (B,),
   filled with -1 when the data has no labels. ``Batches.has_labels`` says which, so a consumer never
   has to inspect y (fine-tuning then distils only; evaluation reports agreement only).
 - ``num_samples`` selects a seeded random subset (``seed``), kept in file order: the first N of an
   ImageFolder would be a single class, which would skew the statistics. Asking for more than there are
   is a warning (all are used); a dataset with none is a DataError.
-- arrays (npz, idx) hold float16/32/64 inputs, used as they are, or uint8, scaled to [0, 1]; any other
-  dtype is refused rather than cast, and so are NaN and Inf. Labels are integers, one per sample.
-  Then ``mean``/``std`` normalise, when given.
+- arrays (npz, idx) hold float16/32/64 inputs, used as they are, uint8, scaled to [0, 1], or other
+  integers, read as token ids (int64, never normalised); any other dtype is refused rather than cast,
+  and so are NaN and Inf. Labels are integers, one per sample. Then ``mean``/``std`` normalise float
+  inputs, when given.
 - a sample may have any shape: (C, H, W) images, (C, L) sequences, (L,) feature vectors. Arrays of
   shape (N, *rest) gain a channel axis when ``model.input_shape`` is (1, *rest).
 

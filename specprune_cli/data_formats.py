@@ -46,11 +46,17 @@ def _normalise(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _to_float(x: np.ndarray) -> torch.Tensor:
+def _token_ids(x: np.ndarray) -> bool:
+    """Integer inputs other than uint8 (which are images) are token ids or other indices."""
+    return x.dtype.kind in "iu" and x.dtype != np.uint8
+
+
+def _to_tensor(x: np.ndarray) -> torch.Tensor:
+    """float32 inputs; uint8 scaled to [0, 1]; token ids as int64, as nn.Embedding takes them."""
     t = torch.from_numpy(np.ascontiguousarray(x))
     if t.dtype == torch.uint8:
         return t.to(torch.float32) / 255.0
-    return t.to(torch.float32)
+    return t.to(torch.int64) if _token_ids(x) else t.to(torch.float32)
 
 
 def check_shape(shape: Sequence[int], input_shape: Sequence[int], where: str, path: Any) -> None:
@@ -62,10 +68,11 @@ def check_shape(shape: Sequence[int], input_shape: Sequence[int], where: str, pa
 
 def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str, path: Any) -> np.ndarray | None:
     """Refuse what would have to be cast or guessed; returns y as one label per sample."""
-    if x.dtype != np.uint8 and x.dtype.type not in _FLOATS:
+    if x.dtype != np.uint8 and x.dtype.type not in _FLOATS and not _token_ids(x):
         raise DataError(f"data.{where}: the inputs x in {path} have dtype {x.dtype}; specprune reads float "
-                        "arrays as they are and uint8 arrays scaled to [0, 1], and casts nothing else: "
-                        "convert x, e.g. x.astype(numpy.float32), scaled as the model expects")
+                        "arrays as they are, uint8 arrays scaled to [0, 1] and other integer arrays as token "
+                        "ids (int64), and casts nothing else: convert x, e.g. x.astype(numpy.float32), scaled "
+                        "as the model expects")
     if x.ndim < 2:
         raise DataError(f"data.{where}: the inputs x in {path} have shape {list(x.shape)}; x needs a sample "
                         "axis first and then one sample's shape, e.g. (N, 3, 32, 32) or (N, 784)")
@@ -97,8 +104,12 @@ def _array_dataset(x: np.ndarray, y: np.ndarray | None, cfg: DataConfig, input_s
         x = x[:, None]  # (N, H, W) for a one-channel (1, H, W) model; (N, L) for (1, L)
     if len(x):
         check_shape(x.shape[1:], input_shape, where, cfg.path)
+    if _token_ids(x) and cfg.mean is not None:
+        raise DataError(f"data.{where}: the inputs x in {cfg.path} are integers (dtype {x.dtype}), read as "
+                        f"token ids, which are not normalised: remove data.{where}.mean and "
+                        f"data.{where}.std, or save x as floats")
     idx = _subset_indices(len(x), cfg, where, log)
-    xs = _normalise(_to_float(x[idx]), cfg)
+    xs = _normalise(_to_tensor(x[idx]), cfg)
     if y is None:
         return TensorDataset(xs, torch.full((len(idx),), UNLABELED, dtype=torch.long)), None
     ys = torch.from_numpy(y[idx].astype(np.int64))

@@ -218,7 +218,7 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         if config.export.formats:
             log(f"exporting {', '.join(config.export.formats)} (each loaded back and compared)")
         source = Architecture(config.model.arch, dict(config.model.kwargs), input_shape,
-                              dict(config.model.forward_kwargs))
+                              dict(config.model.forward_kwargs), str(prep.example.dtype).removeprefix("torch."))
         exports = {}
         for fmt, info in export_model(pruned, prep.example, tmp, config.export, call=call, plan=result.plan,
                                       source=source, calibration=prep.calibration).items():

@@ -71,7 +71,7 @@ class Prepared:
     Attributes:
         model: the original model, loaded and checked.
         call: how it is called (forward keyword arguments, the evaluated output).
-        example: a batch of one sample of ``model.input_shape`` (zeros).
+        example: a batch of one sample of ``model.input_shape`` (zeros, of the calibration data's dtype).
         output: the model's output on ``example``.
         calibration: the calibration batches.
     """
@@ -132,11 +132,11 @@ def prepare(config: Config, checkpoint_path: str | os.PathLike, *, trust_checkpo
                             trust=trust_checkpoint)
     call = ModelCall(dict(config.model.forward_kwargs), config.evaluate.output)
     check_signature(model, call.forward_kwargs)
-    example = torch.zeros(1, *input_shape)
-    output = first_output(model, example, call)
     calibration = build_batches(config.data.calibration, input_shape, where="calibration", log=log)
-    check_label_range(calibration.max_label, classes_of(output, call), "data.calibration")
     first = next(iter(calibration))[0]
+    example = torch.zeros(1, *input_shape, dtype=first.dtype)  # int64 for token ids (token 0)
+    output = first_output(model, example, call)
+    check_label_range(calibration.max_label, classes_of(output, call), "data.calibration")
     with torch.no_grad(), user_code(lambda exc: ModelError(
             f"the model fails on the first calibration batch ({reason(exc)}); it ran on zeros of "
             f"model.input_shape {list(input_shape)}, so check the data's shape and values")):

@@ -37,12 +37,14 @@ class Architecture:
         kwargs: ``model.kwargs``.
         input_shape: one sample's shape, to trace the fresh model.
         forward_kwargs: ``model.forward_kwargs``.
+        input_dtype: the input's dtype, to trace with ("int64" for token ids).
     """
 
     arch: str | None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] = ()
     forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    input_dtype: str = "float32"
 
 
 def save_pruned(path: str | os.PathLike, model: nn.Module, plan: dict, source: Architecture) -> None:
@@ -65,6 +67,7 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, plan: dict, source: A
         "kwargs": dict(source.kwargs),
         "input_shape": [int(d) for d in source.input_shape],
         "forward_kwargs": dict(source.forward_kwargs),
+        "input_dtype": source.input_dtype,
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -99,11 +102,22 @@ def load_pruned(path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{path} records no model.arch (the original was a pickled module), so it "
                               "cannot be rebuilt from the plan; export with formats: [module] instead")
     model = build_model(payload["arch"], payload["kwargs"])
-    apply_plan_shapes(model, payload["plan"], torch.zeros(1, *payload["input_shape"]))
+    example = torch.zeros(1, *payload["input_shape"], dtype=_dtype(payload, path))
+    apply_plan_shapes(model, payload["plan"], example)
     check_keys(model, payload["state_dict"], f"{path} does not fit its own plan",
                "the file is damaged or was written by a different specprune version")
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval()
+
+
+def _dtype(payload: Mapping[str, Any], path: Path) -> torch.dtype:
+    """The recorded input dtype (files written before it was recorded trace with float32)."""
+    name = payload.get("input_dtype", "float32")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{path} records the input dtype {name!r}, which is not a torch dtype; the file "
+                              "is damaged: compress again")
+    return dtype
 
 
 def apply_plan_shapes(model: nn.Module, plan: Mapping, example_input: torch.Tensor) -> nn.Module:

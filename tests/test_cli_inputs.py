@@ -15,7 +15,7 @@ import yaml
 
 from conftest import TESTS, make_cnn, write_npz
 from helpers import warm_batchnorm
-from models_io import Flat, MultiHead, Sequence1d
+from models_io import Flat, MultiHead, Sequence1d, TextCNN
 from specprune_cli import __version__, compress, load_config
 from specprune_cli.errors import GateError
 from test_cli import _failure, fake_prune, invoke  # noqa: F401 - fake_prune is a fixture
@@ -68,6 +68,35 @@ def test_one_and_two_dimensional_samples_end_to_end(tmp_path, cls, shape):
     assert report["evaluation"]["labelled"] and report["evaluation"]["samples"] == 24
     if cls is Flat:  # the MLP's hidden Linears are units; the Conv1d model's conv is left alone today
         assert report["prune"]["flops_after"] < report["prune"]["flops_before"]
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16])
+def test_token_ids_in_an_npz_end_to_end(tmp_path, dtype):
+    """Integer inputs other than uint8 are token ids: given to the model as int64, never scaled."""
+    ckpt = tmp_path / "m.pt"
+    torch.manual_seed(0)
+    torch.save(TextCNN().state_dict(), ckpt)
+    rng = np.random.default_rng(0)
+    npz = write_npz(tmp_path / "d.npz", x=rng.integers(0, 100, (24, 12)).astype(dtype), y=np.arange(24) % 4)
+    cfg = _config(tmp_path, f"{IO}:TextCNN", [12], data={"calibration": _npz(npz)},
+                  export={"formats": ["pt", "onnx"]})
+    report = _compress_json(ckpt, cfg, tmp_path / "out")
+    assert report["prune"]["flops_after"] < report["prune"]["flops_before"]
+    assert [u["type"] for u in report["prune"]["units"]] == ["concat", "concat"]
+    assert report["exports"]["onnx"]["verified"] and report["evaluation"]["samples"] == 24
+
+
+def test_token_ids_are_not_normalised(tmp_path):
+    torch.manual_seed(0)
+    torch.save(TextCNN().state_dict(), tmp_path / "m.pt")
+    npz = write_npz(tmp_path / "d.npz", labels=False, x=np.zeros((8, 12), dtype=np.int64))
+    cfg = _config(tmp_path, f"{IO}:TextCNN", [12],
+                  data={"calibration": {**_npz(npz), "mean": [0.5], "std": [0.2]}})
+    result = invoke("compress", tmp_path / "m.pt", "-c", cfg, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1, result.output
+    assert (f"data.calibration: the inputs x in {npz} are integers (dtype int64), read as token ids, which "
+            "are not normalised: remove data.calibration.mean and data.calibration.std") in result.output
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------- outputs of any structure

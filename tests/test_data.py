@@ -172,16 +172,22 @@ def test_normalisation_is_per_channel_for_sequences(tmp_path):
 @pytest.mark.parametrize("array", [
     np.zeros((4, 12), dtype=np.complex64), np.zeros((4, 12), dtype=np.complex128),
     np.full((4, 12), "a"), np.full((4, 12), b"a"), np.zeros((4, 12), dtype=bool),
-    np.zeros((4, 12), dtype=np.int32), np.zeros((4, 12), dtype=np.int64), np.zeros((4, 12), dtype=np.uint16),
 ], ids=lambda a: str(a.dtype))
 def test_input_dtypes_that_would_need_a_cast_are_refused(tmp_path, array):
     path = write_npz(tmp_path / "d.npz", n=4, x=array)
     with pytest.raises(DataError) as exc:
         build_batches(DataConfig(format="npz", path=str(path), num_samples=None), [12])
     assert str(exc.value) == (f"data.calibration: the inputs x in {path} have dtype {array.dtype}; "
-                              f"specprune reads "
-                              "float arrays as they are and uint8 arrays scaled to [0, 1], and casts nothing "
-                              "else: convert x, e.g. x.astype(numpy.float32), scaled as the model expects")
+                              "specprune reads float arrays as they are, uint8 arrays scaled to [0, 1] and "
+                              "other integer arrays as token ids (int64), and casts nothing else: convert x, "
+                              "e.g. x.astype(numpy.float32), scaled as the model expects")
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64, np.uint16, np.uint32])
+def test_integer_inputs_other_than_uint8_are_token_ids(tmp_path, dtype):
+    path = write_npz(tmp_path / "d.npz", n=4, x=np.arange(48).reshape(4, 12).astype(dtype))
+    (x, _), = build_batches(DataConfig(format="npz", path=str(path), num_samples=None), [12])
+    assert x.dtype == torch.int64 and x.tolist() == np.arange(48).reshape(4, 12).tolist()
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])

@@ -307,17 +307,7 @@ def test_a_model_reading_token_ids_is_pruned_and_exported_with_integer_check_inp
     drawn from the example's own range, not as normal floats (which raised inside torch)."""
     from specprune_cli.prune import prune_model
     from helpers import prune_cfg
-
-    class TextCNN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(100, 32)
-            self.c3, self.c5 = nn.Conv1d(32, 48, 3, padding=1), nn.Conv1d(32, 48, 5, padding=2)
-            self.fc = nn.Linear(96, 4)
-
-        def forward(self, tokens):
-            e = self.emb(tokens).transpose(1, 2)
-            return self.fc(torch.cat([torch.relu(self.c3(e)).amax(-1), torch.relu(self.c5(e)).amax(-1)], 1))
+    from models_io import TextCNN
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
