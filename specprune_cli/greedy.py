@@ -32,8 +32,8 @@ import math
 
 import torch
 
-from specprune_cli.moments import sym_addmm
 from specprune_cli.objective import _Prepared
+from specprune_cli.symmetric import sym_addmm
 
 _BLOCK = 128  # rank-one terms per flush: 64, 128 and 256 within 5% of each other at m = 4096
 

@@ -16,10 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from specprune_cli.moments import sym_addmm
 from specprune_cli.signals import Signal, _check, _finite, _gram, relative_lambda
-
-_TRI_TILE = 512  # rows per tile of the triangular product in _quadratic (as in sym_addmm)
+from specprune_cli.symmetric import lower_t_times, sym_addmm
 
 
 def _metric_weights(sigma: torch.Tensor, theta: float, gram: torch.Tensor | None) -> tuple[float, float]:
@@ -168,22 +166,11 @@ def _quadratic(k: torch.Tensor, a: float, b: float, gram: torch.Tensor | None,
     chol, info = torch.linalg.cholesky_ex(metric)
     del metric
     if int(info) == 0:
-        y = _lower_t_times(chol, k)
+        y = lower_t_times(chol, k)
         del chol
         return sym_addmm(None, y.T, y.T)
     w = torch.addmm(k, gram, k, beta=a, alpha=b)
     return sym_addmm(None, k.T, w.T)
-
-
-def _lower_t_times(chol: torch.Tensor, k: torch.Tensor, tile: int = _TRI_TILE) -> torch.Tensor:
-    """L^T K for lower-triangular L (m x m), skipping the zero blocks of L^T: about m^2 n flops."""
-    m = chol.shape[0]
-    out = torch.empty(m, k.shape[1], dtype=torch.float64)
-    tiles = max(1, m // tile)
-    edges = [m * i // tiles for i in range(tiles + 1)]
-    for lo, hi in zip(edges, edges[1:]):
-        torch.mm(chol[lo:, lo:hi].T, k[lo:], out=out[lo:hi])
-    return out
 
 
 def _as_list(signals: Signal | Sequence[Signal]) -> list[Signal]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from specprune_cli.errors import StatisticsError
-from specprune_cli.moments import sym_addmm
+from specprune_cli.symmetric import sym_addmm
 
 _CHECK_TILE = 128  # side of the squares compared with their mirror images (two fit in a 1 MiB L2 cache)
 
