@@ -39,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import cpu_name, format_table  # noqa: E402
 from spectral_oracle import greedy_select_reference  # noqa: E402
-from specprune_cli.moments import CrossMoment, SecondMoment, sym_addmm  # noqa: E402
+from specprune_cli.moments import CrossMoment, SecondMoment  # noqa: E402
 from specprune_cli.spectral import (Signal, degrees_of_freedom, greedy_select, relative_lambda,  # noqa: E402
                                     select)
+from specprune_cli.symmetric import sym_addmm  # noqa: E402
 
 GIB = 1 << 30
 

@@ -13,72 +13,17 @@ against m^2 for one second moment.
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Iterator
 
 import torch
 
 from specprune_cli.errors import StatisticsError
+from specprune_cli.rows import check_same_rows, checked_channels, row_chunks, same_tensor, sample_positions
+from specprune_cli.symmetric import sym_addmm, symmetrise_
 
-_SYM_TILE = 512  # rows per tile in the half-triangle products; below two tiles a plain GEMM is faster
-_CHUNK_ELEMENTS = 1 << 23  # float64 values per piece of rows converted at a time (64 MiB)
+# sample_positions is re-exported: the kernel refit (refit.py) draws its patches with it.
+__all__ = ["CrossMoment", "SecondMoment", "sample_positions"]
+
 _GRAM_TILE = 64  # fewest channels per tile when accumulating (at most 8 tiles)
-_COPY_TILE = 128  # side of the squares transposed at once (two fit in a 1 MiB L2 cache)
-
-
-def sym_addmm(out: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor,
-              alpha: float = 1.0, tile: int = _SYM_TILE) -> torch.Tensor:
-    """out + alpha * left @ right^T for a product known to be symmetric, at about half the flops.
-
-    Only the lower block triangle is multiplied (tiles of ``tile`` rows); the upper one is mirrored.
-    ``out`` None means zeros; it may be a strided view. Updates ``out`` in place and returns it.
-    """
-    n = left.shape[0]
-    if out is None:
-        out = torch.zeros(n, n, dtype=left.dtype)
-    tiles = n // tile
-    if tiles < 2:
-        return out.addmm_(left, right.T, alpha=alpha)
-    edges = [n * i // tiles for i in range(tiles + 1)]
-    for lo, hi in zip(edges, edges[1:]):
-        out[lo:hi, :hi].addmm_(left[lo:hi], right[:hi].T, alpha=alpha)
-    for lo, hi in zip(edges, edges[1:]):
-        # Mirrored in squares that fit in cache: one transposed copy of the whole strip reads a new
-        # cache line per element (measured 2x slower at n = 4096).
-        for c0 in range(lo, hi, _COPY_TILE):
-            c1 = min(c0 + _COPY_TILE, hi)
-            for r0 in range(0, lo, _COPY_TILE):
-                r1 = min(r0 + _COPY_TILE, lo)
-                out[r0:r1, c0:c1].copy_(out[c0:c1, r0:r1].T)
-    return out
-
-
-def symmetrise_(s: torch.Tensor) -> torch.Tensor:
-    """s <- (s + s^T) / 2 in place, in squares that fit in cache (a transposed pass over the whole matrix
-    reads a new cache line per element), with no m x m temporary; the values of ``0.5 * (s + s.T)``."""
-    n = s.shape[0]
-    for r0 in range(0, n, _COPY_TILE):
-        rows = slice(r0, r0 + _COPY_TILE)
-        for c0 in range(0, r0 + 1, _COPY_TILE):
-            cols = slice(c0, c0 + _COPY_TILE)
-            mean = (s[rows, cols] + s[cols, rows].T).mul_(0.5)
-            s[rows, cols] = mean
-            s[cols, rows] = mean.T
-    return s
-
-
-def sample_positions(n: int, positions: int, count: int, seed: int, key: int, salt: int = 0) -> torch.Tensor:
-    """``count`` distinct positions of ``positions`` for each of ``n`` samples, (n, count), drawn from a
-    generator seeded by (seed, key, salt) alone: key is the batch's index in the whole calibration set, so
-    every process of a torchrun job draws what one process would (docs/method.md §2)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + key + salt)
-    return torch.rand(n, positions, generator=generator).argsort(1)[:, :count]
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when a and b are views of the same memory with the same layout (x~ is x)."""
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                      and a.dtype == b.dtype)
 
 
 class CrossMoment:
@@ -127,63 +72,6 @@ class CrossMoment:
         """True while every update so far had x~ the very same tensor as x (then S = S~ = C)."""
         return "source" not in self._sums
 
-    def _channels_of(self, x: torch.Tensor) -> int:
-        return x.shape[-1] if self.channel_dim == -1 else x.shape[1]
-
-    def _validate(self, x: torch.Tensor, expected: int | None, name: str) -> int:
-        """x's channel count, after checking its shape and that it holds no NaN/Inf."""
-        if x.dim() < 2:
-            raise StatisticsError(f"{name}activations must have a batch and a channel dimension, got shape "
-                                  f"{tuple(x.shape)}")
-        channels = self._channels_of(x)
-        if expected is not None and channels != expected:
-            raise StatisticsError(f"{name}expected {expected} channels, got a batch with {channels}; "
-                                  "the same accumulator must see the same layer")
-        # Checked on the whole batch, before subsampling: a broken model must not pass by luck. A sum
-        # reads x once without a mask the size of x; only a non-finite sum (NaN/Inf, or an overflow)
-        # pays for the exact count.
-        if x.is_floating_point() and not math.isfinite(float(x.sum())):
-            bad = int(x.numel() - torch.isfinite(x).sum())
-            if bad:
-                raise StatisticsError(f"{name}{bad} of {x.numel()} activation values are NaN or Inf; check "
-                                      "the input normalisation (data.*.mean/std), that the checkpoint "
-                                      "matches the architecture, and that the model runs in eval mode")
-        return channels
-
-    def _row_chunks(self, signals: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
-        """The rows of ``signals`` as float64 (rows, C) pieces, one per signal, of bounded size.
-
-        Each piece is made by one copy that changes layout and dtype together: float64 before the
-        product, not after (docs/method.md §2).
-        """
-        widths = [self._channels_of(s) for s in signals]
-        if self.channel_dim == -1 or signals[0].dim() == 2:
-            flats = [s.reshape(-1, w) for s, w in zip(signals, widths)]
-            per = max(1, _CHUNK_ELEMENTS // sum(widths))
-            for lo in range(0, flats[0].shape[0], per):
-                yield [f[lo:lo + per].to(torch.float64) for f in flats]
-            return
-        n = signals[0].shape[0]
-        flats = [s.reshape(n, w, -1) for s, w in zip(signals, widths)]
-        positions = flats[0].shape[2]
-        if self.max_positions is not None and positions > self.max_positions:
-            # Distinct positions (no duplicated rows): the first max_positions of a random permutation,
-            # the same positions for every signal.
-            idx = sample_positions(n, positions, self.max_positions, self.seed,
-                                   self.draw_offset + self.draw_stride * self._updates)
-            positions = self.max_positions
-            flats = [torch.gather(f, 2, idx.unsqueeze(1).expand(n, w, positions))
-                     for f, w in zip(flats, widths)]
-        per = max(1, _CHUNK_ELEMENTS // (positions * sum(widths)))  # samples per piece
-        for lo in range(0, n, per):
-            pieces = []
-            for f, w in zip(flats, widths):
-                part = f[lo:lo + per]
-                rows = torch.empty(part.shape[0], positions, w, dtype=torch.float64)
-                rows.copy_(part.permute(0, 2, 1))
-                pieces.append(rows.view(-1, w))
-            yield pieces
-
     def update(self, x: torch.Tensor, x_tilde: torch.Tensor) -> "CrossMoment":
         """Add a batch: the two networks' signals at the tap for the same inputs.
 
@@ -200,20 +88,15 @@ class CrossMoment:
                 from earlier updates, or the two signals do not have the same rows.
         """
         self._open("update")
-        same = _same_tensor(x, x_tilde)
+        same = same_tensor(x, x_tilde)
         x, x_tilde = x.detach(), x_tilde.detach()
-        m = self._validate(x, self.channels, self._names[0])
-        k0 = m if same else self._validate(x_tilde, self.source_channels, self._names[1])
+        m = checked_channels(x, self.channels, self._names[0], self.channel_dim)
+        k0 = m if same else checked_channels(x_tilde, self.source_channels, self._names[1], self.channel_dim)
         if same and self.source_channels is not None and m != self.source_channels:
             raise StatisticsError(f"{self._names[1]}expected {self.source_channels} channels, got a batch "
                                   f"with {m}; the same accumulator must see the same layer")
         if not same:
-            rows_x = x.shape[:-1] if self.channel_dim == -1 else (x.shape[0], *x.shape[2:])
-            rows_t = x_tilde.shape[:-1] if self.channel_dim == -1 else (x_tilde.shape[0], *x_tilde.shape[2:])
-            if rows_x != rows_t:
-                raise StatisticsError(f"the two signals must come from the same inputs: x has shape "
-                                      f"{tuple(x.shape)} and x~ {tuple(x_tilde.shape)} (only channels may "
-                                      "differ)")
+            check_same_rows(x, x_tilde, self.channel_dim)
         self.channels, self.source_channels = m, k0
         if not self._sums:
             self._sums = {"target": torch.zeros(m, m, dtype=torch.float64),
@@ -228,7 +111,9 @@ class CrossMoment:
         # Half-triangle products for the symmetric sums, one GEMM for C (measured 20% faster than one
         # half product of the joint rows [x, x~] at m = k0 = 288, whose narrow tiles cost more).
         tile_x, tile_t = max(_GRAM_TILE, m // 8), max(_GRAM_TILE, k0 // 8)
-        for pieces in self._row_chunks([x] if same else [x, x_tilde]):
+        key = self.draw_offset + self.draw_stride * self._updates
+        signals = [x] if same else [x, x_tilde]
+        for pieces in row_chunks(signals, self.channel_dim, self.max_positions, self.seed, key):
             rows = pieces[0]
             if same and not self.shared:  # x~ is x now, after updates where it was not: add x x^T thrice
                 product = sym_addmm(None, rows.T, rows.T, tile=tile_x)

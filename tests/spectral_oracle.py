@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from specprune_cli.spectral import Signal, _check, _gram, _metric_weights, relative_lambda
+from specprune_cli.objective import _metric_weights
+from specprune_cli.signals import Signal, _check, _gram, relative_lambda
 
 
 def greedy_select_reference(sigma: torch.Tensor, k: int, *, ridge: float = 1e-3, theta: float = 0.5,

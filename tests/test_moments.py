@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from specprune_cli.errors import StatisticsError
-from specprune_cli import moments
-from specprune_cli.moments import CrossMoment, SecondMoment, sym_addmm
+from specprune_cli.moments import CrossMoment, SecondMoment
+from specprune_cli.symmetric import sym_addmm, symmetrise_
 
 
 def test_second_moment_streams_uneven_batches_exactly():
@@ -224,7 +224,7 @@ def test_accumulation_does_not_depend_on_how_rows_are_split(monkeypatch):
     g = torch.Generator().manual_seed(7)
     x, xt = torch.randn(5, 6, 4, 3, generator=g), torch.randn(5, 4, 4, 3, generator=g)
     whole = CrossMoment(max_positions=7, seed=1).update(x, xt)
-    monkeypatch.setattr(moments, "_CHUNK_ELEMENTS", 40)  # 1 sample (7 rows x 10 values) per piece
+    monkeypatch.setattr("specprune_cli.rows._CHUNK_ELEMENTS", 40)  # 1 sample (7 rows x 10 values) per piece
     pieces = CrossMoment(max_positions=7, seed=1).update(x, xt)
     flat = CrossMoment(channel_dim=-1).update(x.permute(0, 2, 3, 1), xt.permute(0, 2, 3, 1))  # 4 rows a piece
     assert pieces.count == whole.count == 35 and flat.count == 60
@@ -258,4 +258,4 @@ def test_symmetrise_in_place_gives_the_values_of_the_mean_with_the_transpose():
     for n in (5, 128, 300):  # one tile, exactly one, a ragged last one
         s = torch.randn(n, n, generator=g, dtype=torch.float64)
         want = 0.5 * (s + s.T)
-        assert torch.equal(moments.symmetrise_(s), want)
+        assert torch.equal(symmetrise_(s), want)

@@ -223,7 +223,7 @@ def pair_signal(x, xt, z=None) -> Signal:
 def test_few_consumer_rows_enter_as_z_itself_with_the_picks_of_z_gram(theta, intercept):
     """Z with at most m/3 rows is used as a factor (Q = a K^T K + b (ZK)^T (ZK), no m x m Z^T Z): the same
     order, A and b as through Z^T Z, and the loss curve to round-off; symmetric and cross signals."""
-    from specprune_cli.spectral import _metric_factor
+    from specprune_cli.objective import _metric_factor
 
     m, k0 = 48, 40
     x, xt = random_pair(m, k0, seed=3, offset=0.5)
