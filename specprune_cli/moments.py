@@ -17,11 +17,10 @@ import copy
 import torch
 
 from specprune_cli.errors import StatisticsError
-from specprune_cli.rows import check_same_rows, checked_channels, row_chunks, same_tensor, sample_positions
+from specprune_cli.rows import check_same_rows, checked_channels, row_chunks, same_tensor
 from specprune_cli.symmetric import sym_addmm, symmetrise_
 
-# sample_positions is re-exported: the kernel refit (refit.py) draws its patches with it.
-__all__ = ["CrossMoment", "SecondMoment", "sample_positions"]
+__all__ = ["CrossMoment", "SecondMoment"]
 
 _GRAM_TILE = 64  # fewest channels per tile when accumulating (at most 8 tiles)
 

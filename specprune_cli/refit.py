@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specprune_cli.moments import sample_positions
+from specprune_cli.rows import sample_positions
 
 #: Largest m * K (patch length) refit: 256 channels under a 3x3 kernel. A row of the patch moments costs
 #: (m K)^2 multiply-adds, so wider units keep the fold W A (a 512-wide unit would cost 4x more per row
