@@ -88,12 +88,15 @@ def resolve_joins(spaces: list[Space], owner: dict[fx.Node, Space]) -> list[list
     for sp in spaces:
         if sp.failure is not None:
             continue
-        for op_node, other, _ in sp.joins:
+        for op_node, other, own in sp.joins:
             gate = owner.get(other)
             if other in sp.nodes or gate is None or gate is sp or root(gate) is root(sp):
                 continue
-            sp.followers.append(Follower(str(gate.producer.target), "rows"))
-            sp.followers.extend(gate.followers)
+            # Gating a concatenation (CSPNeXt's squeeze-excitation over cat([main, short])), the gate's
+            # rows and followers hold every segment's channels: only this unit's block is cut.
+            block = sp.nodes[own].block
+            sp.followers.append(Follower(str(gate.producer.target), "rows", block=block))
+            sp.followers.extend(f if f.block is not None else replace(f, block=block) for f in gate.followers)
             gate.failure = "gate"
     groups: dict[int, list[Space]] = {}
     for sp in spaces:

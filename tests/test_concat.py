@@ -65,6 +65,20 @@ class Between(nn.Module):
         return self.out(torch.cat([a, self.b(x), c], 1))
 
 
+class GatedConcat(nn.Module):
+    """CSPNeXt's stage end: a squeeze-excitation gate over cat([main, short]), with a BN on the gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.main, self.short = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.fc, self.fc_bn = nn.Conv2d(10, 10, 1), nn.BatchNorm2d(10)
+        self.out = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        c = torch.cat([torch.relu(self.main(x)), torch.relu(self.short(x))], 1)
+        return self.out(c * torch.sigmoid(self.fc_bn(self.fc(c.mean((2, 3), keepdim=True)))))
+
+
 class Tabular(nn.Module):
     """Linear features concatenated on the last dimension (keyword arguments, a tuple), a BatchNorm1d
     over them, and the input's first columns put before a hidden layer."""
@@ -142,6 +156,14 @@ def test_a_block_placed_before_earlier_units_keeps_its_offset_from_the_start():
                if u.type == "concat"}
     assert anchors == {"enc": "start", "up": "start"}
     assert model.dec.in_channels == 3 + 4
+
+
+def test_a_gate_over_a_concatenation_loses_only_each_units_rows():
+    torch.manual_seed(0)
+    model = warm_batchnorm(GatedConcat(), (3, 8, 8))
+    graph = _cut_half(model, torch.randn(3, 3, 8, 8))
+    assert [(u.name, u.type) for u in graph.units] == [("main", "concat"), ("short", "concat")]
+    assert (model.fc.in_channels, model.fc.out_channels, model.fc_bn.num_features) == (3 + 2, 3 + 2, 3 + 2)
 
 
 def test_a_block_between_units_pruned_before_it_is_kept_whole_with_the_reason():
