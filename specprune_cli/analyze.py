@@ -21,7 +21,7 @@ from tqdm import tqdm
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import find_units
 from specprune_cli.plan import CostModel, allocate_widths, make_matcher
-from specprune_cli.prune import _as_inputs, allocation_prefix, prune_model
+from specprune_cli.prune import as_inputs, allocation_prefix, prune_model
 from specprune_cli.reparam import working_copy
 from specprune_cli.selection import consumer_gram, primary_tap, unit_curve, unit_dof
 from specprune_cli.spectral import degrees_of_freedom, greedy_select, relative_lambda, selection_loss
@@ -60,7 +60,7 @@ def analyze_model(model: nn.Module, batches: Iterable[Any], *, example_input: to
     model, _ = working_copy(model)
     example1 = example_input[:1]
     graph = find_units(model, example1, exclude=make_matcher(list(cfg.exclude)))
-    inputs = _as_inputs(batches, model)
+    inputs = as_inputs(batches, model)
     with tqdm(total=len(inputs), desc="statistics", unit="batch", file=sys.stderr, disable=not progress,
               leave=False) as bar:
         # compress takes each unit's dof from a prefix of the batches (prune.dof_rows); the same

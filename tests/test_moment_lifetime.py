@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from specprune_cli import prune
+from specprune_cli import prune, sequential
 from specprune_cli.moments import CrossMoment
 from helpers import prune_cfg
 
@@ -31,13 +31,13 @@ def test_only_the_moments_still_to_be_read_are_alive_at_each_selection(monkeypat
                           nn.ReLU(), nn.Linear(16, 4)).eval()
     batches = list(torch.randn(256, 8).split(64))
     seen: list[tuple[str, int]] = []
-    choose = prune.choose
+    choose = sequential.choose  # Run.apply's selection, in both orders
 
     def counting_choose(model, unit, k, moments, cfg, intercept=False):
         seen.append((unit.name, len(_live_accumulators())))
         return choose(model, unit, k, moments, cfg, intercept=intercept)
 
-    monkeypatch.setattr(prune, "choose", counting_choose)
+    monkeypatch.setattr(sequential, "choose", counting_choose)
     result = prune.prune_model(model, batches, example_input=batches[0][:1], progress=False,
                                cfg=prune_cfg(order=order, allocation=allocation, ratio=0.5))
     units = [u["name"] for u in result.report["units"]]
