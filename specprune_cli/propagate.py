@@ -153,7 +153,7 @@ class Propagator:
             return self._apply(sp, rule, OpCall(user, src, layout, sp.width, mod))
         if layer_kind(mod) is None and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
             raise Unsupported(f"channels flow into {what}, which subclasses {type(mod).__mro__[1].__name__} "
-                              "with its own forward; it is kept whole")
+                              "with its own forward that does not compute its parent's; it is kept whole")
         raise Unsupported(f"channels flow into {what}, which does not keep channel identity or is not "
                           "supported")
 

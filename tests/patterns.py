@@ -320,6 +320,32 @@ class TokenHead(nn.Module):
         return self.fc(x + token)
 
 
+class CastLinear(nn.Linear):
+    """timm's Linear: its own forward only casts the weight, so it computes nn.Linear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+class PadsItself(nn.Conv2d):
+    """timm's Conv2dSame: pads in its own forward, so it does not compute nn.Conv2d's (padding=0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride)
+
+
+class LayerSubclasses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = PadsItself(6, 6, 3)
+        self.fc1, self.fc2 = CastLinear(6, 8), CastLinear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b(F.relu(self.a(x)))).mean((2, 3))
+        return self.fc2(F.relu(self.fc1(x)))
+
+
 PATTERNS = {
     "audio_head": (AudioHead, (1, 8, 6)),
     "audio_head_literal": (AudioHeadLiteral, (1, 8, 6)),
@@ -338,6 +364,7 @@ PATTERNS = {
     "reads_channel_count": (ReadsChannelCount, (3, 8, 8)),
     "dynamic_flatten": (DynamicFlatten, (3, 8, 8)),
     "norm_subclasses": (NormSubclasses, (3, 8, 8)),
+    "layer_subclasses": (LayerSubclasses, (3, 8, 8)),
 }
 
 

@@ -34,6 +34,7 @@ EXPECTED = {
     "reads_channel_count": ([], {"conv": "Python code reads its channel count"}),
     "dynamic_flatten": (["conv"], {}),
     "norm_subclasses": (["a"], {"b": "LayerNorm2d", "c": "BatchNormMixing"}),
+    "layer_subclasses": (["fc1"], {"a": "with its own forward that does not compute its parent's"}),
 }
 
 #: (pattern, unit) whose path from producer to consumers maps 0 to 0 (no BatchNorm shift, no `+ 1`):
@@ -133,7 +134,7 @@ def test_half_width_run_and_the_plan_rebuilds_a_fresh_instance(name, order):
 
 
 @pytest.mark.parametrize("name", ["audio_head", "decoder", "keyword_spotter", "volumetric", "layer_scale",
-                                  "norm_subclasses"])
+                                  "norm_subclasses", "layer_subclasses"])
 def test_pruned_patterns_export_to_onnx_with_parity(name, tmp_path):
     """The rewritten int attribute, the time-major column map, Conv1d/3d, ConvTranspose2d and an
     Unflatten, and a sliced BatchNorm subclass with its own forward survive the ONNX exporter (loaded back
