@@ -12,7 +12,6 @@ give, on those channels, the outputs of the whole layer (``acts_per_channel``).
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from specprune_cli.layers import LAYER_KINDS, as_parameter, overrides_forward, require_layer_kind
 from specprune_cli.layout import Layout, Unsupported
+from specprune_cli.probes import acts_per_channel
 
 
 class FollowerKind:
@@ -69,34 +69,6 @@ def follower_kind(mod: nn.Module) -> FollowerKind | None:
                 return kind
             return kind if c in _PROBED and acts_per_channel(mod, kind) else None
     return None
-
-
-def acts_per_channel(mod: nn.Module, kind: FollowerKind) -> bool:
-    """Whether ``mod``, cut by ``kind`` to every other channel, gives the whole layer's outputs on those
-    channels (in eval mode, on random inputs of 2 to 5 dims, whichever its forward takes; ``mod`` itself
-    is not run)."""
-    channels = kind.size(mod, None)
-    if channels < 2:
-        return False
-    keep = torch.arange(0, channels, 2)
-    whole = copy.deepcopy(mod).eval()
-    cut = copy.deepcopy(mod).eval()
-    kind.slice(cut, keep, None)
-    ref = next(iter(whole.parameters()), None)
-    if ref is None:
-        ref = next(iter(whole.buffers()), torch.empty(0))
-    dtype = ref.dtype if ref.is_floating_point() else torch.float32
-    gen = torch.Generator().manual_seed(0)
-    for spatial in ((5, 4), (6,), (), (3, 3, 2)):
-        x = torch.randn(3, channels, *spatial, generator=gen).to(device=ref.device, dtype=dtype)
-        try:
-            with torch.no_grad():
-                want, got = whole(x), cut(x[:, keep])
-        except Exception:  # noqa: BLE001 - this input's dims are not the layer's: try the next
-            continue
-        return (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and got.shape == want[:, keep].shape
-                and bool(torch.allclose(got, want[:, keep], rtol=1e-4, atol=1e-5)))
-    return False
 
 
 def _slice_attr(mod: nn.Module, name: str, keep: torch.Tensor, dim: int = 0) -> None:

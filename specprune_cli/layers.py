@@ -15,8 +15,6 @@ channel-major blocks of a plain ``flatten``; ``tap_rows`` and ``fold`` read the 
 """
 from __future__ import annotations
 
-import copy
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from specprune_cli.layout import Block, Layout, Unsupported
+from specprune_cli.probes import computes_base
 
 if TYPE_CHECKING:
     from specprune_cli.units import Consumer, Unit
@@ -117,40 +116,6 @@ def layer_kind(mod: nn.Module) -> LayerKind | None:
         if kind is not None:
             return kind if not overrides_forward(mod, c) or computes_base(mod, c) else None
     return None
-
-
-_SEEN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-def computes_base(mod: nn.Module, base: type) -> bool:
-    """Whether ``mod``'s own forward gives what ``base.forward`` gives, on two random inputs (on a copy,
-    in eval mode; remembered per module). Conv2dSame's padding, say, does not."""
-    if mod not in _SEEN:
-        _SEEN[mod] = _same_outputs(copy.deepcopy(mod).eval(), base)
-    return _SEEN[mod]
-
-
-def _same_outputs(mod: nn.Module, base: type) -> bool:
-    weight = getattr(mod, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    for batch in (1, 3):
-        if isinstance(mod, nn.Linear):
-            shape: tuple[int, ...] = (batch, mod.in_features)
-        else:
-            reach = [d * (k - 1) + 1 for k, d in zip(mod.kernel_size, mod.dilation)]
-            shape = (batch, mod.in_channels, *(r + 2 * s + 3 for r, s in zip(reach, mod.stride)))
-        x = torch.randn(*shape, generator=gen).to(device=weight.device, dtype=weight.dtype)
-        try:
-            with torch.no_grad():
-                got, want = mod(x), base.forward(mod, x)
-        except Exception:  # noqa: BLE001 - it does not take what its parent takes
-            return False
-        if not (isinstance(got, torch.Tensor) and got.shape == want.shape
-                and bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5))):
-            return False
-    return True
 
 
 def require_layer_kind(mod: nn.Module) -> LayerKind:
