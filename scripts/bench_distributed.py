@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import cpu_name, format_table, write_section  # noqa: E402
+from bench_common import cpu_name, format_table, keep_freed_memory_mapped, write_section  # noqa: E402
 from models_small import SmallResNet  # noqa: E402
 
 TARGET_SPEEDUP = 1.6
@@ -51,6 +51,7 @@ def run(tmp: Path, processes: int, tag: str) -> float:
 
 
 def main() -> None:
+    keep_freed_memory_mapped()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)

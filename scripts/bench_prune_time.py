@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import cpu_name, format_table, write_section  # noqa: E402
+from bench_common import cpu_name, format_table, keep_freed_memory_mapped, write_section  # noqa: E402
 from fashion_common import ROOT, load_split, normalise, reference_model  # noqa: E402
 from quality_cache import library_commit  # noqa: E402
 from specprune_cli import prune_model  # noqa: E402
@@ -42,6 +42,7 @@ VARIANTS = {
 
 
 def main() -> None:
+    mapped = keep_freed_memory_mapped()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -78,7 +79,8 @@ def main() -> None:
         print(f"{name}: forward pass median {statistics.median(forward):.2f}s", flush=True)
     load = os.getloadavg()[0]
     text = (f"### Pruning time of this version's defaults (`scripts/bench_prune_time.py`)\n\n"
-            f"{cpu_name()}, {args.threads} thread(s), load average {load:.1f} at the end, {args.rounds} rounds; "
+            f"{cpu_name()}, {args.threads} thread(s), load average {load:.1f} at the end, {args.rounds} rounds, "
+            f"freed memory {'kept mapped (glibc mallopt)' if mapped else 'returned to the system'}; "
             "prune_model at 50% of FLOPs on 1,024 calibration images, divided by one forward pass over the "
             "same batches timed just before it (median, range). Each row adds one change to the row above "
             "it, so the differences are what the kernel refit, the original-signal target and the "

@@ -78,7 +78,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aimet_bench  # noqa: E402
-from bench_common import cpu_name, format_table, write_section  # noqa: E402
+from bench_common import cpu_name, format_table, keep_freed_memory_mapped, write_section  # noqa: E402
 from fashion_common import CACHE, ROOT, accuracy, load_split, normalise, reference_model  # noqa: E402
 from int8_bench import int8_report, int8_variants  # noqa: E402
 from quality_cache import RowCache, files_hash, library_commit  # noqa: E402
@@ -689,6 +689,7 @@ def write_int8_docs(runs: dict[str, ModelRun], args: argparse.Namespace) -> None
 
 
 def main() -> None:
+    keep_freed_memory_mapped()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--methods", nargs="+", default=["*"], metavar="PATTERN",

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import cpu_name, format_table  # noqa: E402
+from bench_common import cpu_name, format_table, keep_freed_memory_mapped  # noqa: E402
 from spectral_oracle import greedy_select_reference  # noqa: E402
 from specprune_cli.moments import CrossMoment, SecondMoment  # noqa: E402
 from specprune_cli.spectral import (Signal, degrees_of_freedom, greedy_select, relative_lambda,  # noqa: E402
@@ -194,6 +194,7 @@ def dof_table(sizes: list[int], rounds: int) -> str:
 
 
 def main() -> None:
+    keep_freed_memory_mapped()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="512:256,2048:1024,4096:2048,8192:4096")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is reported")

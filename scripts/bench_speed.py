@@ -57,7 +57,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import cpu_name, format_table, memory_mib, reset_peak, write_section  # noqa: E402
+from bench_common import (cpu_name, format_table, keep_freed_memory_mapped, memory_mib, reset_peak,  # noqa: E402
+                          write_section)
 from fashion_common import ROOT, load_split, normalise, reference_model  # noqa: E402
 from int8_bench import int8_case, int8_report  # noqa: E402
 from width_bench import select_case, width_cases, width_section  # noqa: E402
@@ -465,6 +466,7 @@ def header(args: argparse.Namespace, load_start: float, title: str = "Speed", re
 
 
 def main() -> None:
+    keep_freed_memory_mapped()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat, one process: a smoke run")
     ap.add_argument("--weights", choices=("trained", "random"), default=None,
