@@ -214,7 +214,7 @@ def test_a_subclass_with_its_own_forward_is_kept_whole():
     graph = find_units(Net(), torch.zeros(1, 3, 4, 4))
     assert graph.units == []
     assert _reasons(graph)["a"] == ("channels flow into b (ScaledConv), which subclasses Conv2d with its "
-                                    "own forward; it is kept whole")
+                                    "own forward that does not compute its parent's; it is kept whole")
 
 
 def test_a_subclass_keeping_the_parent_forward_is_that_layer():
