@@ -5,7 +5,7 @@ Models people write come in more shapes than the test zoo holds. This builds, fo
 ``timm.models`` (one architecture family each), its first ``--per-family`` models whose names read small
 (tiny, small, nano, _s, 18, b0, ...), with random weights and 10 classes, skips those above
 ``--max-params``, and runs ``prune_model`` at half of every unit's width (``allocation: ratio``) on two
-random inputs of the model's own input size (64x64 where the size is not fixed by the architecture).
+random inputs of 64x64 where the model takes that size, else of its own input size.
 Each model ends in one of:
 
 - pruned: units were cut and the pruned model runs (the report's first skip reasons are shown);
@@ -64,6 +64,21 @@ def picks(per_family: int) -> list[str]:
     return out
 
 
+def _input(model: torch.nn.Module) -> torch.Tensor:
+    """Two random samples at 64x64 where the model takes that size, else at its own input size."""
+    cfg = model.pretrained_cfg or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    if not cfg.get("fixed_input_size", False) and min(h, w) > 64:
+        small = torch.randn(2, c, 64, 64)
+        try:
+            with torch.no_grad():
+                model(small)
+            return small
+        except Exception:  # noqa: BLE001 - too small for its stem (Inception): use its own size
+            pass
+    return torch.randn(2, c, h, w)
+
+
 def run_one(name: str, max_params: float, timeout: int) -> dict:
     import timm
 
@@ -77,11 +92,7 @@ def run_one(name: str, max_params: float, timeout: int) -> dict:
         if row["params"] > max_params:
             row["outcome"] = "too big"
             return row
-        cfg = model.pretrained_cfg or {}
-        c, h, w = cfg.get("input_size", (3, 224, 224))
-        if not cfg.get("fixed_input_size", False) and h >= 96:
-            h = w = 64
-        x = torch.randn(2, c, h, w)
+        x = _input(model)
         result = prune_model(model, [x], example_input=x[:1], progress=False,
                              cfg=PruneConfig(allocation="ratio", ratio=0.5, round_to=1, min_channels=1,
                                              max_positions=4))
@@ -132,7 +143,8 @@ def main() -> None:
             f"timm {timm.__version__}, torch {torch.__version__}, specprune at commit {library_commit()[:12]} "
             f"(the last change to specprune_cli/), {datetime.date.today()}, one thread. "
             f"{args.per_family} model(s) per timm model family, random weights, 10 classes, "
-            f"`allocation: ratio` 0.5 (every unit to half its width) on two random inputs; models over "
+            f"`allocation: ratio` 0.5 (every unit to half its width) on two random inputs (64x64 where the "
+            f"model takes it, else its own size); models over "
             f"{args.max_params / 1e6:.0f}M parameters are not run. *kept*: parameters kept. *why*: the first "
             "reasons something was left whole, or the error.\n\n"
             + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items())) + f" (of {len(rows)})\n\n"
