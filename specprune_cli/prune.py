@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from specprune_cli import distributed
 from specprune_cli.config import PruneConfig
-from specprune_cli.errors import BudgetError, ConfigError
+from specprune_cli.errors import BudgetError, ConfigError, ModelError, reason, user_code
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import Unit, UnitGraph, find_units
 from specprune_cli.moments import CrossMoment
@@ -135,7 +135,9 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
     timings: dict[str, float] = {}
     t = time.perf_counter()
     example1 = example_input[:1]
-    with torch.no_grad():
+    with torch.no_grad(), user_code(lambda exc: ModelError(
+            f"the model fails on example_input of shape {tuple(example1.shape)} ({reason(exc)}); give an "
+            "input of the shape and dtype the model was trained on")):
         expected = model(example1)
     flops_before, params_before = count_flops(model, example1), count_params(model)
     graph = graph or find_units(model, example1, exclude=make_matcher(list(cfg.exclude)), forward_kwargs=kwargs)

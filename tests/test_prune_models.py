@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import find_units
@@ -236,3 +237,16 @@ def test_half_flops_target_is_met_with_1d_and_3d_convolutions(dims):
                          cfg=prune_cfg(target={"flops": 0.5}, round_to=1, min_channels=1), progress=False)
     ratio = result.report["flops_after"] / result.report["flops_before"]
     assert 0.475 <= ratio <= 0.525, f"Conv{dims}d: kept {ratio:.3f} of FLOPs"
+
+
+def test_an_example_input_the_model_cannot_take_is_a_model_error():
+    """prune_model called from Python on an input too small for the model: its own exception becomes a
+    ModelError that says what to give, not a traceback from inside the run."""
+    from specprune_cli.errors import ModelError
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Conv2d(8, 4, 5)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ModelError) as exc:
+        prune_model(model, [x], example_input=x[:1], cfg=prune_cfg(), progress=False)
+    assert str(exc.value).startswith("the model fails on example_input of shape (1, 3, 6, 6) (RuntimeError: ")
+    assert str(exc.value).endswith("give an input of the shape and dtype the model was trained on")
