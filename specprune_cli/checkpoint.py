@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,9 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from specprune_cli.checkpoint_file import torch_load
 from specprune_cli.errors import CheckpointError, ConfigError, reason, user_code
 
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+#: Where training scripts keep the weights in a checkpoint dict, in the order they are looked for.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "model_state", "net", "network", "weights")
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 _SHOW = 5
 
@@ -112,73 +113,6 @@ def _few(items: list[str]) -> str:
     return shown + (f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else "")
 
 
-def torch_load(path: Path, *, trust: bool) -> Any:
-    """``torch.load`` on CPU; any failure to read the file is a CheckpointError that says what to do.
-
-    Args:
-        path: the file.
-        trust: allow unpickling arbitrary objects (this runs code from the file).
-    """
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file; check the path")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the file was not written completely: "
-                              "save it again with torch.save(model.state_dict(), path)")
-    if _is_safetensors(path):
-        return _load_safetensors(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except KeyboardInterrupt:
-        raise
-    except pickle.UnpicklingError as exc:
-        # torch names the class it refused ("Unsupported global"); anything else is not a checkpoint.
-        if not trust and "Unsupported global" in str(exc):
-            raise CheckpointError(
-                f"checkpoint {path} holds pickled Python objects (a whole model, not only tensors), which "
-                "specprune will not unpickle by default because unpickling can run arbitrary code. If you "
-                "trust this file, pass --trust-checkpoint; better, re-save it with "
-                "torch.save(model.state_dict(), path).") from None
-        raise CheckpointError(f"cannot read checkpoint {path} (it does not unpickle as a torch.save file: it "
-                              "is damaged or in another format); check the path, or re-save the weights with "
-                              "torch.save(model.state_dict(), path)") from None
-    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
-        # A trusted whole-module pickle needs its class importable under the name it was saved with.
-        raise CheckpointError(f"cannot unpickle checkpoint {path} ({type(exc).__name__}: {exc}); the code "
-                              "that defines the saved model must be importable; or save a state_dict and "
-                              "set model.arch") from None
-    except PermissionError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}; check its "
-                              "permissions") from None
-    except BaseException as exc:  # noqa: B036 - random bytes fail anywhere in torch.load; a pickle may exit
-        raise CheckpointError(f"cannot read checkpoint {path} ({reason(exc)}); is it a file written by "
-                              "torch.save? Re-save the weights with torch.save(model.state_dict(), "
-                              "path)") from None
-
-
-def _is_safetensors(path: Path) -> bool:
-    """Whether ``path`` starts as a safetensors file does: an 8-byte little-endian header length that fits
-    the file, then the header's JSON."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False  # torch.load reports it
-    return (len(head) == 9 and head[8:9] == b"{"
-            and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size)
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # noqa: B036 - SafetensorError, OSError, a header that is not JSON
-        raise CheckpointError(f"cannot read checkpoint {path} as a safetensors file ({reason(exc)}); it is "
-                              "damaged or truncated: save or download it again") from None
-
-
 def _fill_tied(model: nn.Module, state: Mapping[str, Any]) -> Mapping[str, Any]:
     """``state`` with a missing key filled from a present one whose tensor the model shares with it (tied
     weights, which ``safetensors.torch.save_model`` stores once)."""
@@ -196,11 +130,12 @@ def _fill_tied(model: nn.Module, state: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mapping[str, Any] | None = None,
-                    trust: bool = False) -> nn.Module:
+                    trust: bool = False, key: str | None = None) -> nn.Module:
     """Load a trained model from a checkpoint file.
 
-    Accepts a state_dict (a torch.save file, or a safetensors file), or a dict holding one under
-    ``state_dict``, ``model_state_dict`` or ``model``;
+    Accepts a state_dict (a torch.save file, a safetensors file, or with ``trust`` a TorchScript
+    archive's weights), or a dict holding one: under ``key`` when given (dotted for nested dicts), else
+    under the first of ``STATE_DICT_KEYS`` it has, else the only state_dict among its values;
     ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes are stripped, and so is the
     attribute a training wrapper holds the model under (Lightning's ``model.``) when every key has it
     and the rest matches the architecture exactly. With ``trust``
@@ -211,6 +146,7 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
         arch: the architecture (see ``build_model``); required unless the file holds a whole module.
         kwargs: keyword arguments for ``arch``.
         trust: allow unpickling arbitrary objects (``torch.load(weights_only=False)``).
+        key: where the weights are in a checkpoint dict (``model.checkpoint_key``, e.g. "ema").
 
     Returns:
         The model with the checkpoint's weights, in eval mode.
@@ -222,18 +158,12 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
     """
     path = Path(path)
     obj = torch_load(path, trust=trust)
-    if isinstance(obj, nn.Module):
-        return obj.eval()
-    state = None
-    if _is_state_dict(obj):
-        state = obj
-    elif isinstance(obj, Mapping):
-        for key in STATE_DICT_KEYS:
-            if isinstance(obj.get(key), nn.Module):
-                return obj[key].eval()
-            if _is_state_dict(obj.get(key)):
-                state = obj[key]
-                break
+    if key is not None:
+        obj = _under_key(obj, key, path)
+    found = _weights_in(obj, path)
+    if isinstance(found, nn.Module):
+        return found.eval()
+    state = found
     if state is None:
         if isinstance(obj, Mapping):
             found = f"a dict with keys {_few([str(k) for k in obj])}" if obj else "an empty dict"
@@ -258,6 +188,38 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None, kwargs: Mappin
         raise CheckpointError(f"checkpoint {path} does not load into model.arch {arch!r} "
                               f"({reason(exc)})") from None
     return model.eval()
+
+
+def _under_key(obj: Any, key: str, path: Path) -> Any:
+    """The value at ``key`` (dotted through nested dicts) of a checkpoint dict."""
+    for part in key.split("."):
+        if not isinstance(obj, Mapping) or part not in obj:
+            keys = (f"its keys there: {_few([str(k) for k in obj])}" if isinstance(obj, Mapping)
+                    else "there is no dict there")
+            raise CheckpointError(f"checkpoint {path} has no key {key!r} (model.checkpoint_key); {keys}")
+        obj = obj[part]
+    if not (isinstance(obj, nn.Module) or _is_state_dict(obj)):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__} under {key!r}, not a "
+                              "state_dict (model.checkpoint_key); name the key that holds the weights")
+    return obj
+
+
+def _weights_in(obj: Any, path: Path) -> nn.Module | Mapping[str, Any] | None:
+    """The module or state_dict a checkpoint holds: itself, under a known key, or as the only one among a
+    dict's values; None if there is none. Several and no known key: an error naming them."""
+    if isinstance(obj, nn.Module) or _is_state_dict(obj):
+        return obj
+    if not isinstance(obj, Mapping):
+        return None
+    for key in STATE_DICT_KEYS:
+        if isinstance(obj.get(key), nn.Module) or _is_state_dict(obj.get(key)):
+            return obj[key]
+    found = [k for k, v in obj.items() if isinstance(v, nn.Module) or _is_state_dict(v)]
+    if len(found) > 1:
+        names = _few([str(k) for k in found])
+        raise CheckpointError(f"checkpoint {path} holds {len(found)} sets of weights ({names}); set "
+                              "model.checkpoint_key to the one to prune")
+    return obj[found[0]] if found else None
 
 
 def _drop_wrapper_prefix(model: nn.Module, state: Mapping[str, Any]) -> Mapping[str, Any]:

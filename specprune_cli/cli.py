@@ -76,8 +76,9 @@ def _shared_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Override a config key by dotted path, value parsed as YAML, e.g. "
                           "--set prune.target.flops=0.3 (repeatable; wins over the YAML)."),
         click.option("--trust-checkpoint", is_flag=True,
-                     help="Allow a checkpoint that pickles Python objects (e.g. a whole model); unpickling "
-                          "can run arbitrary code, so only for files you trust."),
+                     help="Allow a checkpoint that pickles Python objects (e.g. a whole model), or read "
+                          "a TorchScript archive's weights; both can run code from the file, so only for "
+                          "files you trust."),
         click.option("--quiet", "-q", is_flag=True,
                      help="Hide progress bars and progress messages (warnings still show)."),
         click.option("--overwrite", is_flag=True,

@@ -31,6 +31,8 @@ class ModelConfig(Section):
         input_shape: one sample's shape without the batch dimension, e.g. [3, 32, 32], [40, 100] or [784].
         forward_kwargs: non-tensor keyword arguments every call of the model's forward gets (e.g.
             {embed: false}), in checks, pruning, evaluation, fine-tuning and export alike.
+        checkpoint_key: where the weights are in a checkpoint dict that holds several (e.g. ema, or
+            state.model for nested dicts); null finds them (see ``checkpoint.load_checkpoint``).
     """
 
     _path: typing.ClassVar[str] = "model"
@@ -39,6 +41,7 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] = (3, 32, 32)
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint_key: str | None = None
 
     def _check(self, path: str) -> None:
         if self.arch is not None and ":" not in self.arch:

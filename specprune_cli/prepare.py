@@ -129,7 +129,7 @@ def prepare(config: Config, checkpoint_path: str | os.PathLike, *, trust_checkpo
     input_shape = tuple(config.model.input_shape)
     log(f"loading checkpoint {checkpoint_path}")
     model = load_checkpoint(checkpoint_path, arch=config.model.arch, kwargs=config.model.kwargs,
-                            trust=trust_checkpoint)
+                            trust=trust_checkpoint, key=config.model.checkpoint_key)
     call = ModelCall(dict(config.model.forward_kwargs), config.evaluate.output)
     check_signature(model, call.forward_kwargs)
     calibration = build_batches(config.data.calibration, input_shape, where="calibration", log=log)

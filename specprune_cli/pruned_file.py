@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from specprune_cli.checkpoint import build_model, check_keys, torch_load
+from specprune_cli.checkpoint import build_model, check_keys
+from specprune_cli.checkpoint_file import torch_load
 from specprune_cli.errors import CheckpointError, reason
 from specprune_cli.graph import find_units
 from specprune_cli.plan import PLAN_FORMAT

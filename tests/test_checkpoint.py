@@ -155,6 +155,47 @@ def test_a_damaged_safetensors_file_is_a_clean_error(tmp_path):
     assert exc.value.exit_code == 1
 
 
+def test_the_weights_are_found_under_any_single_key_or_the_one_named(tmp_path):
+    ref = make_cnn()
+    other = make_cnn(seed=3)
+    x = torch.randn(2, 3, 8, 8)
+    single = tmp_path / "single.pt"  # an unusual key, the only state_dict in the dict
+    torch.save({"epoch": 9, "optimizer": {"lr": 0.1}, "student_weights": ref.state_dict()}, single)
+    torch.testing.assert_close(load_checkpoint(single, arch=ARCH)(x), ref(x))
+    two = tmp_path / "two.pt"  # a known key wins over another set; the other is reached by name, nested too
+    torch.save({"model": ref.state_dict(), "extra": {"ema": other.state_dict()}}, two)
+    torch.testing.assert_close(load_checkpoint(two, arch=ARCH)(x), ref(x))
+    torch.testing.assert_close(load_checkpoint(two, arch=ARCH, key="extra.ema")(x), other(x))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(two, arch=ARCH, key="extra.emma")
+    assert str(exc.value) == (f"checkpoint {two} has no key 'extra.emma' (model.checkpoint_key); its keys "
+                              "there: ema")
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(two, arch=ARCH, key="extra")
+    assert "holds a dict under 'extra', not a state_dict" in str(exc.value)
+    ambiguous = tmp_path / "ambiguous.pt"
+    torch.save({"student": ref.state_dict(), "teacher": other.state_dict()}, ambiguous)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(ambiguous, arch=ARCH)
+    assert str(exc.value) == (f"checkpoint {ambiguous} holds 2 sets of weights (student, teacher); set "
+                              "model.checkpoint_key to the one to prune")
+    torch.testing.assert_close(load_checkpoint(ambiguous, arch=ARCH, key="teacher")(x), other(x))
+
+
+def test_a_torchscript_archive_is_read_for_its_weights_only_when_trusted(tmp_path):
+    ref = make_cnn()
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(ref), str(path))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, arch=ARCH)
+    assert str(exc.value).startswith(f"checkpoint {path} is a TorchScript archive (torch.jit.save)")
+    assert str(exc.value).endswith("pass --trust-checkpoint to read its weights out for model.arch")
+    model = load_checkpoint(path, arch=ARCH, trust=True)
+    assert type(model).__name__ == "SmallCNN"  # the Python model, with the archive's weights
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), ref(x))
+
+
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(tmp_path / "none.pt", arch=ARCH)
