@@ -101,33 +101,31 @@ class KernelFit:
             if self.rows is not None and self._held + u.numel() + y.numel() <= KEEP_BYTES // 4:
                 self.rows.append((u, y))
                 self._held += u.numel() + y.numel()
-                return
-            self.sum_rows()
-            self._add(u, y)
+            else:
+                self._add(u, y)
 
     def _add(self, u: torch.Tensor, y: torch.Tensor) -> None:
-        """Add one batch's products over every channel."""
+        """Add one batch's products over every channel (summing the held rows first)."""
+        patches, cross = self.totals()
+        patches += (u.T @ u).double()
+        cross += (y.T @ u).double()
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float64 sums of u^T u and y^T u over every channel, the held rows added in; from then on
+        every batch is summed as it comes."""
         if self.patches is None or self.cross is None:
             self.patches = torch.zeros(self.size, self.size, dtype=torch.float64)
             self.cross = torch.zeros(self.outputs, self.size, dtype=torch.float64)
-        self.patches += (u.T @ u).double()
-        self.cross += (y.T @ u).double()
-
-    def sum_rows(self) -> None:
-        """Turn the held rows into products over every channel, and sum every later batch as it comes."""
-        if self.rows is None:
-            return
-        held, self.rows, self._held = self.rows, None, 0
-        if self.patches is None:
-            self._add(torch.zeros(0, self.size), torch.zeros(0, self.outputs))
+        held, self.rows, self._held = self.rows or [], None, 0
         for u, y in held:
-            self._add(u, y)
+            self.patches += (u.T @ u).double()
+            self.cross += (y.T @ u).double()
+        return self.patches, self.cross
 
     def sums(self) -> dict[str, torch.Tensor]:
         """The raw float64 sums and the row count, for ``distributed.all_reduce_moments``."""
-        self.sum_rows()
-        assert self.patches is not None and self.cross is not None
-        return {"patches": self.patches.clone(), "cross": self.cross.clone(),
+        patches, cross = self.totals()
+        return {"patches": patches.clone(), "cross": cross.clone(),
                 "count": torch.tensor(float(self.count), dtype=torch.float64)}
 
     def load_sums(self, sums: dict[str, torch.Tensor]) -> "KernelFit":
@@ -140,8 +138,8 @@ class KernelFit:
     def _kept_products(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sums of u_J^T u_J and y^T u_J over the kept patch columns ``cols``."""
         if self.rows is None:
-            assert self.patches is not None and self.cross is not None
-            return self.patches[cols][:, cols], self.cross[:, cols]
+            patches, cross = self.totals()
+            return patches[cols][:, cols], cross[:, cols]
         p = torch.zeros(len(cols), len(cols), dtype=torch.float64)
         q = torch.zeros(self.outputs, len(cols), dtype=torch.float64)
         for u, y in self.rows:
