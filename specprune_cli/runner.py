@@ -52,8 +52,10 @@ class SegmentRunner:
         """Args:
             gm: the captured graph.
             batches: the cached inputs.
-            root: the modules to run the graph's nodes on, if not ``gm``'s own: a copy of the model the
-                graph was captured from (e.g. the untouched original beside the pruned network).
+            root: the modules to run the graph's nodes on, if not ``gm``'s own: the model the graph was
+                captured from, whose parameters surgery replaces (``gm`` keeps its own references to
+                those read by get_attr), or a copy of it (the untouched original beside the pruned
+                network).
             int_attrs: with ``root``, the graph's int attributes (``UnitGraph.int_attrs``), read from
                 ``root``'s modules.
         """

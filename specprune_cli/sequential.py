@@ -67,7 +67,9 @@ def sequential(run: Run, widths: Mapping[str, int], bar: Any) -> float:
     beside it, so each tap is read from both networks for the same input.
     """
     units, gm, cfg = run.graph.units, run.graph.gm, run.cfg
-    runner = SegmentRunner(gm, run.inputs)
+    # The runner reads parameters from the model itself: surgery replaces a sliced parameter there, and
+    # the graph module's own reference to it (a get_attr outside any leaf module) would go stale.
+    runner = SegmentRunner(gm, run.inputs, root=run.model, int_attrs=run.graph.int_attrs)
     twin = (SegmentRunner(gm, run.inputs, root=copy.deepcopy(run.model), int_attrs=run.graph.int_attrs)
             if cfg.target_signal == "original" else None)
     index = {n.name: i for i, n in enumerate(runner.nodes)}

@@ -346,6 +346,35 @@ class LayerSubclasses(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class Scale(nn.Module):
+    """timm's LayerScale2d: a per-channel parameter in a module of its own (read by get_attr)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, width).view(width, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class ScaledResidual(nn.Module):
+    """SwiftFormer's blocks: x + scale(conv(f(x))) twice. The stream is cut first, and the layer-scale
+    products are computed again after that cut, so they must read the sliced parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b, self.ls1 = nn.Conv2d(8, 12, 1), nn.Conv2d(12, 8, 1), Scale(8)
+        self.c, self.d, self.ls2 = nn.Conv2d(8, 12, 3, padding=1), nn.Conv2d(12, 8, 1), Scale(8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.ls1(self.b(F.relu(self.a(x))))
+        x = x + self.ls2(self.d(F.relu(self.c(x))))
+        return self.head(x)
+
+
 PATTERNS = {
     "audio_head": (AudioHead, (1, 8, 6)),
     "audio_head_literal": (AudioHeadLiteral, (1, 8, 6)),
@@ -365,6 +394,7 @@ PATTERNS = {
     "dynamic_flatten": (DynamicFlatten, (3, 8, 8)),
     "norm_subclasses": (NormSubclasses, (3, 8, 8)),
     "layer_subclasses": (LayerSubclasses, (3, 8, 8)),
+    "scaled_residual": (ScaledResidual, (3, 8, 8)),
 }
 
 

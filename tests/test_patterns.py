@@ -35,6 +35,7 @@ EXPECTED = {
     "dynamic_flatten": (["conv"], {}),
     "norm_subclasses": (["a"], {"b": "LayerNorm2d", "c": "BatchNormMixing"}),
     "layer_subclasses": (["fc1"], {"a": "with its own forward that does not compute its parent's"}),
+    "scaled_residual": (["stem", "a", "c"], {}),
 }
 
 #: (pattern, unit) whose path from producer to consumers maps 0 to 0 (no BatchNorm shift, no `+ 1`):
