@@ -63,7 +63,8 @@ def main() -> None:
         torch.save(SmallResNet(width=64).state_dict(), tmp / "ck.pt")
         cfg = {"model": {"arch": f"{ROOT / 'tests' / 'models_small.py'}:SmallResNet", "kwargs": {"width": 64},
                          "input_shape": [3, 32, 32]},
-               "data": {"calibration": {"format": "synthetic", "num_samples": args.samples, "batch_size": 64}},
+               "data": {"calibration": {"format": "synthetic", "num_samples": args.samples,
+                                        "batch_size": 64}},
                "prune": {"order": "oneshot", "max_positions": None},
                "evaluate": {"latency": False}, "export": {"formats": ["pt"]}}
         (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -80,8 +81,8 @@ def main() -> None:
     text = "\n".join([
         "## Statistics with 1 and 2 processes (`scripts/bench_distributed.py`)", "",
         f"Produced by `{command}` on {date.today().isoformat()}: {cpu_name()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, Python {platform.python_version()}; load average {load_before[0]:.1f} before and "
-        f"{load_after[0]:.1f} after. "
+        f"{torch.__version__}, Python {platform.python_version()}; load average {load_before[0]:.1f} before "
+        f"and {load_after[0]:.1f} after. "
         "`compress` in oneshot order under `torch.distributed.run --standalone --nproc_per_node=N`, each "
         f"process with one thread, on {args.samples} synthetic 3x32x32 images and SmallResNet(width=64) "
         "(tests/models_small.py) with random weights: process 0's seconds of the statistics stage (the "

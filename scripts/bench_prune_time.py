@@ -79,8 +79,8 @@ def main() -> None:
         print(f"{name}: forward pass median {statistics.median(forward):.2f}s", flush=True)
     load = os.getloadavg()[0]
     text = (f"### Pruning time of this version's defaults (`scripts/bench_prune_time.py`)\n\n"
-            f"{cpu_name()}, {args.threads} thread(s), load average {load:.1f} at the end, {args.rounds} rounds, "
-            f"freed memory {'kept mapped (glibc mallopt)' if mapped else 'returned to the system'}; "
+            f"{cpu_name()}, {args.threads} thread(s), load average {load:.1f} at the end, {args.rounds} "
+            f"rounds, freed memory {'kept mapped (glibc mallopt)' if mapped else 'returned to the system'}; "
             "prune_model at 50% of FLOPs on 1,024 calibration images, divided by one forward pass over the "
             "same batches timed just before it (median, range). Each row adds one change to the row above "
             "it, so the differences are what the kernel refit, the original-signal target and the "

@@ -57,8 +57,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (cpu_name, format_table, keep_freed_memory_mapped, memory_mib, reset_peak,  # noqa: E402
-                          write_section)
+from bench_common import (cpu_name, format_table, keep_freed_memory_mapped, memory_mib,  # noqa: E402
+                          reset_peak, write_section)
 from fashion_common import ROOT, load_split, normalise, reference_model  # noqa: E402
 from int8_bench import int8_case, int8_report  # noqa: E402
 from width_bench import select_case, width_cases, width_section  # noqa: E402
@@ -208,7 +208,8 @@ def worker(cases: dict[str, dict]) -> dict[str, dict]:
     results = {}
     for case_id, case in cases.items():
         start = time.perf_counter()
-        run = {"prune": prune_case, "latency": latency_case, "int8": int8_case, "select": select_case}[case["kind"]]
+        run = {"prune": prune_case, "latency": latency_case, "int8": int8_case,
+               "select": select_case}[case["kind"]]
         results[case_id] = run(case)
         print(f"{case_id}: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     return results
@@ -495,8 +496,8 @@ def main() -> None:
         print(f"warning: load average {load_start:.1f} on {os.cpu_count()} cores; with {args.threads} "
               "threads torch waits for busy cores and eager timings can be many times too slow "
               "(--threads 1 avoids it)", file=sys.stderr)
-    wide = width_cases(settings.wide_width, settings.wide_inputs, settings.wide_samples, settings.select_sizes,
-                       settings.select_repeats)
+    wide = width_cases(settings.wide_width, settings.wide_inputs, settings.wide_samples,
+                       settings.select_sizes, settings.select_repeats)
     with tempfile.TemporaryDirectory(prefix="bench_speed-") as tmp:
         if args.width_only:
             cases = wide
@@ -518,7 +519,8 @@ def main() -> None:
         print(int8)
     if not args.int8_only:
         width = "\n\n".join([header(args, load_start, "Speed at width", resnet50=False, fashion=False),
-                              width_section(results, settings.wide_width, settings.wide_inputs, args.threads)])
+                              width_section(results, settings.wide_width, settings.wide_inputs,
+                                            args.threads)])
         write_section(args.out, "bench_speed_width", width)
         print(width)
 

@@ -140,9 +140,9 @@ def main() -> None:
               r["units"] if r["units"] is not None else "-", f"{r['kept']:.3f}" if r["kept"] else "-",
               f"{r['seconds']:.1f}", r["why"][:160].replace("|", "/")] for r in rows]
     text = (f"## Reach over timm (`scripts/sweep_timm.py`)\n\n"
-            f"timm {timm.__version__}, torch {torch.__version__}, specprune at commit {library_commit()[:12]} "
-            f"(the last change to specprune_cli/), {datetime.date.today()}, one thread. "
-            f"{args.per_family} model(s) per timm model family, random weights, 10 classes, "
+            f"timm {timm.__version__}, torch {torch.__version__}, specprune at commit "
+            f"{library_commit()[:12]} (the last change to specprune_cli/), {datetime.date.today()}, "
+            f"one thread. {args.per_family} model(s) per timm model family, random weights, 10 classes, "
             f"`allocation: ratio` 0.5 (every unit to half its width) on two random inputs (64x64 where the "
             f"model takes it, else its own size); models over "
             f"{args.max_params / 1e6:.0f}M parameters are not run. *kept*: parameters kept. *why*: the first "

@@ -72,25 +72,28 @@ def width_section(results: dict[str, dict], width: int, inputs: int, threads: in
     stages = ("trace", "statistics", "allocation", "replay", "selection", "verify")
     kept = ", ".join(f"unit {name}: {w} -> {k}" for name, (w, k) in prune["kept"].items())
     peak_gib = prune["peak_prune_mib"] / GIB_MIB if prune["peak_prune_mib"] is not None else float("nan")
-    prune_rows = [[f"Linear({inputs}, {width}) -> ReLU -> Linear({width}, {width}) -> ReLU -> Linear({width}, 10)",
+    prune_rows = [[f"Linear({inputs}, {width}) -> ReLU -> Linear({width}, {width}) -> ReLU -> "
+                   f"Linear({width}, 10)",
                    prune["samples"], f"{prune['total_s']:.1f}", f"{prune['cpu_s']:.1f}",
                    *(f"{t.get(s, 0.0):.1f}" for s in stages), _gib(prune["rss_before_mib"]),
                    _gib(prune["peak_prune_mib"]), f"{prune['load'][0]:.1f} / {prune['load'][1]:.1f}"]]
     select_rows, verdicts = [], []
-    for key in sorted((k for k in results if k.startswith("wide/select/")), key=lambda k: int(k.split("/")[-1])):
+    for key in sorted((k for k in results if k.startswith("wide/select/")),
+                      key=lambda k: int(k.split("/")[-1])):
         r = results[key]
         m = int(key.split("/")[-1])
         walls = [run["wall_s"] for run in r["runs"]]
         cpus = [run["cpu_s"] for run in r["runs"]]
         wall = statistics.median(walls)
         select_rows.append([m, m // 2, f"{wall:.1f}", f"{min(walls):.1f} - {max(walls):.1f}",
-                            f"{statistics.median(cpus):.1f}", "/".join(f"{run['load']:.1f}" for run in r["runs"]),
+                            f"{statistics.median(cpus):.1f}",
+                            "/".join(f"{run['load']:.1f}" for run in r["runs"]),
                             _gib(r["inputs_mib"]), _gib(r["peak_mib"] - r["inputs_mib"])])
         if m == TARGET_SELECT_M:
             verdicts.append(f"- selection at m = {m}, k = {m // 2}, theta = 0.5 under {TARGET_SELECT_S:g} s: "
                             f"{wall:.1f} s (median), " + ("met" if wall < TARGET_SELECT_S else "missed"))
-    verdicts.insert(0, f"- pruning {width}-wide units within {TARGET_PEAK_GIB:g} GiB: peak {peak_gib:.2f} GiB, "
-                       + ("met" if peak_gib <= TARGET_PEAK_GIB else "missed"))
+    verdicts.insert(0, f"- pruning {width}-wide units within {TARGET_PEAK_GIB:g} GiB: peak "
+                       f"{peak_gib:.2f} GiB, " + ("met" if peak_gib <= TARGET_PEAK_GIB else "missed"))
     return "\n".join([
         f"### (D) Units {width:,} wide (issue 16)", "",
         f"Pruning a model with two {width}-wide units (`--width-only` runs this section alone): the default "

@@ -70,7 +70,8 @@ def analyze_model(model: nn.Module, batches: Iterable[Any], *, example_input: to
             enough=allocation_prefix(cfg), full=True, progress=bar)
     rows = []
     dof_at_cfg = {u.name: unit_dof(u, prefix, model, cfg.ridge) for u in graph.units}
-    for u in tqdm(graph.units, desc="analyze", unit="unit", file=sys.stderr, disable=not progress, leave=False):
+    for u in tqdm(graph.units, desc="analyze", unit="unit", file=sys.stderr, disable=not progress,
+                  leave=False):
         tap = primary_tap(model, u)
         sigma = moments[(u.name, tap)].matrix
         mu = torch.linalg.eigvalsh(sigma).clamp_min(0).flip(0)
@@ -129,7 +130,8 @@ def prunability(model: nn.Module, batches: Sequence[Any], *, example_input: torc
     Returns:
         ``{"fraction": f, "loss_original": ..., "loss_at_fraction": ..., "tolerance": tol, "probes": [...]}``
     """
-    pairs = [(b[0], b[1] if len(b) > 1 else None) if isinstance(b, (tuple, list)) else (b, None) for b in batches]
+    pairs = [(b[0], b[1] if len(b) > 1 else None) if isinstance(b, (tuple, list)) else (b, None)
+             for b in batches]
     labelled = all(y is not None and bool((y >= 0).all()) for _, y in pairs)
 
     def loss_of(net: nn.Module) -> float:

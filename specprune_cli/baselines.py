@@ -19,7 +19,8 @@ from specprune_cli.surgery import prune_unit, selection_matrix
 CRITERIA = ("l1", "l2", "random")
 
 
-def channel_scores(model: nn.Module, producer: str, criterion: str, *, generator: torch.Generator) -> torch.Tensor:
+def channel_scores(model: nn.Module, producer: str, criterion: str, *,
+                   generator: torch.Generator) -> torch.Tensor:
     """Importance of each output channel of ``producer`` under ``criterion`` (higher = keep)."""
     w = model.get_submodule(producer).weight.detach()
     flat = w.reshape(w.shape[0], -1)

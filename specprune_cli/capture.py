@@ -1,4 +1,5 @@
-"""Capturing a model as an fx graph of its leaf modules, whatever Python its forward runs (docs/method.md §1).
+"""Capturing a model as an fx graph of its leaf modules, whatever Python its forward runs
+(docs/method.md §1).
 
 Unit finding, surgery and the sequential statistics all speak in module names and replay the graph
 node by node, so the capture is an ``fx.GraphModule`` whose ``call_module`` nodes are the model's own
@@ -156,7 +157,8 @@ def _capture(model: nn.Module, example: torch.Tensor, fixed: dict[str, Any]) -> 
         return Capture(None, failure=f"the model fails on its example input ({_short(exc)})")
     opaque: dict[str, str] = {}
     for name, mod in model.named_modules():
-        if name and isinstance(mod, torch.jit.ScriptModule) and not any(name.startswith(o + ".") for o in opaque):
+        if (name and isinstance(mod, torch.jit.ScriptModule)
+                and not any(name.startswith(o + ".") for o in opaque)):
             opaque[name] = "it is a TorchScript module (torch.jit.script or trace), whose code fx cannot read"
     for _ in range(_MAX_ATTEMPTS):
         tracer = ValueTracer(x2, set(opaque))

@@ -71,8 +71,8 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str, path: Any) ->
     if x.dtype != np.uint8 and x.dtype.type not in _FLOATS and not _token_ids(x):
         raise DataError(f"data.{where}: the inputs x in {path} have dtype {x.dtype}; specprune reads float "
                         "arrays as they are, uint8 arrays scaled to [0, 1] and other integer arrays as token "
-                        "ids (int64), and casts nothing else: convert x, e.g. x.astype(numpy.float32), scaled "
-                        "as the model expects")
+                        "ids (int64), and casts nothing else: convert x, e.g. x.astype(numpy.float32), "
+                        "scaled as the model expects")
     if x.ndim < 2:
         raise DataError(f"data.{where}: the inputs x in {path} have shape {list(x.shape)}; x needs a sample "
                         "axis first and then one sample's shape, e.g. (N, 3, 32, 32) or (N, 784)")

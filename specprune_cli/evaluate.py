@@ -35,9 +35,9 @@ def prediction_of(out: Any, who: str) -> torch.Tensor:
     ``nn.CrossEntropyLoss`` takes them: (batch, classes) logits, or dense (batch, classes, *positions)."""
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"the {who} model must return a tensor of shape (batch, classes, ...) to be evaluated, "
-                         f"got {shape}; if it returns several tensors, set evaluate.output to the one to "
-                         "compare, or wrap the model so that forward returns it")
+        raise ModelError(f"the {who} model must return a tensor of shape (batch, classes, ...) to be "
+                         f"evaluated, got {shape}; if it returns several tensors, set evaluate.output to "
+                         "the one to compare, or wrap the model so that forward returns it")
     return out
 
 

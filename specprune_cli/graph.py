@@ -150,7 +150,8 @@ class _Finder:
             for arg in n.all_input_nodes:
                 if arg.op == "get_attr":
                     out.append(Skipped(str(arg.target), f"a weight of the functional layer `{label}` "
-                                       f"(`{n.name}`); write it as {FUNCTIONAL_LAYERS[n.target]} to prune it"))
+                                       f"(`{n.name}`); write it as {FUNCTIONAL_LAYERS[n.target]} to "
+                                       "prune it"))
         return out
 
     def _hidden_producers(self) -> list[Skipped]:

@@ -58,7 +58,8 @@ class Layout:
         return width if self.block is None else self.block.lead + self.block.own + self.block.trail
 
     def channels(self, size: int) -> torch.Tensor:
-        """Channel of each of the unit's ``size`` indices along ``cdim`` (its block's, after a concatenation)."""
+        """Channel of each of the unit's ``size`` indices along ``cdim`` (its block's, after a
+        concatenation)."""
         return torch.arange(size) if self.labels is None else self.labels
 
     def keep(self, value: Any, keep: torch.Tensor) -> Any:

@@ -185,7 +185,8 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
     if main:
         log(f"evaluating on {eval_data.num_samples} samples"
             + ("" if config.data.eval else " (the calibration data)"))
-    after_pruning = evaluate_model(pruned, original, eval_data, max_samples=max_eval, call=call) if main else None
+    after_pruning = (evaluate_model(pruned, original, eval_data, max_samples=max_eval, call=call)
+                     if main else None)
     finetune_report, final = None, after_pruning
     if ft_data is not None:
         temperature = config.finetune.temperature
@@ -204,9 +205,9 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
                 # learning rate; the user gets the better of the two, and is told.
                 pruned.load_state_dict(unfinetuned)
                 finetune_report["kept"] = "before fine-tuning"
-                log(f"warning: fine-tuning raised the distillation loss on the evaluation data ({kd_before:.4g} "
-                    f"-> {kd_after:.4g}); the model before fine-tuning is kept (try a lower finetune.lr or "
-                    "more finetune.epochs)")
+                log(f"warning: fine-tuning raised the distillation loss on the evaluation data "
+                    f"({kd_before:.4g} -> {kd_after:.4g}); the model before fine-tuning is kept (try a "
+                    "lower finetune.lr or more finetune.epochs)")
             final = after_pruning if worse else evaluate_model(
                 pruned, original, eval_data, max_samples=max_eval, call=call)
         verify_forward(pruned, prep.example, prep.output, call.forward_kwargs)
@@ -218,7 +219,8 @@ def compress(config: Config, checkpoint_path: str | os.PathLike, output_dir: str
         if config.export.formats:
             log(f"exporting {', '.join(config.export.formats)} (each loaded back and compared)")
         source = Architecture(config.model.arch, dict(config.model.kwargs), input_shape,
-                              dict(config.model.forward_kwargs), str(prep.example.dtype).removeprefix("torch."))
+                              dict(config.model.forward_kwargs),
+                              str(prep.example.dtype).removeprefix("torch."))
         exports = {}
         for fmt, info in export_model(pruned, prep.example, tmp, config.export, call=call, plan=result.plan,
                                       source=source, calibration=prep.calibration).items():

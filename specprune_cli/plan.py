@@ -107,7 +107,8 @@ class CostModel:
     def _frac(self, mix: Mix, widths: Mapping[str, int]) -> float:
         return 1.0 - sum(share * (1.0 - widths.get(u, self.width[u]) / self.width[u]) for u, share in mix)
 
-    def _term(self, term: tuple[Mix, Mix, float, float, float], widths: Mapping[str, int], kind: str) -> float:
+    def _term(self, term: tuple[Mix, Mix, float, float, float], widths: Mapping[str, int],
+              kind: str) -> float:
         fin, fout, f, w, b = term
         a, c = self._frac(fin, widths), self._frac(fout, widths)
         return f * a * c if kind == "flops" else w * a * c + b * c
@@ -147,7 +148,8 @@ def _share(block: Block | None) -> float:
 def allocate_widths(units: Sequence[Unit], cost: CostModel, *, allocation: str, target_kind: str,
                     target_value: float, dof: Mapping[str, float] | None = None, ratio: float = 0.5,
                     overrides: Mapping[str, float] | None = None, round_to: int = 8,
-                    min_channels: int = 8, curves: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
+                    min_channels: int = 8,
+                    curves: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Kept width per unit.
 
     Args:
@@ -200,7 +202,8 @@ def allocate_widths(units: Sequence[Unit], cost: CostModel, *, allocation: str, 
     def widths_at(alpha: float) -> dict[str, int]:
         w = dict(fixed)
         for u in free:
-            w[u.name] = fit_width(alpha * score[u.name], u.width, round_to=round_to, min_channels=min_channels)
+            w[u.name] = fit_width(alpha * score[u.name], u.width, round_to=round_to,
+                                  min_channels=min_channels)
         return w
 
     def frac(w: Mapping[str, int]) -> float:
@@ -248,7 +251,8 @@ def _check_floor(floor: float, target_kind: str, target_value: float) -> None:
 
 def _steps(m: int, round_to: int, min_channels: int) -> list[int]:
     """The widths ``fit_width`` can give a unit of m channels, ascending."""
-    return sorted({fit_width(float(x), m, round_to=round_to, min_channels=min_channels) for x in range(m + 1)})
+    return sorted({fit_width(float(x), m, round_to=round_to, min_channels=min_channels)
+                   for x in range(m + 1)})
 
 
 def loss_widths(free: Sequence[Unit], fixed: Mapping[str, int], cost: CostModel,
@@ -307,7 +311,8 @@ def make_plan(units: Sequence[Unit], kept: Mapping[str, torch.Tensor], dof: Mapp
     return {
         "format": PLAN_FORMAT,
         "units": [
-            {"name": u.name, "kind": u.kind, "type": u.type, "width": u.width, "kept": int(kept[u.name].numel()),
+            {"name": u.name, "kind": u.kind, "type": u.type, "width": u.width,
+             "kept": int(kept[u.name].numel()),
              "indices": [int(i) for i in kept[u.name].tolist()],
              "dof": None if u.name not in dof else round(float(dof[u.name]), 4)}
             for u in units if u.name in kept

@@ -51,9 +51,9 @@ def _same_outputs(mod: nn.Module, base: type) -> bool:
 
 
 def acts_per_channel(mod: nn.Module, kind: Any) -> bool:
-    """Whether ``mod``, cut by ``kind`` (a ``followers.FollowerKind``) to every other channel, gives the whole layer's outputs on those
-    channels (in eval mode, on random inputs of 2 to 5 dims, whichever its forward takes; ``mod`` itself
-    is not run)."""
+    """Whether ``mod``, cut by ``kind`` (a ``followers.FollowerKind``) to every other channel, gives the
+    whole layer's outputs on those channels (in eval mode, on random inputs of 2 to 5 dims, whichever its
+    forward takes; ``mod`` itself is not run)."""
     channels = kind.size(mod, None)
     if channels < 2:
         return False

@@ -140,7 +140,8 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
             "input of the shape and dtype the model was trained on")):
         expected = model(example1)
     flops_before, params_before = count_flops(model, example1), count_params(model)
-    graph = graph or find_units(model, example1, exclude=make_matcher(list(cfg.exclude)), forward_kwargs=kwargs)
+    graph = graph or find_units(model, example1, exclude=make_matcher(list(cfg.exclude)),
+                                forward_kwargs=kwargs)
     units = graph.units
     inputs = as_inputs(batches, model)
     if not inputs:
@@ -158,7 +159,8 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
         curves = None
         if cfg.allocation in ("dof", "loss") or cfg.order == "oneshot":
             # One pass: the prefix the allocation needs; in oneshot order it goes on over every batch.
-            enough = allocation_prefix(cfg) if cfg.allocation in ("dof", "loss") else (lambda _u, _m, _n: False)
+            enough = (allocation_prefix(cfg) if cfg.allocation in ("dof", "loss")
+                      else (lambda _u, _m, _n: False))
             with tqdm(total=len(inputs), desc="statistics", unit="batch", file=sys.stderr,
                       disable=not progress, leave=False) as bar:
                 prefix, full, dof_samples = collect_prefix(
@@ -222,7 +224,8 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
         "kernel_refits": run.refits,
         "flops_before": flops_before, "flops_after": flops_after,
         "params_before": params_before, "params_after": params_after,
-        "units": [{"name": u.name, "kind": u.kind, "type": u.type, "producers": [p.module for p in u.producers],
+        "units": [{"name": u.name, "kind": u.kind, "type": u.type,
+                   "producers": [p.module for p in u.producers],
                    "width": u.width, "kept": int(run.kept[u.name].numel()),
                    "dof": round(run.dof.get(u.name, float("nan")), 3), "rows": int(run.rows.get(u.name, 0)),
                    "loss": round(run.losses.get(u.name, 0.0), 6)}

@@ -116,8 +116,8 @@ def _dtype(payload: Mapping[str, Any], path: Path) -> torch.dtype:
     name = payload.get("input_dtype", "float32")
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"{path} records the input dtype {name!r}, which is not a torch dtype; the file "
-                              "is damaged: compress again")
+        raise CheckpointError(f"{path} records the input dtype {name!r}, which is not a torch dtype; "
+                              "the file is damaged: compress again")
     return dtype
 
 

@@ -199,8 +199,8 @@ def quantize_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike, ba
     if read <= 0:
         raise ExportError("int8 calibration read no sample; give data.calibration at least one sample")
     int8, float_ = int8_nodes(onnx.load(str(out_path)))
-    return {"method": cfg.method, "activations": cfg.activations, "calibration_samples": read, "preprocess": preprocess,
-            "excluded": excluded, "int8_nodes": int8, "float_nodes": float_}
+    return {"method": cfg.method, "activations": cfg.activations, "calibration_samples": read,
+            "preprocess": preprocess, "excluded": excluded, "int8_nodes": int8, "float_nodes": float_}
 
 
 def int8_nodes(proto) -> tuple[list[str], list[str]]:

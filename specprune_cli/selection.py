@@ -100,7 +100,8 @@ def signals(model: nn.Module, unit: Unit, moments: Mapping[TapKey, CrossMoment],
     return out, [float(weights[t]) for t in unit.taps]
 
 
-def unit_curve(model: nn.Module, unit: Unit, moments: Mapping[TapKey, CrossMoment], cfg: PruneConfig) -> torch.Tensor:
+def unit_curve(model: nn.Module, unit: Unit, moments: Mapping[TapKey, CrossMoment],
+               cfg: PruneConfig) -> torch.Tensor:
     """The unit's normalised loss after 0, 1, ..., m greedy picks (float64, (m + 1,)), for the
     ``loss`` allocation (§5)."""
     sigs, weights = signals(model, unit, moments, cfg)
@@ -128,5 +129,6 @@ def choose(model: nn.Module, unit: Unit, k: int, moments: Mapping[TapKey, CrossM
         maps, biases = {t: eye for t in unit.taps}, {}
     for tap in unit.taps:
         if not torch.isfinite(maps[tap]).all() or (tap in biases and not torch.isfinite(biases[tap]).all()):
-            raise ModelError(f"the reconstruction for unit {unit.name} is not finite; try a larger prune.ridge")
+            raise ModelError(f"the reconstruction for unit {unit.name} is not finite; try a larger "
+                             "prune.ridge")
     return Choice(sel.keep, maps, biases, float(sel.curve[-1]))

@@ -139,7 +139,8 @@ def _kernel_fits(run: Run, unit: Unit) -> list[tuple[str, KernelFit]]:
     for c in unit.consumers:
         mod = run.model.get_submodule(c.module)
         if c.kind == "conv" and c.block is None and refittable(mod, unit.width):
-            fits.append((c.tap, sharded(KernelFit(c.module, mod, unit.width, max_positions=run.cfg.max_positions,
+            fits.append((c.tap, sharded(KernelFit(c.module, mod, unit.width,
+                                                  max_positions=run.cfg.max_positions,
                                                   seed=run.cfg.seed))))
     return fits
 

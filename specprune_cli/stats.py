@@ -58,7 +58,8 @@ def pair_readers(unit: Unit, moments: Mapping[TapKey, CrossMoment], originals: M
                     original, unit, consumer)
                 moments[(unit.name, tap)].update(target, rows)
             except StatisticsError as exc:
-                raise StatisticsError(f"at the input of {consumer.module} (unit {unit.name}): {exc}") from None
+                raise StatisticsError(f"at the input of {consumer.module} "
+                                      f"(unit {unit.name}): {exc}") from None
 
         out[tap] = read
     return out
@@ -112,7 +113,8 @@ def new_moments(units: Sequence[Unit], *, max_positions: int | None, seed: int) 
 
 def new_cross_moments(unit: Unit, *, max_positions: int | None, seed: int) -> dict[TapKey, CrossMoment]:
     """One empty cross-moment accumulator per tap of ``unit``."""
-    return {(unit.name, tap): sharded(CrossMoment(unit.width, unit.width, max_positions=max_positions, seed=seed))
+    return {(unit.name, tap): sharded(CrossMoment(unit.width, unit.width, max_positions=max_positions,
+                                                  seed=seed))
             for tap in unit.taps}
 
 

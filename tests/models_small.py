@@ -36,11 +36,13 @@ class SmallMLP(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A stem conv and two residual blocks (conv-BN-ReLU-conv-BN, added to their input), pooled, linear head."""
+    """A stem conv and two residual blocks (conv-BN-ReLU-conv-BN, added to their input), pooled, linear
+    head."""
 
     def __init__(self, in_channels: int = 3, width: int = 16, classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width),
+                                  nn.ReLU())
         self.blocks = nn.ModuleList(nn.Sequential(
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
             nn.Conv2d(2 * width, width, 3, padding=1), nn.BatchNorm2d(width)) for _ in range(2))

@@ -1,4 +1,5 @@
-"""`analyze`: degrees of freedom on known-rank signals, agreement with compress, plots (docs/method.md §2, §5, §8)."""
+"""`analyze`: degrees of freedom on known-rank signals, agreement with compress, plots
+(docs/method.md §2, §5, §8)."""
 from __future__ import annotations
 
 import json
@@ -126,10 +127,11 @@ def test_analyze_cli_writes_json_and_plots_and_agrees_with_compress(tmp_path):
     from specprune_cli.cli import main
 
     root = Path(__file__).resolve().parents[1]
-    sets = ["--set", "data.calibration.num_samples=200", "--set", "data.eval=null", "--set", "finetune.epochs=0",
-            "--set", "export.formats=[pt]"]
+    sets = ["--set", "data.calibration.num_samples=200", "--set", "data.eval=null",
+            "--set", "finetune.epochs=0", "--set", "export.formats=[pt]"]
     runner = CliRunner()
-    res = runner.invoke(main, ["analyze", str(root / "examples/fashion_cnn.pt"), "-c", str(root / "configs/example.yaml"),
+    res = runner.invoke(main, ["analyze", str(root / "examples/fashion_cnn.pt"),
+                               "-c", str(root / "configs/example.yaml"),
                                "-o", str(tmp_path / "an"), "--json", "-q", *sets])
     assert res.exit_code == 0, res.output
     analysis = json.loads(res.stdout)
@@ -137,7 +139,8 @@ def test_analyze_cli_writes_json_and_plots_and_agrees_with_compress(tmp_path):
                                                       "classifier.1"]
     assert sorted(p.name for p in (tmp_path / "an").iterdir()) == ["analysis.json", "config.resolved.yaml",
                                                                     "dof.png", "spectrum.png"]
-    res = runner.invoke(main, ["compress", str(root / "examples/fashion_cnn.pt"), "-c", str(root / "configs/example.yaml"),
+    res = runner.invoke(main, ["compress", str(root / "examples/fashion_cnn.pt"),
+                               "-c", str(root / "configs/example.yaml"),
                                "-o", str(tmp_path / "out"), "--json", "-q", *sets])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)

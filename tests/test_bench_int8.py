@@ -58,5 +58,5 @@ def test_write_section_after(tmp_path):
     write_section(doc, "b", "B2", after="c")  # present: replaced where it is
     write_section(doc, "d", "D", after="missing")  # no such section: appended
     assert doc.read_text() == ("# B\n\n<!-- a:begin -->\nA\n<!-- a:end -->\n\n<!-- b:begin -->\nB2\n"
-                               "<!-- b:end -->\n\n<!-- c:begin -->\nC\n<!-- c:end -->\n\n<!-- d:begin -->\nD\n"
-                               "<!-- d:end -->\n")
+                               "<!-- b:end -->\n\n<!-- c:begin -->\nC\n<!-- c:end -->\n\n"
+                               "<!-- d:begin -->\nD\n<!-- d:end -->\n")

@@ -318,8 +318,8 @@ def test_cuda_without_a_cuda_device_is_a_config_error(tmp_path, cnn_checkpoint, 
 
 def test_device_flag_wins_over_set(tmp_path, cnn_checkpoint, write_config, fake_prune):
     out = tmp_path / "out"
-    result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out, "--set", "runtime.device=cuda",
-                    "--device", "cpu")
+    result = invoke("compress", cnn_checkpoint, "-c", write_config(), "-o", out,
+                    "--set", "runtime.device=cuda", "--device", "cpu")
     assert result.exit_code == 0, result.stderr
     assert yaml.safe_load((out / "config.resolved.yaml").read_text())["runtime"]["device"] == "cpu"
 

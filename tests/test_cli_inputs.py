@@ -170,8 +170,8 @@ def test_a_model_that_exits_later_in_the_run(tmp_path, fake_prune):
     ckpt, out = _trained(Flat(), (64,), tmp_path / "m.pt"), tmp_path / "out"
     cfg = _config(tmp_path, f"{IO}:ExitsWhenTraining", [64], finetune={"epochs": 1})
     assert _failure(invoke("compress", ckpt, "-c", cfg, "-o", out), out) == (
-        1, "Error: the model's code called sys.exit('no training here') while specprune ran it; remove the exit "
-           "from the model's module or forward", [])
+        1, "Error: the model's code called sys.exit('no training here') while specprune ran it; remove the "
+           "exit from the model's module or forward", [])
 
 
 def test_a_model_file_that_exits_at_import(tmp_path, cnn_checkpoint):

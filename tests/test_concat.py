@@ -144,7 +144,8 @@ def test_linear_features_concatenated_on_the_last_dimension():
     torch.manual_seed(0)
     model = warm_batchnorm(Tabular(), (12,))
     graph = _cut_half(model, torch.randn(6, 12))
-    assert [(u.name, u.type) for u in graph.units] == [("emb", "concat"), ("num", "concat"), ("hidden", "concat")]
+    assert [(u.name, u.type) for u in graph.units] == [("emb", "concat"), ("num", "concat"),
+                                                       ("hidden", "concat")]
     assert (model.bn.num_features, model.out.in_features) == (6 + 4, 3 + 8)
 
 

@@ -48,8 +48,8 @@ def test_demo_config_compresses_finetunes_exports_and_reports(tmp_path):
     assert abs(int8["accuracy"] - ev["accuracy_after"]) < 0.02
     assert set(report["latency"]["onnxruntime"]["int8"]) == {"1", "32"}
     # The summary table went to stderr, with the accuracy line a person reads first.
-    assert "top-1 accuracy" in result.stderr and "wrote model.pt, report.json, config.resolved.yaml, model.onnx, " \
-        "model.int8.onnx" in result.stderr
+    assert "top-1 accuracy" in result.stderr and "wrote model.pt, report.json, config.resolved.yaml, " \
+        "model.onnx, model.int8.onnx" in result.stderr
     # model.pt loads without pickled code and reproduces the ONNX file's model.
     model = load_pruned(out / "model.pt")
     widths = {u["name"]: u["kept"] for u in report["plan"]["units"]}

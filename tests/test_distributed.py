@@ -62,9 +62,9 @@ def _one_process(ck: Path, cfg: Path, out: Path) -> None:
 
 
 def _torchrun(ck: Path, cfg: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *_compress_args(ck, cfg, out)], env=_env(), capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", *_compress_args(ck, cfg, out)], env=_env(),
+                          capture_output=True, text=True, timeout=180)
 
 
 def _free_port() -> int:
@@ -76,9 +76,9 @@ def _free_port() -> int:
 def _two_processes(args: list[str]) -> list[subprocess.CompletedProcess]:
     """Two plain processes with the environment torchrun gives its workers (no agent to stop them)."""
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(_env(), WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    procs = [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(_env(), WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r),
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
              for r in range(2)]
     out = []
     for p in procs:
@@ -120,15 +120,18 @@ def test_fine_tuning_on_two_processes_equals_one_process_at_twice_the_batch(tmp_
     torch.manual_seed(0)
     torch.save(SmallMLP().state_dict(), tmp_path / "ck.pt")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((48, 12)).astype(np.float32), y=rng.integers(0, 4, 48))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((48, 12)).astype(np.float32),
+             y=rng.integers(0, 4, 48))
     configs = {}
     for name, batch in (("one", 8), ("two", 4)):
         cfg = {"model": {"arch": f"{TESTS / 'models_small.py'}:SmallMLP", "input_shape": [12]},
-               "data": {"calibration": {"format": "npz", "path": str(tmp_path / "calib.npz"), "batch_size": 8}},
+               "data": {"calibration": {"format": "npz", "path": str(tmp_path / "calib.npz"),
+                                        "batch_size": 8}},
                "prune": {"allocation": "ratio", "ratio": 0.5, "round_to": 1, "min_channels": 2},
                # Cross-entropy on the labels alone: the model written is the fine-tuned one whatever the
                # distillation loss does (only a distilling run keeps the better of before and after).
-               "finetune": {"epochs": 2, "batch_size": batch, "optimizer": "sgd", "lr": 0.05, "distill": False},
+               "finetune": {"epochs": 2, "batch_size": batch, "optimizer": "sgd", "lr": 0.05,
+                            "distill": False},
                "evaluate": {"latency": False}, "export": {"formats": ["pt"]}}
         configs[name] = tmp_path / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump(cfg))
@@ -138,7 +141,8 @@ def test_fine_tuning_on_two_processes_equals_one_process_at_twice_the_batch(tmp_
     one, y_one = _outputs(tmp_path / "one")
     two, y_two = _outputs(tmp_path / "two")
     assert two["plan"] == one["plan"]
-    assert [e["steps"] for e in two["finetune"]["epochs"]] == [e["steps"] for e in one["finetune"]["epochs"]] == [6, 6]
+    assert ([e["steps"] for e in two["finetune"]["epochs"]]
+            == [e["steps"] for e in one["finetune"]["epochs"]] == [6, 6])
     trained = float((y_two - y_one).norm() / y_one.norm())
     moved = float((y_one - _outputs_without_finetune(tmp_path, configs["one"])).norm() / y_one.norm())
     assert trained < 1e-5 < moved  # the same training, and training that changed the model
@@ -163,7 +167,8 @@ def test_a_failing_process_stops_both_with_its_message_and_writes_nothing(tmp_pa
     message = one.stderr.strip().splitlines()[-1]
     assert message.startswith("Error: at the input of blocks.0.0 (unit stem.0): ")
     assert "activation values are NaN or Inf" in message
-    assert zero.stderr.strip().splitlines()[-1] == message.replace("Error: ", "Error: process 1 of 2 failed: ", 1)
+    assert (zero.stderr.strip().splitlines()[-1]
+            == message.replace("Error: ", "Error: process 1 of 2 failed: ", 1))
     assert zero.stdout == one.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "cfg.yaml", "ck.pt"]
 

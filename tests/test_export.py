@@ -312,7 +312,8 @@ def test_a_model_reading_token_ids_is_pruned_and_exported_with_integer_check_inp
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 100, (4, 12), generator=g) for _ in range(2)]
-    result = prune_model(TextCNN().eval(), batches, example_input=batches[0][:1], cfg=prune_cfg(), progress=False)
+    result = prune_model(TextCNN().eval(), batches, example_input=batches[0][:1], cfg=prune_cfg(),
+                         progress=False)
     assert [u["type"] for u in result.plan["units"]] == ["concat", "concat"]
     info = export_model(result.model, batches[0][:2], tmp_path, ExportConfig(formats=("onnx", "torchscript")))
     assert info["onnx"]["verified"] and info["torchscript"]["verified"]

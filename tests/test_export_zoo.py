@@ -14,7 +14,8 @@ from helpers import prune_cfg
 from zoo import ZOO, build
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg11_bn" else n for n in ZOO])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg11_bn" else n
+                                  for n in ZOO])
 def test_pruned_model_exports_to_onnx_with_parity(name, tmp_path):
     model, shape = build(name)
     g = torch.Generator().manual_seed(0)

@@ -41,7 +41,8 @@ def test_spectral_beats_l1_at_30_percent_flops_without_finetuning(example):
     model, x, y = example
     calib = [x[i:i + 100] for i in range(0, 1000, 100)]
     x_eval, y_eval = x[1000:], y[1000:]
-    result = prune_model(model, calib, example_input=x[:1], cfg=prune_cfg(target={"flops": 0.3}), progress=False)
+    result = prune_model(model, calib, example_input=x[:1], cfg=prune_cfg(target={"flops": 0.3}),
+                         progress=False)
     assert result.report["flops_after"] / result.report["flops_before"] == pytest.approx(0.3, abs=0.015)
     widths = {u["name"]: u["kept"] for u in result.plan["units"]}
     l1 = prune_by_criterion(model, x[:1], widths, criterion="l1")

@@ -38,7 +38,8 @@ def test_resnet18_residual_streams_are_units_with_every_producer_and_reader():
     assert len(first.taps) == 3
     # A downsampling block's shortcut conv writes the next stage's stream.
     assert "layer2.0.downsample.0" in [p.module for p in streams["layer2.0.conv2"].producers]
-    assert ("layer2.0.downsample.1", "batchnorm") in [(f.module, f.role) for f in streams["layer2.0.conv2"].followers]
+    assert ("layer2.0.downsample.1", "batchnorm") in [(f.module, f.role)
+                                                      for f in streams["layer2.0.conv2"].followers]
     assert [s.name for s in g.skipped] == ["fc"]
 
 

@@ -93,7 +93,8 @@ def test_int8_agreement_error_and_accuracy_are_measured_on_data(exported):
     assert result["accuracy_float"] == pytest.approx(float((ref.argmax(1) == y).double().mean()))
 
 
-@pytest.mark.parametrize("method, counts", [("minmax", (560, 640)), ("entropy", (640,)), ("percentile", (640,))])
+@pytest.mark.parametrize("method, counts", [("minmax", (560, 640)), ("entropy", (640,)),
+                                            ("percentile", (640,))])
 def test_calibration_reads_the_first_num_samples_with_the_method(tmp_path, method, counts):
     """One input pixel of 50 in sample 600 of 640 (the rest ~N(0, 1)). minmax spans exactly the range of
     the samples it read (scale = range / 255 for int8 activations), so with num_samples 560 the outlier
@@ -174,8 +175,8 @@ def test_a_quantization_failure_is_an_export_error_and_leaves_no_int8_file(tmp_p
     monkeypatch.setattr(q, "quantize_static", broken)
     with pytest.raises(ExportError) as exc:
         int8_export(tmp_path)
-    assert str(exc.value).startswith("int8 quantization failed: RuntimeError: calibrator exploded; try another "
-                                     "export.int8.method")
+    assert str(exc.value).startswith("int8 quantization failed: RuntimeError: calibrator exploded; try "
+                                     "another export.int8.method")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
@@ -220,5 +221,5 @@ def test_compress_with_a_bad_exclude_exits_2_and_writes_nothing(tmp_path, cnn_ch
     result = invoke("compress", cnn_checkpoint, "-c", cfg, "-o", out, "--quiet")
     code, last, left = _failure(result, out)
     assert (code, left) == (2, [])
-    assert last.startswith("Error: config key export.int8.exclude: 'head.1' matches no node of the ONNX model; "
-                           "did you mean head")
+    assert last.startswith("Error: config key export.int8.exclude: 'head.1' matches no node of the ONNX "
+                           "model; did you mean head")

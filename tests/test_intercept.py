@@ -64,8 +64,8 @@ def test_the_intercept_lowers_the_consumers_error_on_a_signal_with_a_mean():
         reference = consumer_output(biased)
         errors = {}
         for flag in (False, True):
-            cfg = prune_cfg(allocation="ratio", ratio=0.25, overrides={"conv2": 1.0}, intercept=flag, theta=1.0,
-                            round_to=1, min_channels=1, max_positions=None)
+            cfg = prune_cfg(allocation="ratio", ratio=0.25, overrides={"conv2": 1.0}, intercept=flag,
+                            theta=1.0, round_to=1, min_channels=1, max_positions=None)
             pruned = prune_model(biased, [data], example_input=data[:1], cfg=cfg, progress=False).model
             errors[flag] = float((consumer_output(pruned) - reference).norm() / reference.norm())
     assert errors[True] < errors[False], errors  # measured when written: 0.419 against 0.442
@@ -76,6 +76,7 @@ def test_a_consumer_without_a_place_for_the_bias_fits_none():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False)).eval()
     data = torch.randn(128, 8)
     result = prune_model(model, [data], example_input=data[:1], progress=False,
-                         cfg=prune_cfg(allocation="ratio", ratio=0.5, intercept=True, round_to=1, min_channels=1))
+                         cfg=prune_cfg(allocation="ratio", ratio=0.5, intercept=True, round_to=1,
+                                       min_channels=1))
     assert result.report["units_with_intercept"] == 0
     assert result.model[2].bias is None

@@ -110,7 +110,8 @@ def test_make_plan_is_json_and_lists_kept_indices(mlp):
     plan = make_plan(units, {"0": torch.tensor([1, 3]), "2": torch.arange(16)}, {"0": 2.34567})
     assert json.loads(json.dumps(plan)) == plan
     assert plan == {"format": PLAN_FORMAT, "units": [
-        {"name": "0", "kind": "linear", "type": "plain", "width": 16, "kept": 2, "indices": [1, 3], "dof": 2.3457},
+        {"name": "0", "kind": "linear", "type": "plain", "width": 16, "kept": 2, "indices": [1, 3],
+         "dof": 2.3457},
         {"name": "2", "kind": "linear", "type": "plain", "width": 16, "kept": 16, "indices": list(range(16)),
          "dof": None}]}
 

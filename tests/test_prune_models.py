@@ -1,4 +1,5 @@
-"""Surgery across real architectures: keep-all is exact, a 50% FLOPs target is met (docs/method.md §4, §5)."""
+"""Surgery across real architectures: keep-all is exact, a 50% FLOPs target is met
+(docs/method.md §4, §5)."""
 from __future__ import annotations
 
 import pytest
@@ -139,11 +140,13 @@ def _sequential_by_definition(model, batches, cfg):
 # Every structure the runner must get right, in the default run: flatten -> Linear, LayerNorm and Linear
 # on tokens, residual adds, concat, depthwise chains with SE gates. The rest of the zoo (wide Linear
 # layers make the reference slow) runs with `make test-slow`.
-_RUNNER_FAST = ("flatten_cnn", "vit_small", "resnet18", "squeezenet1_1", "densenet_tiny", "mobilenet_v3_small")
+_RUNNER_FAST = ("flatten_cnn", "vit_small", "resnet18", "squeezenet1_1", "densenet_tiny",
+                "mobilenet_v3_small")
 
 
 @pytest.mark.parametrize("name, target", [
-    (n, "original") if n in _RUNNER_FAST else pytest.param(n, "original", marks=pytest.mark.slow) for n in MODELS
+    (n, "original") if n in _RUNNER_FAST else pytest.param(n, "original", marks=pytest.mark.slow)
+    for n in MODELS
 ] + [("resnet18", "pruned")])
 def test_sequential_runner_matches_the_definition(name, target):
     """The runner slices cached activations after each surgery instead of recomputing them (each layer
@@ -227,7 +230,8 @@ def test_half_flops_target_is_met_with_1d_and_3d_convolutions(dims):
     conv, bn = {1: (torch.nn.Conv1d, torch.nn.BatchNorm1d), 3: (torch.nn.Conv3d, torch.nn.BatchNorm3d)}[dims]
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        conv(2, 16, 3, padding=1), bn(16), torch.nn.ReLU(), conv(16, 24, 3, padding=1), bn(24), torch.nn.ReLU(),
+        conv(2, 16, 3, padding=1), bn(16), torch.nn.ReLU(),
+        conv(16, 24, 3, padding=1), bn(24), torch.nn.ReLU(),
         conv(24, 24, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(5))
     shape = (2, 16) if dims == 1 else (2, 4, 6, 6)
     model(torch.randn(2, *shape))

@@ -15,7 +15,8 @@ def test_nothing_prunable_is_an_error_that_names_the_blocker():
     model, shape = build("functional_conv")
     data = torch.randn(32, *shape)
     with pytest.raises(BudgetError) as err:
-        prune_model(model, [data], example_input=data[:1], cfg=prune_cfg(target={"flops": 0.5}), progress=False)
+        prune_model(model, [data], example_input=data[:1], cfg=prune_cfg(target={"flops": 0.5}),
+                    progress=False)
     message = str(err.value)
     assert message.startswith("the pruned model keeps 1.000 of its flops against the target 0.5")
     assert "functional layer `conv2d`" in message and "prune.allow_partial: true" in message
@@ -39,4 +40,5 @@ def test_an_unreachable_budget_with_allow_partial_prunes_to_the_minimum_widths()
     assert [u["kept"] for u in result.report["units"]] == [8]
     assert any("cannot be met" in w for w in result.report["warnings"])
     with pytest.raises(BudgetError, match="cannot be met"):
-        prune_model(model, [data], example_input=data[:1], cfg=prune_cfg(target={"params": 0.01}), progress=False)
+        prune_model(model, [data], example_input=data[:1], cfg=prune_cfg(target={"params": 0.01}),
+                    progress=False)

@@ -92,7 +92,8 @@ def test_the_refit_lowers_the_consumers_error_and_is_reported():
         for flag in (False, True):
             cfg = prune_cfg(allocation="ratio", ratio=0.34, overrides={"b": 1.0}, kernel_refit=flag,
                             round_to=1, min_channels=1)
-            result = prune_model(model, [data[:32], data[32:]], example_input=data[:1], cfg=cfg, progress=False)
+            result = prune_model(model, [data[:32], data[32:]], example_input=data[:1], cfg=cfg,
+                                 progress=False)
             got = result.model.b(torch.relu(result.model.a(data)))
             errors[flag] = float((got - want).norm() / want.norm())
             refits[flag] = result.report["kernel_refits"]
@@ -122,7 +123,8 @@ def test_a_conv_that_reads_and_writes_the_same_stream_is_refit_on_its_kept_rows(
     model = Block().eval()
     batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
     result = prune_model(model, batches, example_input=batches[0][:1],
-                         cfg=prune_cfg(allocation="ratio", ratio=0.5, round_to=1, min_channels=1), progress=False)
+                         cfg=prune_cfg(allocation="ratio", ratio=0.5, round_to=1, min_channels=1),
+                         progress=False)
     (unit,) = result.report["units"]
     assert unit["type"] == "stream" and set(unit["producers"]) == {"stem", "conv"}
     assert result.report["kernel_refits"] == 1

@@ -44,7 +44,8 @@ def test_a_weight_normed_model_is_pruned_and_its_file_loads_back(kind, tmp_path)
     model = _model(kind)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(8, 4, 20, generator=g) for _ in range(2)]
-    result = prune_model(model, batches, example_input=batches[0][:1], cfg=prune_cfg(round_to=1), progress=False)
+    result = prune_model(model, batches, example_input=batches[0][:1], cfg=prune_cfg(round_to=1),
+                         progress=False)
     assert result.report["folded_reparametrizations"] == ["pre.weight", "mid.weight"]
     assert 0.45 <= result.report["flops_after"] / result.report["flops_before"] <= 0.525
     path = tmp_path / "pruned.pt"
@@ -65,8 +66,8 @@ def test_compress_says_which_reparametrisations_it_folded(tmp_path):
     from specprune_cli.cli import main
 
     torch.save(_model("old_weight_norm").state_dict(), tmp_path / "ck.pt")
-    config = {"model": {"arch": f"{TESTS / 'models_small.py'}:NormedConv1dNet", "kwargs": {"kind": "old_weight_norm"},
-                        "input_shape": [4, 20]},
+    config = {"model": {"arch": f"{TESTS / 'models_small.py'}:NormedConv1dNet",
+                        "kwargs": {"kind": "old_weight_norm"}, "input_shape": [4, 20]},
               "data": {"calibration": {"format": "synthetic", "num_samples": 64, "batch_size": 32}},
               "prune": {"target": {"flops": 0.5}, "round_to": 1, "min_channels": 1},
               "export": {"formats": ["pt"]}, "evaluate": {"latency": False}}
@@ -75,6 +76,7 @@ def test_compress_says_which_reparametrisations_it_folded(tmp_path):
     result = CliRunner().invoke(main, ["compress", str(tmp_path / "ck.pt"), "-c", str(tmp_path / "cfg.yaml"),
                                        "-o", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "folded into plain weights (the same outputs in eval mode): pre.weight, mid.weight" in result.output
+    assert ("folded into plain weights (the same outputs in eval mode): pre.weight, mid.weight"
+            in result.output)
     report = json.loads((out / "report.json").read_text())
     assert report["prune"]["folded_reparametrizations"] == ["pre.weight", "mid.weight"]

@@ -54,12 +54,13 @@ ZOO = {
     "efficientnet_b0": (_tv("efficientnet_b0"), (3, 32, 32)),
     "squeezenet1_1": (_tv("squeezenet1_1"), (3, 64, 64)),
     # DenseNet's structure (every layer reads the concatenation of all before it) at a test size.
-    "densenet_tiny": (lambda: torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16,
-                                                          bn_size=2, num_classes=10), (3, 32, 32)),
+    "densenet_tiny": (lambda: torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3),
+                                                          num_init_features=16, bn_size=2, num_classes=10),
+                      (3, 32, 32)),
     "convnext_tiny": (_tv("convnext_tiny"), (3, 32, 32)),
     # mlp_dim 4x hidden as in ViT-B, so the prunable MLPs carry most of the FLOPs.
-    "vit_small": (lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
-                                            mlp_dim=128, num_classes=10), (3, 32, 32)),
+    "vit_small": (lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                            hidden_dim=32, mlp_dim=128, num_classes=10), (3, 32, 32)),
     "mlp": (lambda: MLP(), (24,)),
     "flatten_cnn": (lambda: FlattenCNN(), (1, 16, 16)),
 }
