@@ -129,6 +129,7 @@ def main() -> None:
         sys.exit("timm is not installed here: pip install timm (see this script's docstring)")
     torch.set_num_threads(1)
     signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(_Timeout()))
+    commit = library_commit()[:12]  # the code the rows come from, even if the tree changes meanwhile
     names = args.only or picks(args.per_family)
     rows = []
     for i, name in enumerate(names, 1):
@@ -141,7 +142,7 @@ def main() -> None:
               f"{r['seconds']:.1f}", r["why"][:160].replace("|", "/")] for r in rows]
     text = (f"## Reach over timm (`scripts/sweep_timm.py`)\n\n"
             f"timm {timm.__version__}, torch {torch.__version__}, specprune at commit "
-            f"{library_commit()[:12]} (the last change to specprune_cli/), {datetime.date.today()}, "
+            f"{commit} (the last change to specprune_cli/), {datetime.date.today()}, "
             f"one thread. {args.per_family} model(s) per timm model family, random weights, 10 classes, "
             f"`allocation: ratio` 0.5 (every unit to half its width) on two random inputs (64x64 where the "
             f"model takes it, else its own size); models over "
