@@ -59,7 +59,7 @@ def _reader(batches: Iterable, input_name: str, limit: int):
                 return None
             x = split_batch(batch)[0][:self.left]
             self.left -= x.shape[0]
-            return {input_name: x.detach().cpu().float().numpy()}
+            return {input_name: ort_input(x)}
 
     return Reader()
 
@@ -223,9 +223,15 @@ def int8_nodes(proto) -> tuple[list[str], list[str]]:
     return int8, float_
 
 
+def ort_input(x: torch.Tensor) -> np.ndarray:
+    """``x`` as ONNX Runtime takes it: float inputs as float32, integer ones (token ids) as they are."""
+    t = x.detach().cpu()
+    return (t.float() if t.is_floating_point() else t).numpy()
+
+
 def ort_outputs(session, x: torch.Tensor) -> list[torch.Tensor]:
     """Run an ONNX Runtime session on ``x``: its output tensors, in the file's order."""
-    feed = {session.get_inputs()[0].name: x.detach().cpu().float().numpy()}
+    feed = {session.get_inputs()[0].name: ort_input(x)}
     return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
 
 

@@ -79,11 +79,12 @@ def test_token_ids_in_an_npz_end_to_end(tmp_path, dtype):
     rng = np.random.default_rng(0)
     npz = write_npz(tmp_path / "d.npz", x=rng.integers(0, 100, (24, 12)).astype(dtype), y=np.arange(24) % 4)
     cfg = _config(tmp_path, f"{IO}:TextCNN", [12], data={"calibration": _npz(npz)},
-                  export={"formats": ["pt", "onnx"]})
+                  export={"formats": ["pt", "onnx", "onnx-int8"]})
     report = _compress_json(ckpt, cfg, tmp_path / "out")
     assert report["prune"]["flops_after"] < report["prune"]["flops_before"]
     assert [u["type"] for u in report["prune"]["units"]] == ["concat", "concat"]
     assert report["exports"]["onnx"]["verified"] and report["evaluation"]["samples"] == 24
+    assert report["exports"]["onnx-int8"]["verified"]  # calibrated on the token ids, not floats
 
 
 def test_token_ids_are_not_normalised(tmp_path):
