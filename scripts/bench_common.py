@@ -2,31 +2,23 @@
 own section of docs/benchmarks.md without touching the others'."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import platform
 from pathlib import Path
+
+from specprune_cli.latency import MALLOC_ENV, keep_memory_mapped
 
 HEADER = ("# Benchmarks\n\nEvery table below is written by the script named in its heading; nothing is typed "
           "by hand. Re-run a script to refresh its section (`pip install -e '.[bench]'` first).\n")
 
 
-_KEEP = 2 ** 31 - 1  # bytes; mallopt takes an int
-
-
 def keep_freed_memory_mapped() -> bool:
-    """Keep freed memory mapped, in this process and in those it starts (glibc): no allocation gets an
-    mmap of its own (M_MMAP_MAX 0) and the heap is never trimmed (M_TRIM_THRESHOLD), so a timed loop
-    does not pay page faults to map again what its previous round freed. Call it first in a benchmark's
-    main. Returns False where the C library is not glibc (then nothing changed in this process)."""
-    os.environ.setdefault("MALLOC_MMAP_MAX_", "0")  # read by child processes at their start
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(_KEEP))
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, _KEEP))  # M_MMAP_MAX, M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    """``latency.keep_memory_mapped`` in this process, and its settings in the environment of the
+    processes it starts, so a timed loop does not pay page faults to map again what its previous round
+    freed. Call it first in a benchmark's main. Returns False where the C library is not glibc."""
+    for name, value in MALLOC_ENV.items():
+        os.environ.setdefault(name, value)
+    return keep_memory_mapped()
 
 
 def memory_mib(field: str) -> float | None:

@@ -34,6 +34,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit (4 * 1024 * 1024 * sizeof(long))
 _TRIM_NEVER = 2**31 - 1  # mallopt takes a C int
+#: The same settings as environment variables, which glibc reads when a process starts (for children).
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(_TRIM_NEVER), "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD_MAX)}
 _memory_kept: bool | None = None
 MAX_SPREAD = 0.3  # largest interquartile range of the per-round ratios, relative to their median
 UNSTABLE = "unstable (machine busy?)"
