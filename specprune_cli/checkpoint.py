@@ -108,6 +108,11 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+def _holds_weights(obj: Any) -> bool:
+    """A whole module or a state_dict: what a checkpoint's weights can be."""
+    return isinstance(obj, nn.Module) or _is_state_dict(obj)
+
+
 def _few(items: list[str]) -> str:
     shown = ", ".join(items[:_SHOW])
     return shown + (f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else "")
@@ -124,7 +129,7 @@ def _fill_tied(model: nn.Module, state: Mapping[str, Any]) -> Mapping[str, Any]:
     filled = dict(state)
     for key in missing:
         twin = by_storage.get((expected[key].data_ptr(), tuple(expected[key].shape)))
-        if twin is not None and expected[key].numel():
+        if twin is not None:  # (an empty tensor is in no pair: by_storage leaves them out)
             filled[key] = state[twin]
     return filled
 
@@ -198,7 +203,7 @@ def _under_key(obj: Any, key: str, path: Path) -> Any:
                     else "there is no dict there")
             raise CheckpointError(f"checkpoint {path} has no key {key!r} (model.checkpoint_key); {keys}")
         obj = obj[part]
-    if not (isinstance(obj, nn.Module) or _is_state_dict(obj)):
+    if not _holds_weights(obj):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__} under {key!r}, not a "
                               "state_dict (model.checkpoint_key); name the key that holds the weights")
     return obj
@@ -207,14 +212,14 @@ def _under_key(obj: Any, key: str, path: Path) -> Any:
 def _weights_in(obj: Any, path: Path) -> nn.Module | Mapping[str, Any] | None:
     """The module or state_dict a checkpoint holds: itself, under a known key, or as the only one among a
     dict's values; None if there is none. Several and no known key: an error naming them."""
-    if isinstance(obj, nn.Module) or _is_state_dict(obj):
+    if _holds_weights(obj):
         return obj
     if not isinstance(obj, Mapping):
         return None
     for key in STATE_DICT_KEYS:
-        if isinstance(obj.get(key), nn.Module) or _is_state_dict(obj.get(key)):
+        if _holds_weights(obj.get(key)):
             return obj[key]
-    found = [k for k, v in obj.items() if isinstance(v, nn.Module) or _is_state_dict(v)]
+    found = [k for k, v in obj.items() if _holds_weights(v)]
     if len(found) > 1:
         names = _few([str(k) for k in found])
         raise CheckpointError(f"checkpoint {path} holds {len(found)} sets of weights ({names}); set "
