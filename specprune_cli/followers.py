@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from specprune_cli.layers import LAYER_KINDS, as_parameter, overrides_forward, require_layer_kind
+from specprune_cli.layers import LAYER_KINDS, as_parameter, require_layer_kind
 from specprune_cli.layout import Layout, Unsupported
-from specprune_cli.probes import acts_per_channel
+from specprune_cli.probes import acts_per_channel, registered
 
 
 class FollowerKind:
@@ -62,13 +62,9 @@ def register_follower(*classes: type) -> Callable[[type[FollowerKind]], type[Fol
 
 
 def follower_kind(mod: nn.Module) -> FollowerKind | None:
-    for c in type(mod).__mro__:
-        if c in FOLLOWER_KINDS:
-            kind = FOLLOWER_KINDS[c]
-            if not overrides_forward(mod, c):
-                return kind
-            return kind if c in _PROBED and acts_per_channel(mod, kind) else None
-    return None
+    """The kind of ``mod``, or None (not a per-channel layer specprune knows, or a subclass with its own
+    forward that is not probed, or whose probe finds it mixing channels)."""
+    return registered(mod, FOLLOWER_KINDS, lambda cls, kind: cls in _PROBED and acts_per_channel(mod, kind))
 
 
 def _slice_attr(mod: nn.Module, name: str, keep: torch.Tensor, dim: int = 0) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from specprune_cli.layout import Block, Layout, Unsupported
-from specprune_cli.probes import computes_base
+from specprune_cli.probes import computes_base, registered
 
 if TYPE_CHECKING:
     from specprune_cli.units import Consumer, Unit
@@ -31,11 +31,6 @@ if TYPE_CHECKING:
 def as_parameter(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     """``t`` as a parameter replacing ``like`` (same dtype and requires_grad)."""
     return nn.Parameter(t.to(like.dtype).contiguous(), requires_grad=like.requires_grad)
-
-
-def overrides_forward(mod: nn.Module, base: type) -> bool:
-    """True if ``mod``'s class replaces ``base.forward`` (its meaning is then unknown)."""
-    return type(mod).forward is not base.forward
 
 
 def _own(t: torch.Tensor, dim: int, block: Block | None) -> torch.Tensor:
@@ -111,11 +106,7 @@ def register_layer(*classes: type) -> Callable[[type[LayerKind]], type[LayerKind
 def layer_kind(mod: nn.Module) -> LayerKind | None:
     """The kind of ``mod``, or None (not a channel-mixing layer specprune knows, or a subclass with
     its own forward that does not compute the parent's)."""
-    for c in type(mod).__mro__:
-        kind = LAYER_KINDS.get(c)
-        if kind is not None:
-            return kind if not overrides_forward(mod, c) or computes_base(mod, c) else None
-    return None
+    return registered(mod, LAYER_KINDS, lambda cls, kind: computes_base(mod, cls))
 
 
 def require_layer_kind(mod: nn.Module) -> LayerKind:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.ops import stochastic_depth
 
-from specprune_cli.layers import overrides_forward
+from specprune_cli.probes import registered
 from specprune_cli.layout import (Layout, ModuleEntry, OpCall, Unsupported, concrete, is_tensor, is_tensors,
                                   locate)
 
@@ -45,9 +45,7 @@ def channel_op(*keys: Any) -> Callable[[Rule], Rule]:
 def rule_for(node: fx.Node, module: nn.Module | None) -> Rule | None:
     """The registered rule for ``node`` (a module's class or a parent class of it), or None."""
     if module is not None:
-        cls = next((c for c in type(module).__mro__ if c in RULES), None)
-        # A subclass with a forward of its own may do anything: timm's LayerNorm2d normalises dim 1.
-        return None if cls is None or overrides_forward(module, cls) else RULES[cls]
+        return registered(module, RULES)  # a subclass with a forward of its own is refused
     if node.op == "call_method":
         return RULES.get(f"Tensor.{node.target}")
     return RULES.get(node.target) if listed(node.target, RULES) else None

@@ -1,22 +1,49 @@
-"""Probing a known layer subclassed with a forward of its own (docs/method.md §1).
+"""A known layer subclassed with a forward of its own, and how its class is looked up (docs/method.md §1).
 
-Its meaning cannot be read off its class, so it is run: a Conv/Linear subclass counts as its parent if
-its forward gives the parent's outputs (timm's ``Linear``, which only casts the weight), and a norm
-subclass is sliced with a unit if a copy cut to every other channel gives the whole layer's outputs on
-those channels (timm's ``BatchNormAct2d``: batch norm, then an activation). Both run on copies in eval
-mode, on seeded random inputs; the module itself is never run.
+``registered`` is the one lookup of a module's class in a table of kinds or rules: the nearest class in
+its MRO that the table holds, and, for a subclass that replaces that class's forward, only what the
+caller's probe accepts. Such a subclass's meaning cannot be read off its class, so it is run: a
+Conv/Linear subclass counts as its parent if its forward gives the parent's outputs (timm's ``Linear``,
+which only casts the weight), and a norm subclass is sliced with a unit if a copy cut to every other
+channel gives the whole layer's outputs on those channels (timm's ``BatchNormAct2d``: batch norm, then
+an activation). Both run on copies in eval mode, on seeded random inputs; the module itself is never run.
 """
 from __future__ import annotations
 
 import copy
 import weakref
-from typing import Any
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 from torch import nn
 
 
+T = TypeVar("T")
+
 _SEEN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_PER_CHANNEL: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def overrides_forward(mod: nn.Module, base: type) -> bool:
+    """True if ``mod``'s class replaces ``base.forward`` (its meaning is then unknown)."""
+    return type(mod).forward is not base.forward
+
+
+def registered(mod: nn.Module, table: Mapping[Any, T],
+               own_forward: Callable[[type, T], bool] | None = None) -> T | None:
+    """``table``'s entry for the nearest class in ``mod``'s MRO, or None.
+
+    Where ``mod``'s class replaces that class's forward, the entry holds only if ``own_forward(cls,
+    entry)`` says so (a probe); without one, such a subclass is refused: timm's LayerNorm2d is an
+    nn.LayerNorm that normalises dim 1.
+    """
+    for cls in type(mod).__mro__:
+        if cls in table:
+            entry = table[cls]
+            if not overrides_forward(mod, cls):
+                return entry
+            return entry if own_forward is not None and own_forward(cls, entry) else None
+    return None
 
 
 def computes_base(mod: nn.Module, base: type) -> bool:
@@ -53,7 +80,13 @@ def _same_outputs(mod: nn.Module, base: type) -> bool:
 def acts_per_channel(mod: nn.Module, kind: Any) -> bool:
     """Whether ``mod``, cut by ``kind`` (a ``followers.FollowerKind``) to every other channel, gives the
     whole layer's outputs on those channels (in eval mode, on random inputs of 2 to 5 dims, whichever its
-    forward takes; ``mod`` itself is not run)."""
+    forward takes; ``mod`` itself is not run; remembered per module)."""
+    if mod not in _PER_CHANNEL:
+        _PER_CHANNEL[mod] = _cut_matches(mod, kind)
+    return _PER_CHANNEL[mod]
+
+
+def _cut_matches(mod: nn.Module, kind: Any) -> bool:
     channels = kind.size(mod, None)
     if channels < 2:
         return False
