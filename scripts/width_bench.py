@@ -19,8 +19,6 @@ import os
 import statistics
 import time
 
-import torch
-
 from bench_common import format_table, memory_mib, reset_peak
 
 GIB_MIB = 1024

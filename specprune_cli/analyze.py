@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import find_units
-from specprune_cli.plan import CostModel, allocate_widths, make_matcher
+from specprune_cli.name_patterns import make_matcher
+from specprune_cli.plan import CostModel, allocate_widths
 from specprune_cli.prune import as_inputs, allocation_prefix, prune_model
 from specprune_cli.reparam import working_copy
 from specprune_cli.selection import consumer_gram, primary_tap, unit_curve, unit_dof

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -223,14 +222,3 @@ def positive(key: str, value: float | None, *, allow_zero: bool = False) -> None
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         what = "0 or more" if allow_zero else "positive"
         raise ConfigError(f"config key {key} must be {what}, got {value!r}")
-
-
-def check_patterns(key: str, patterns: Sequence[str]) -> None:
-    """A ConfigError for a ``re:`` pattern that does not compile."""
-    for p in patterns:
-        if p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as exc:
-                raise ConfigError(f"config key {key} has an invalid regex {p!r} ({exc}); patterns are "
-                                  "module names or 're:' followed by a Python regular expression") from None

@@ -15,9 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from specprune_cli.coerce import Section, check_patterns, in_range, positive
+from specprune_cli.coerce import Section, in_range, positive
 from specprune_cli.config_inputs import DataConfig, DataSection, ModelConfig
 from specprune_cli.errors import ConfigError
+from specprune_cli.name_patterns import check_patterns
 
 __all__ = ["Config", "DataConfig", "DataSection", "EvaluateConfig", "ExportConfig", "FinetuneConfig",
            "Int8Config", "ModelConfig", "PruneConfig", "RuntimeConfig", "TARGET_KINDS"]

@@ -162,4 +162,3 @@ def remove(*paths: Path) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
-

@@ -8,8 +8,7 @@ the model only steers the search and never stands in for a reported number.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,38 +17,9 @@ from specprune_cli.errors import BudgetError, ConfigError
 from specprune_cli.flops import count_flops, count_params, module_flops
 from specprune_cli.graph import Unit
 from specprune_cli.layout import Block
+from specprune_cli.name_patterns import override_for
 
 PLAN_FORMAT = "specprune-plan/1"
-
-
-def compile_patterns(patterns: Sequence[str]) -> list[Callable[[str], bool]]:
-    """Turn module names / ``re:`` regexes into predicates (a regex must match the whole name)."""
-    out: list[Callable[[str], bool]] = []
-    for p in patterns:
-        if p.startswith("re:"):
-            try:
-                rx = re.compile(p[3:])
-            except re.error as exc:
-                raise ConfigError(f"prune pattern {p!r} is not a valid regular expression ({exc}); "
-                                  "write it as 're:<python regex>' matching whole module names") from None
-            out.append(lambda name, rx=rx: rx.fullmatch(name) is not None)
-        else:
-            out.append(lambda name, p=p: name == p)
-    return out
-
-
-def make_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
-    """A predicate true for names matching any of ``patterns``."""
-    preds = compile_patterns(patterns)
-    return lambda name: any(f(name) for f in preds)
-
-
-def override_for(name: str, overrides: Mapping[str, float]) -> float | None:
-    """The ratio of the first override whose pattern matches ``name`` (first match wins)."""
-    for pattern, pred in zip(overrides, compile_patterns(list(overrides))):
-        if pred(name):
-            return float(overrides[pattern])
-    return None
 
 
 def fit_width(x: float, m: int, *, round_to: int, min_channels: int) -> int:

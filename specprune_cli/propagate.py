@@ -43,7 +43,6 @@ class Propagator:
             if n.op == "call_module":
                 self.calls[str(n.target)] = self.calls.get(str(n.target), 0) + 1
 
-
     def propagate(self, sp: Space) -> None:
         """Follow the producer's channels forward, filling ``sp`` (or setting ``sp.failure``)."""
         try:
@@ -267,7 +266,6 @@ class Propagator:
         if value is not getattr(self.model.get_submodule(owner), attr, None):
             raise Unsupported(f"`{target}` is not a parameter of the model")
         sp.followers.append(Follower(owner, "param", attr=attr, dim=dim))
-
 
 
 def _two_tensors(node: fx.Node) -> bool:

@@ -12,7 +12,6 @@ made upstream instead of inheriting it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import sys
 import time
@@ -30,7 +29,8 @@ from specprune_cli.errors import BudgetError, ConfigError, ModelError, reason, u
 from specprune_cli.flops import count_flops, count_params
 from specprune_cli.graph import Unit, UnitGraph, find_units
 from specprune_cli.moments import CrossMoment
-from specprune_cli.plan import CostModel, allocate_widths, make_matcher, make_plan
+from specprune_cli.name_patterns import make_matcher
+from specprune_cli.plan import CostModel, allocate_widths, make_plan
 from specprune_cli.reparam import working_copy
 from specprune_cli.selection import TapKey, unit_curve, unit_dof
 from specprune_cli.sequential import Run, finished, sequential, sequential_hooks

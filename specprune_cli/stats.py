@@ -27,6 +27,7 @@ from specprune_cli.moments import CrossMoment, SecondMoment
 
 TapKey = tuple[str, str]  # (unit name, tap node name)
 
+
 def tap_reader(unit: Unit, tap: str, acc: SecondMoment) -> Callable[[torch.Tensor], None]:
     """A function that adds the value of ``unit``'s ``tap`` (a consumer's input) to ``acc``."""
     consumer = next(c for c in unit.consumers if c.tap == tap)

@@ -21,7 +21,6 @@ from specprune_cli.evaluate import check_gates
 from specprune_cli.plan import PLAN_FORMAT
 
 
-
 class _FakeResult:
     def __init__(self, model):
         self.model = copy.deepcopy(model)

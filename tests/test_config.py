@@ -129,7 +129,7 @@ def test_prune_config_direct_construction_is_validated_and_replaceable():
     ("export:\n  int8: {num_samples: 0}\n", "config key export.int8.num_samples must be positive, got 0"),
     ("export:\n  int8: {exclude: ['re:(']}\n", "config key export.int8.exclude has an invalid regex 're:(' "
      "(missing ), unterminated subpattern at position 0); patterns are module names or 're:' followed by a "
-     "Python regular expression"),
+     "Python regular expression matching whole names"),
     ("runtime:\n  device: tpu\n", "config key runtime.device must be one of auto, cpu, cuda, got 'tpu' "
                                   "(str)"),
     ("runtime:\n  timeout_s: -5\n", "config key runtime.timeout_s must be positive, got -5.0"),

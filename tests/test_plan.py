@@ -19,7 +19,8 @@ from conftest import make_cnn
 from specprune_cli.config import PruneConfig
 from specprune_cli.errors import BudgetError
 from specprune_cli.graph import find_units
-from specprune_cli.plan import PLAN_FORMAT, CostModel, allocate_widths, fit_width, make_plan, override_for
+from specprune_cli.name_patterns import override_for
+from specprune_cli.plan import PLAN_FORMAT, CostModel, allocate_widths, fit_width, make_plan
 from specprune_cli.prune import prune_model
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "small_cnn_plan.json"
