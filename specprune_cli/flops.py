@@ -1,4 +1,12 @@
-"""FLOPs and parameter counts, measured with ``torch.utils.flop_counter`` (no hand-written counter)."""
+"""FLOPs and parameter counts, measured with ``torch.utils.flop_counter`` (no hand-written counter).
+
+Two gaps of the counter are closed, both of which count attention as free:
+- In eval mode without gradients, nn.MultiheadAttention and nn.TransformerEncoderLayer take a fused
+  "fast path" whose kernels the counter has no formula for (it counts 0 for the whole block, its Linears
+  included). Counting turns the fast path off, so the same layers run as their plain operations.
+- ``scaled_dot_product_attention`` on the CPU runs a kernel of its own; it is counted with the formula
+  the counter has for the GPU kernels.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -6,7 +14,21 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+
+
+def _attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: object,
+                     out_shape: object = None, **kwargs: object) -> int:
+    """The counter's own formula for the GPU attention kernels (it is given the arguments' shapes)."""
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+#: Formulas the counter lacks (see the module docstring).
+EXTRA_FORMULAS = ({_CPU_ATTENTION: _attention_flops}
+                  if _CPU_ATTENTION is not None and hasattr(flop_counter, "sdpa_flop_count") else {})
 
 
 @contextmanager
@@ -16,13 +38,16 @@ def _counting(model: nn.Module) -> Iterator[FlopCounterMode]:
     The counter's module tracker hooks every tensor that requires grad, and fails on one that has no
     grad_fn, which a view of a parameter taken under ``no_grad`` is (CaiT's ``cls_token.expand``)."""
     frozen = [p for p in model.parameters() if p.requires_grad and p.is_leaf]  # (a scripted one may not be)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS)
+    fast_path = torch.backends.mha.get_fastpath_enabled()
     try:
         for p in frozen:
             p.requires_grad_(False)
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), counter:
             yield counter
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
         for p in frozen:
             p.requires_grad_(True)
 

@@ -1,4 +1,4 @@
-"""Surgery across real architectures: keep-all is exact, a 50% FLOPs target is met
+"""Surgery across real architectures: keep-all is exact, a 50% FLOPs target is met (60% on vit_small)
 (docs/method.md §4, §5)."""
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ MODELS = list(ZOO)
 # The whole run at 50% on vgg11_bn (4096-wide Linear units, replayed beside the original) takes about a
 # minute on 2 cores: it runs with `make test-slow`, the other models cover its structures by default.
 PRUNE_MODELS = [pytest.param(n, marks=pytest.mark.slow) if n == "vgg11_bn" else n for n in MODELS]
+# FLOPs kept per model. vit_small prunes only its MLPs; its attention (the qkv and output projections
+# and the attention products), counted since flops.py turns off the fused fast path, is about half
+# its FLOPs, so 0.5 cannot be met there and 0.6 is its test (test_flops.py checks the count).
+TARGETS = {"vit_small": 0.6}
 
 
 def _batches(shape, n=2, bs=8, seed=1):
@@ -58,12 +62,13 @@ def test_half_flops_target_is_met_on_the_whole_model(name):
     model, shape = build(name)
     batches = _batches(shape)
     x1 = batches[0][:1]
+    target = TARGETS.get(name, 0.5)
     result = prune_model(model, batches, example_input=x1,
-                         cfg=prune_cfg(target={"flops": 0.5}, round_to=1, min_channels=1, max_positions=16),
+                         cfg=prune_cfg(target={"flops": target}, round_to=1, min_channels=1, max_positions=16),
                          progress=False)
     pruned = result.model
     ratio = count_flops(pruned, x1) / count_flops(model, x1)
-    assert 0.475 <= ratio <= 0.525, f"{name}: kept {ratio:.3f} of FLOPs"
+    assert 0.95 * target <= ratio <= 1.05 * target, f"{name}: kept {ratio:.3f} of FLOPs"
     assert ratio == pytest.approx(result.report["flops_after"] / result.report["flops_before"])
     assert count_params(pruned) < count_params(model)
     with torch.no_grad():
