@@ -322,8 +322,10 @@ JOINS = {torch.cat, torch.stack, torch.concat, torch.concatenate, torch.hstack, 
 #: methods whose second tensor only lends its shape or dtype.
 SHAPE_FROM_OTHER = {"view_as", "reshape_as", "expand_as", "type_as"}
 #: reading these gives shapes or dtypes, not channels.
-SHAPE_READS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device"}
-SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
+SHAPE_READS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device",
+               "is_floating_point", "is_complex", "is_contiguous"}
+SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_nested",
+                    "is_sparse", "is_quantized"}
 #: layers written as functions of parameters: they cannot be sliced with a module.
 FUNCTIONAL_LAYERS = {F.conv1d: "nn.Conv1d", F.conv2d: "nn.Conv2d", F.conv3d: "nn.Conv3d",
                      F.linear: "nn.Linear", F.conv_transpose1d: "nn.ConvTranspose1d",

@@ -77,9 +77,17 @@ def int_attributes(model: nn.Module, leaves: set[str]) -> Iterator[None]:
                 object.__setattr__(mod, attr, value)
 
 
+#: Modules of torch.nn that are traced into, not kept as leaves: blocks written in Python over layers
+#: specprune reads (a TransformerEncoderLayer's feed-forward Linears). In a trace their forward takes
+#: its plain path, since a proxy turns off the fused fast path.
+TRACED_TORCH: tuple[type, ...] = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                                  nn.TransformerDecoder, nn.Transformer)
+
+
 def _is_torch_leaf(mod: nn.Module) -> bool:
-    """fx's own rule: modules of torch.nn are leaves, except Sequential."""
-    return mod.__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(mod, nn.Sequential)
+    """fx's own rule (modules of torch.nn are leaves, except Sequential), less ``TRACED_TORCH``."""
+    return mod.__module__.startswith(("torch.nn", "torch.ao.nn")) and \
+        not isinstance(mod, (nn.Sequential, *TRACED_TORCH))
 
 
 def _where(frames: traceback.StackSummary | None = None) -> str:
@@ -144,8 +152,7 @@ class ValueTracer(fx.Tracer):
         self._concrete = 0  # > 0 while a value is being computed: modules and attributes act normally
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or isinstance(m, LEAF_TYPES) or \
-            super().is_leaf_module(m, module_qualified_name)
+        return module_qualified_name in self.leaves or isinstance(m, LEAF_TYPES) or _is_torch_leaf(m)
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
                     type_expr: Any = None) -> fx.Node:

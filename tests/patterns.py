@@ -5,6 +5,8 @@ name to (factory, input shape without batch).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -375,6 +377,37 @@ class ScaledResidual(nn.Module):
         return self.head(x)
 
 
+class TorchTransformer(nn.Module):
+    """nn.TransformerEncoder as people write it, with a mask argument: specprune traces into torch's
+    transformer layers and prunes their feed-forward Linears (attention and LayerNorm keep the model
+    width whole)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.enc(self.proj(x), src_key_padding_mask=mask).mean(1))
+
+
+class TorchEncoderDecoder(nn.Module):
+    """nn.Transformer, pre-norm with GELU: the encoder's and the decoder's feed-forward Linears."""
+
+    def __init__(self):
+        super().__init__()
+        with warnings.catch_warnings():  # "enable_nested_tensor is True, but ... norm_first was True"
+            warnings.simplefilter("ignore", UserWarning)
+            self.t = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, activation="gelu", batch_first=True,
+                                    norm_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.t(x, x[:, :3]))
+
+
 PATTERNS = {
     "audio_head": (AudioHead, (1, 8, 6)),
     "audio_head_literal": (AudioHeadLiteral, (1, 8, 6)),
@@ -395,6 +428,8 @@ PATTERNS = {
     "norm_subclasses": (NormSubclasses, (3, 8, 8)),
     "layer_subclasses": (LayerSubclasses, (3, 8, 8)),
     "scaled_residual": (ScaledResidual, (3, 8, 8)),
+    "torch_transformer": (TorchTransformer, (5, 8)),
+    "torch_encoder_decoder": (TorchEncoderDecoder, (5, 16)),
 }
 
 

@@ -36,6 +36,10 @@ EXPECTED = {
     "norm_subclasses": (["a"], {"b": "LayerNorm2d", "c": "BatchNormMixing"}),
     "layer_subclasses": (["fc1"], {"a": "with its own forward that does not compute its parent's"}),
     "scaled_residual": (["stem", "a", "c"], {}),
+    "torch_transformer": (["enc.layers.0.linear1", "enc.layers.1.linear1"],
+                          {"proj": "MultiheadAttention", "head": "model output"}),
+    "torch_encoder_decoder": (["t.encoder.layers.0.linear1", "t.decoder.layers.0.linear1"],
+                              {"head": "model output"}),
 }
 
 #: (pattern, unit) whose path from producer to consumers maps 0 to 0 (no BatchNorm shift, no `+ 1`):
@@ -43,7 +47,8 @@ EXPECTED = {
 ZERO_PRESERVING = [("audio_head", "conv2"), ("dynamic_flatten", "conv"), ("channels_last", "conv"),
                    ("channels_last", "fc1"), ("sequence_to_conv", "proj"), ("sequence_to_conv", "conv"),
                    ("mnist_classic", "conv1"), ("volumetric", "conv2"), ("decoder", "conv"),
-                   ("channel_split", "a"), ("layer_scale", "conv")]
+                   ("channel_split", "a"), ("layer_scale", "conv"), ("torch_transformer", "enc.layers.1.linear1"),
+                   ("torch_encoder_decoder", "t.decoder.layers.0.linear1")]
 
 
 def _batch(shape, n=6, seed=1):
@@ -135,11 +140,12 @@ def test_half_width_run_and_the_plan_rebuilds_a_fresh_instance(name, order):
 
 
 @pytest.mark.parametrize("name", ["audio_head", "decoder", "keyword_spotter", "volumetric", "layer_scale",
-                                  "norm_subclasses", "layer_subclasses"])
+                                  "norm_subclasses", "layer_subclasses", "torch_transformer",
+                                  "torch_encoder_decoder"])
 def test_pruned_patterns_export_to_onnx_with_parity(name, tmp_path):
     """The rewritten int attribute, the time-major column map, Conv1d/3d, ConvTranspose2d and an
-    Unflatten, and a sliced BatchNorm subclass with its own forward survive the ONNX exporter (loaded back
-    and compared at batch sizes 2 and 3)."""
+    Unflatten, a sliced BatchNorm subclass with its own forward, and torch's transformer layers cut inside
+    survive the ONNX exporter (loaded back and compared at batch sizes 2 and 3)."""
     import types
 
     from specprune_cli.export import export_model
