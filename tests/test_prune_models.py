@@ -12,16 +12,12 @@ from specprune_cli.prune import prune_model
 from specprune_cli.stats import collect_oneshot
 from specprune_cli.surgery import prune_unit
 from helpers import fold_keep_all, prune_cfg
-from zoo import ZOO, build
+from zoo import FLOPS_TARGET, ZOO, build
 
 MODELS = list(ZOO)
 # The whole run at 50% on vgg11_bn (4096-wide Linear units, replayed beside the original) takes about a
 # minute on 2 cores: it runs with `make test-slow`, the other models cover its structures by default.
 PRUNE_MODELS = [pytest.param(n, marks=pytest.mark.slow) if n == "vgg11_bn" else n for n in MODELS]
-# FLOPs kept per model. vit_small prunes only its MLPs; its attention (the qkv and output projections
-# and the attention products), counted since flops.py turns off the fused fast path, is about half
-# its FLOPs, so 0.5 cannot be met there and 0.6 is its test (test_flops.py checks the count).
-TARGETS = {"vit_small": 0.6}
 
 
 def _batches(shape, n=2, bs=8, seed=1):
@@ -62,7 +58,7 @@ def test_half_flops_target_is_met_on_the_whole_model(name):
     model, shape = build(name)
     batches = _batches(shape)
     x1 = batches[0][:1]
-    target = TARGETS.get(name, 0.5)
+    target = FLOPS_TARGET[name]
     result = prune_model(model, batches, example_input=x1,
                          cfg=prune_cfg(target={"flops": target}, round_to=1, min_channels=1, max_positions=16),
                          progress=False)

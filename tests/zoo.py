@@ -66,6 +66,13 @@ ZOO = {
 }
 
 
+#: The FLOPs a test asks each model to keep: half, except where that is below what the model can reach.
+#: vit_small prunes only its MLPs; its attention (the qkv and output projections and the attention
+#: products), counted since flops.py turns off the fused fast path, is about half its FLOPs (the floor
+#: at one channel per unit is 0.501), so it is asked for 0.6 (tests/test_flops.py checks the count).
+FLOPS_TARGET = {name: 0.6 if name == "vit_small" else 0.5 for name in ZOO}
+
+
 def build(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
     """The model in eval mode with BatchNorm running statistics warmed on random data."""
     factory, shape = ZOO[name]
