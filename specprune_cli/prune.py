@@ -184,7 +184,7 @@ def _prune(model: nn.Module, batches: Iterable[Any], *, example_input: torch.Ten
                                      min_channels=cfg.min_channels, curves=curves)
         except BudgetError as exc:
             if not cfg.allow_partial:
-                raise
+                raise BudgetError(f"{exc}{left_whole(graph, sentence=True)}") from None
             warnings.append(f"{exc} (prune.allow_partial: every unit at its minimum width instead)")
             widths = allocate_widths(units, cost, allocation="ratio", target_kind=cfg.target_kind,
                                      target_value=1.0, ratio=0.0, round_to=cfg.round_to,
@@ -243,11 +243,18 @@ def check_target(achieved: float, cfg: PruneConfig, graph: UnitGraph, units: lis
     than ``PARTIAL_TOLERANCE``, naming the largest layers that were left whole and why."""
     if cfg.allocation == "ratio" or achieved <= cfg.target_value * (1 + PARTIAL_TOLERANCE):
         return []
-    blockers = [f"{s.name} ({s.reason})" for s in graph.skipped[:5]]
-    why = ("; the layers left whole: " + "; ".join(blockers)) if blockers else ""
     message = (f"the pruned model keeps {achieved:.3f} of its {cfg.target_kind} against the target "
-               f"{cfg.target_value:g}{why}. Raise prune.target, remove layers from prune.exclude, or set "
+               f"{cfg.target_value:g}{left_whole(graph)}. Raise prune.target, remove layers from prune.exclude, or set "
                "prune.allow_partial: true to accept a partial result")
     if not cfg.allow_partial:
         raise BudgetError(message)
     return [message]
+
+
+def left_whole(graph: UnitGraph, *, sentence: bool = False, n: int = 5) -> str:
+    """The first ``n`` layers left whole with their reasons, for a budget message ('' if none): a clause
+    ("; the layers left whole: ...") or, with ``sentence``, a sentence after one that ends."""
+    blockers = "; ".join(f"{s.name} ({s.reason})" for s in graph.skipped[:n])
+    if not blockers:
+        return ""
+    return f" The layers left whole: {blockers}." if sentence else f"; the layers left whole: {blockers}"

@@ -39,6 +39,8 @@ def test_an_unreachable_budget_with_allow_partial_prunes_to_the_minimum_widths()
     result = prune_model(model, [data], example_input=data[:1], cfg=cfg, progress=False)
     assert [u["kept"] for u in result.report["units"]] == [8]
     assert any("cannot be met" in w for w in result.report["warnings"])
-    with pytest.raises(BudgetError, match="cannot be met"):
+    with pytest.raises(BudgetError, match="cannot be met") as err:
         prune_model(model, [data], example_input=data[:1], cfg=prune_cfg(target={"params": 0.01}),
                     progress=False)
+    # The floor is what the layers left whole cost: the message names them, with why.
+    assert str(err.value).endswith("The layers left whole: 2 (its channels reach the model output).")
