@@ -324,6 +324,7 @@ SHAPE_FROM_OTHER = {"view_as", "reshape_as", "expand_as", "type_as"}
 #: reading these gives shapes or dtypes, not channels.
 SHAPE_READS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device",
                "is_floating_point", "is_complex", "is_contiguous"}
+SHAPE_FUNCTIONS = {torch.is_floating_point, torch.is_complex, torch.numel}
 SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_nested",
                     "is_sparse", "is_quantized"}
 #: layers written as functions of parameters: they cannot be sliced with a module.

@@ -27,7 +27,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from specprune_cli.ops import SHAPE_ATTRIBUTES, SHAPE_READS
+from specprune_cli.ops import SHAPE_ATTRIBUTES, SHAPE_FUNCTIONS, SHAPE_READS, listed
 
 #: Module classes always kept as leaves: the layers specprune reads and slices. A user subclass of
 #: nn.Conv2d lives outside torch.nn, and fx would otherwise trace into its forward and lose the module.
@@ -215,6 +215,7 @@ class ValueTracer(fx.Tracer):
             return proxy
         value = self._evaluate(kind, target, args, kwargs)
         shape_read = (kind == "call_method" and target in SHAPE_READS) or (
+            kind == "call_function" and listed(target, SHAPE_FUNCTIONS)) or (
             kind == "call_function" and target is getattr and len(args) > 1 and args[1] in SHAPE_ATTRIBUTES)
         tainted = isinstance(value, torch.Tensor) or (
             not shape_read and any(n in self.tainted for n in node.all_input_nodes))

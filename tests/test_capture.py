@@ -279,3 +279,34 @@ def test_a_torchscript_submodule_is_kept_whole_with_the_reason_and_the_rest_prun
     assert [u["name"] for u in result.report["units"]] == ["d"]
     reasons = {s["name"]: s["reason"] for s in result.report["skipped"]}
     assert "TorchScript module" in reasons["a"]
+
+
+class _CausalEncoder(nn.Module):
+    """A small causal language model on torch's encoder, its mask built from the input's length."""
+
+    def __init__(self, causal_flag: bool):
+        super().__init__()
+        self.causal_flag = causal_flag
+        self.emb = nn.Embedding(50, 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                         enable_nested_tensor=False)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, tokens):
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+        if self.causal_flag:
+            return self.head(self.enc(self.emb(tokens), mask=mask, is_causal=True))
+        return self.head(self.enc(self.emb(tokens), mask=mask))
+
+
+def test_a_causal_mask_is_read_for_its_dtype_and_compared_only_without_the_flag():
+    """torch's mask checks read the mask's dtype (``torch.is_floating_point``), which is not a value.
+    Without ``is_causal`` the encoder compares the mask with a causal one in Python: a value, so the
+    encoder is kept whole, with that reason."""
+    tokens = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(0))
+    flagged = find_units(_CausalEncoder(True).eval(), tokens)
+    assert [u.name for u in flagged.units] == ["enc.layers.0.linear1", "enc.layers.1.linear1"]
+    compared = find_units(_CausalEncoder(False).eval(), tokens)
+    assert compared.units == []
+    assert "inside enc, which specprune cannot trace (its forward uses a tensor's values" in \
+        _reasons(compared)["enc.layers.0.linear1"]
