@@ -1,11 +1,13 @@
 """FLOPs and parameter counts, measured with ``torch.utils.flop_counter`` (no hand-written counter).
 
-Two gaps of the counter are closed, both of which count attention as free:
+Three gaps of the counter are closed, each of which counted a layer as free:
 - In eval mode without gradients, nn.MultiheadAttention and nn.TransformerEncoderLayer take a fused
   "fast path" whose kernels the counter has no formula for (it counts 0 for the whole block, its Linears
   included). Counting turns the fast path off, so the same layers run as their plain operations.
 - ``scaled_dot_product_attention`` on the CPU runs a kernel of its own; it is counted with the formula
   the counter has for the GPU kernels.
+- nn.LSTM on the CPU runs oneDNN's fused layer (``mkldnn_rnn_layer``), which has no formula either;
+  counting turns oneDNN off, and the LSTM runs as the matrix products the counter knows.
 """
 from __future__ import annotations
 
@@ -39,15 +41,17 @@ def _counting(model: nn.Module) -> Iterator[FlopCounterMode]:
     grad_fn, which a view of a parameter taken under ``no_grad`` is (CaiT's ``cls_token.expand``)."""
     frozen = [p for p in model.parameters() if p.requires_grad and p.is_leaf]  # (a scripted one may not be)
     counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS)
-    fast_path = torch.backends.mha.get_fastpath_enabled()
+    fast_path, onednn = torch.backends.mha.get_fastpath_enabled(), torch.backends.mkldnn.enabled
     try:
         for p in frozen:
             p.requires_grad_(False)
         torch.backends.mha.set_fastpath_enabled(False)
+        torch.backends.mkldnn.enabled = False  # (its flags() context also resets TF32 with a warning)
         with torch.no_grad(), counter:
             yield counter
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
+        torch.backends.mkldnn.enabled = onednn
         for p in frozen:
             p.requires_grad_(True)
 

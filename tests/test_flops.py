@@ -1,8 +1,8 @@
 """FLOP counting (flops.py) against counts worked out by hand, attention included.
 
 In eval mode without gradients, nn.MultiheadAttention and nn.TransformerEncoderLayer take a fused fast
-path that torch's counter has no formula for, and on the CPU ``scaled_dot_product_attention`` runs a
-kernel it has none for either: before flops.py closed both gaps, attention counted as free.
+path that torch's counter has no formula for, and on the CPU ``scaled_dot_product_attention`` and
+nn.LSTM run kernels it has none for either: before flops.py closed these gaps, they counted as free.
 """
 from __future__ import annotations
 
@@ -65,3 +65,13 @@ def test_scaled_dot_product_attention_on_the_cpu():
             return F.scaled_dot_product_attention(q, self.memory, self.memory)
 
     assert count_flops(Attend(), torch.randn(2, 3, 7, 8)) == _attention(6, 7, 11, 8)
+
+
+@pytest.mark.parametrize("cell,gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+def test_recurrent_layers_count_their_matrix_products(cell, gates):
+    hidden, steps = 16, 10
+    rnn = cell(24, hidden, num_layers=2, batch_first=True, bidirectional=True).eval()
+    per_direction = [gates * hidden * (24 + hidden), gates * hidden * (2 * hidden + hidden)]  # layer 0, 1
+    want = sum(2 * steps * 2 * n for n in per_direction)
+    assert count_flops(rnn, torch.randn(1, steps, 24)) == want
+    assert torch.backends.mkldnn.enabled  # the user's setting is back
