@@ -20,9 +20,8 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 
-
-def _attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: object,
-                     out_shape: object = None, **kwargs: object) -> int:
+def _attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size,
+                     *args: object, out_shape: object = None, **kwargs: object) -> int:
     """The counter's own formula for the GPU attention kernels (it is given the arguments' shapes)."""
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 

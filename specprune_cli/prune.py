@@ -244,8 +244,8 @@ def check_target(achieved: float, cfg: PruneConfig, graph: UnitGraph, units: lis
     if cfg.allocation == "ratio" or achieved <= cfg.target_value * (1 + PARTIAL_TOLERANCE):
         return []
     message = (f"the pruned model keeps {achieved:.3f} of its {cfg.target_kind} against the target "
-               f"{cfg.target_value:g}{left_whole(graph)}. Raise prune.target, remove layers from prune.exclude, or set "
-               "prune.allow_partial: true to accept a partial result")
+               f"{cfg.target_value:g}{left_whole(graph)}. Raise prune.target, remove layers from "
+               "prune.exclude, or set prune.allow_partial: true to accept a partial result")
     if not cfg.allow_partial:
         raise BudgetError(message)
     return [message]

@@ -80,8 +80,8 @@ def int_attributes(model: nn.Module, leaves: set[str]) -> Iterator[None]:
 #: Modules of torch.nn that are traced into, not kept as leaves: blocks written in Python over layers
 #: specprune reads (a TransformerEncoderLayer's feed-forward Linears). In a trace their forward takes
 #: its plain path, since a proxy turns off the fused fast path.
-TRACED_TORCH: tuple[type, ...] = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
-                                  nn.TransformerDecoder, nn.Transformer)
+TRACED_TORCH: tuple[type, ...] = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                                  nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
 
 
 def _is_torch_leaf(mod: nn.Module) -> bool:

@@ -288,8 +288,8 @@ class _CausalEncoder(nn.Module):
         super().__init__()
         self.causal_flag = causal_flag
         self.emb = nn.Embedding(50, 16)
-        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
-                                         enable_nested_tensor=False)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(16, 50)
 
     def forward(self, tokens):

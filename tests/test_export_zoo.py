@@ -21,7 +21,8 @@ def test_pruned_model_exports_to_onnx_with_parity(name, tmp_path):
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(8, *shape, generator=g) for _ in range(2)]
     pruned = prune_model(model, batches, example_input=batches[0][:1],
-                         cfg=prune_cfg(target={"flops": FLOPS_TARGET[name]}, max_positions=16), progress=False).model
+                         cfg=prune_cfg(target={"flops": FLOPS_TARGET[name]}, max_positions=16),
+                         progress=False).model
     settings = ExportConfig(formats=("onnx",))
     info = export_model(pruned, batches[0][:2], tmp_path, settings)["onnx"]
     assert info["verified"] and info["batch_sizes"] == [2, 3]

@@ -45,7 +45,8 @@ def test_the_nearest_class_in_the_mro_decides_and_an_own_forward_needs_the_probe
     assert probes.registered(nn.BatchNorm1d(4), table) == "norm"  # inherits _BatchNorm.forward
     assert probes.registered(_Activated(4), table) is None  # no probe: refused
     asked = []
-    assert probes.registered(_Activated(4), table, lambda cls, entry: asked.append((cls, entry)) or True) == "bn"
+    probe = lambda cls, entry: asked.append((cls, entry)) or True  # noqa: E731
+    assert probes.registered(_Activated(4), table, probe) == "bn"
     assert asked == [(nn.BatchNorm2d, "bn")]
     assert probes.registered(nn.ReLU(), {nn.BatchNorm2d: "bn"}) is None
 

@@ -60,7 +60,8 @@ def test_half_flops_target_is_met_on_the_whole_model(name):
     x1 = batches[0][:1]
     target = FLOPS_TARGET[name]
     result = prune_model(model, batches, example_input=x1,
-                         cfg=prune_cfg(target={"flops": target}, round_to=1, min_channels=1, max_positions=16),
+                         cfg=prune_cfg(target={"flops": target}, round_to=1, min_channels=1,
+                                       max_positions=16),
                          progress=False)
     pruned = result.model
     ratio = count_flops(pruned, x1) / count_flops(model, x1)
