@@ -85,7 +85,7 @@ class _Finder:
                 continue
             mod = self.gm.get_submodule(str(n.target))
             kind = layer_kind(mod)
-            if kind is None:
+            if kind is None or not kind.producer:
                 continue
             if not kind.dense(mod):
                 groups = getattr(mod, "groups", 1)

@@ -4,9 +4,11 @@ Registries keyed by module class (a user subclass counts if it keeps the parent'
 own forward is seen to compute the parent's: timm's ``Linear``, which only casts the weight):
 
 * ``LayerKind`` (``register_layer``): channel-mixing layers, the producers and consumers of units:
-  Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear. A kind knows how a producer's output channels are
-  sliced, how a consumer's weight is seen as a matrix Z with one column per unit channel (the
-  output-aware loss), how W' = W A is folded into it, and how its input becomes statistics rows.
+  Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear; and RNN / LSTM / GRU, consumers only (their first
+  layer's input weights read the unit's channels as a Linear does). A kind knows how a producer's
+  output channels are sliced, how a consumer's weight is seen as a matrix Z with one column per unit
+  channel (the output-aware loss), how W' = W A is folded into it, and how its input becomes
+  statistics rows.
 * ``FollowerKind`` (``followers.py``): layers with one parameter per channel between a producer and
   its consumers, sliced with the unit.
 
@@ -52,6 +54,7 @@ class LayerKind:
 
     name = ""
     base: type = nn.Module
+    producer = True  # its output channels can be a unit
 
     def dense(self, mod: nn.Module) -> bool:
         """Every output reads every input channel (no groups)."""
@@ -79,6 +82,10 @@ class LayerKind:
     def matrix(self, mod: nn.Module, consumer: "Consumer") -> torch.Tensor:
         """The weight as Z, float64, one column per unit channel."""
         raise NotImplementedError
+
+    def input_weight_count(self, mod: nn.Module) -> int:
+        """How many weights read the layer's input (a tap's share of a unit's loss)."""
+        return mod.weight.numel()
 
     def fold(self, mod: nn.Module, consumer: "Consumer", a: torch.Tensor, keep: torch.Tensor) -> None:
         """W' = W A: read the kept channels and reconstruct the dropped ones."""
@@ -242,7 +249,25 @@ class Linear(LayerKind):
         return per, columns
 
     def matrix(self, mod, consumer):
-        w = _own(mod.weight.detach(), 1, consumer.block).to(torch.float64)
+        return self._matrix(mod.weight, consumer)
+
+    def fold(self, mod, consumer, a, keep):
+        new = self._fold(mod.weight, consumer, a, keep)
+        mod.in_features = new.shape[1]
+        mod.weight = as_parameter(new, mod.weight)
+
+    def rows(self, x, consumer):
+        x = _own(x, x.dim() - 1, consumer.block)
+        flat = x.reshape(-1, x.shape[-1])
+        if consumer.columns is not None:
+            return flat[:, consumer.columns]
+        if consumer.spatial > 1:
+            return flat.reshape(flat.shape[0], -1, consumer.spatial)
+        return flat
+
+    @staticmethod
+    def _matrix(weight: torch.Tensor, consumer: "Consumer") -> torch.Tensor:
+        w = _own(weight.detach(), 1, consumer.block).to(torch.float64)
         m = consumer_width(consumer, w.shape[1])
         if consumer.columns is None:
             blocks = w.reshape(w.shape[0], m, consumer.spatial)
@@ -250,8 +275,11 @@ class Linear(LayerKind):
             blocks = w[:, consumer.columns]
         return blocks.permute(0, 2, 1).reshape(-1, m)
 
-    def fold(self, mod, consumer, a, keep):
-        full = mod.weight.detach().to(torch.float64)
+    @staticmethod
+    def _fold(weight: torch.Tensor, consumer: "Consumer", a: torch.Tensor,
+              keep: torch.Tensor) -> torch.Tensor:
+        """W A over the input columns of a (out, in) weight, in float64."""
+        full = weight.detach().to(torch.float64)
         w = _own(full, 1, consumer.block)
         a = a.to(torch.float64)
         m, k, per = a.shape[0], a.shape[1], consumer.spatial
@@ -265,18 +293,42 @@ class Linear(LayerKind):
             position[kept_columns.flatten().sort().values] = torch.arange(k * per)
             new = torch.empty(w.shape[0], k * per, dtype=torch.float64)
             new[:, position[kept_columns].flatten()] = folded.reshape(w.shape[0], k * per)
-        new = _splice(full, 1, consumer.block, new)
-        mod.in_features = new.shape[1]
-        mod.weight = as_parameter(new, mod.weight)
+        return _splice(full, 1, consumer.block, new)
 
-    def rows(self, x, consumer):
-        x = _own(x, x.dim() - 1, consumer.block)
-        flat = x.reshape(-1, x.shape[-1])
-        if consumer.columns is not None:
-            return flat[:, consumer.columns]
-        if consumer.spatial > 1:
-            return flat.reshape(flat.shape[0], -1, consumer.spatial)
-        return flat
+
+@register_layer(nn.RNN, nn.LSTM, nn.GRU)
+class Recurrent(Linear):
+    """A consumer only: the first layer's input weights ``weight_ih_l0`` (and ``_reverse``), (gates x
+    hidden, input), read the input's last dimension at every step as a Linear does. The unit's
+    reconstruction folds into them, so the recurrence itself is untouched; the outputs (hidden states)
+    are never a unit."""
+
+    name = "recurrent"
+    producer = False
+
+    @staticmethod
+    def input_weights(mod: nn.Module) -> list[str]:
+        return ["weight_ih_l0", "weight_ih_l0_reverse"][:2 if mod.bidirectional else 1]
+
+    def out_channels(self, mod: nn.Module) -> int:
+        raise Unsupported(f"the outputs of {type(mod).__name__} are hidden states, not channels to prune")
+
+    def slice_out(self, mod: nn.Module, keep: torch.Tensor) -> None:
+        raise Unsupported(f"the outputs of {type(mod).__name__} are hidden states, not channels to prune")
+
+    def matrix(self, mod, consumer):
+        return torch.cat([self._matrix(getattr(mod, n), consumer) for n in self.input_weights(mod)])
+
+    def input_weight_count(self, mod):
+        return sum(getattr(mod, n).numel() for n in self.input_weights(mod))
+
+    def fold(self, mod, consumer, a, keep):
+        for n in self.input_weights(mod):
+            old = getattr(mod, n)
+            new = self._fold(old, consumer, a, keep)
+            setattr(mod, n, as_parameter(new, old))  # RNNBase.__setattr__ updates its weight list
+        mod.input_size = new.shape[1]
+        mod.flatten_parameters()
 
 
 def consumer_width(consumer: "Consumer", columns: int) -> int:

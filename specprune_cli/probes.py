@@ -57,7 +57,7 @@ def computes_base(mod: nn.Module, base: type) -> bool:
 def _same_outputs(mod: nn.Module, base: type) -> bool:
     weight = getattr(mod, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        return False
+        return False  # (a recurrent layer has no ``weight``: its subclasses are not probed)
     gen = torch.Generator().manual_seed(0)
     for batch in (1, 3):
         if isinstance(mod, nn.Linear):

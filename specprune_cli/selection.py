@@ -16,7 +16,7 @@ from torch import nn
 from specprune_cli.config import PruneConfig
 from specprune_cli.errors import ModelError
 from specprune_cli.graph import Unit
-from specprune_cli.layers import consumer_matrix
+from specprune_cli.layers import consumer_matrix, require_layer_kind
 from specprune_cli.moments import CrossMoment
 from specprune_cli.spectral import Signal, degrees_of_freedom, loss_curve, relative_lambda, select
 
@@ -64,7 +64,8 @@ def tap_weights(model: nn.Module, unit: Unit) -> dict[str, float]:
     """Each tap's share of the unit's loss: the number of consumer weights reading it."""
     sizes = {t: 0 for t in unit.taps}
     for c in unit.consumers:
-        sizes[c.tap] += model.get_submodule(c.module).weight.numel()
+        mod = model.get_submodule(c.module)
+        sizes[c.tap] += require_layer_kind(mod).input_weight_count(mod)
     return sizes
 
 

@@ -408,6 +408,38 @@ class TorchEncoderDecoder(nn.Module):
         return self.head(self.t(x, x[:, :3]))
 
 
+class CRNN(nn.Module):
+    """Text or speech recognition: conv features, each column a time step (channels x height as its
+    features, channel c at c * H + h), read by a bidirectional GRU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.rnn = nn.GRU(6 * 4, 8, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = F.max_pool2d(F.relu(self.bn(self.conv(x))), (2, 1))  # (B, C, H, W)
+        b, c, h, w = f.shape
+        out, _ = self.rnn(f.permute(0, 3, 1, 2).reshape(b, w, c * h))
+        return self.fc(out[:, -1])
+
+
+class ConvLSTM(nn.Module):
+    """Keyword spotting: a Conv1d front end, then a two-layer LSTM in time-major order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 12, 3, padding=1)
+        self.lstm = nn.LSTM(12, 10, num_layers=2)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(F.relu(self.conv(x)).permute(2, 0, 1))  # (T, B, C)
+        return self.fc(h[-1])
+
+
 PATTERNS = {
     "audio_head": (AudioHead, (1, 8, 6)),
     "audio_head_literal": (AudioHeadLiteral, (1, 8, 6)),
@@ -430,6 +462,8 @@ PATTERNS = {
     "scaled_residual": (ScaledResidual, (3, 8, 8)),
     "torch_transformer": (TorchTransformer, (5, 8)),
     "torch_encoder_decoder": (TorchEncoderDecoder, (5, 16)),
+    "crnn": (CRNN, (1, 8, 6)),
+    "conv_lstm": (ConvLSTM, (8, 7)),
 }
 
 

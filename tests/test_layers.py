@@ -74,9 +74,10 @@ def test_a_per_channel_parameter_is_sliced_with_the_unit():
 
 def test_unknown_kinds_and_roles_name_what_is_supported():
     with pytest.raises(ValueError) as err:
-        require_layer_kind(nn.LSTM(3, 4))
-    assert str(err.value) == ("LSTM is not a layer specprune can prune; supported: Conv1d, Conv2d, Conv3d, "
-                              "ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, Linear")
+        require_layer_kind(nn.Bilinear(3, 4, 5))
+    assert str(err.value) == ("Bilinear is not a layer specprune can prune; supported: Conv1d, Conv2d, "
+                              "Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, GRU, LSTM, Linear, "
+                              "RNN")
     with pytest.raises(ValueError) as err:
         slice_follower(nn.ReLU(), Follower("x", "bogus"), torch.tensor([0]))
     assert str(err.value) == ("unknown follower role 'bogus'; supported: batchnorm, depthwise, groupnorm, "

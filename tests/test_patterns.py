@@ -40,6 +40,8 @@ EXPECTED = {
                           {"proj": "MultiheadAttention", "head": "model output"}),
     "torch_encoder_decoder": (["t.encoder.layers.0.linear1", "t.decoder.layers.0.linear1"],
                               {"head": "model output"}),
+    "crnn": (["conv"], {"fc": "model output"}),
+    "conv_lstm": (["conv"], {"fc": "model output"}),
 }
 
 #: (pattern, unit) whose path from producer to consumers maps 0 to 0 (no BatchNorm shift, no `+ 1`):
@@ -47,8 +49,9 @@ EXPECTED = {
 ZERO_PRESERVING = [("audio_head", "conv2"), ("dynamic_flatten", "conv"), ("channels_last", "conv"),
                    ("channels_last", "fc1"), ("sequence_to_conv", "proj"), ("sequence_to_conv", "conv"),
                    ("mnist_classic", "conv1"), ("volumetric", "conv2"), ("decoder", "conv"),
-                   ("channel_split", "a"), ("layer_scale", "conv"), ("torch_transformer", "enc.layers.1.linear1"),
-                   ("torch_encoder_decoder", "t.decoder.layers.0.linear1")]
+                   ("channel_split", "a"), ("layer_scale", "conv"),
+                   ("torch_transformer", "enc.layers.1.linear1"),
+                   ("torch_encoder_decoder", "t.decoder.layers.0.linear1"), ("conv_lstm", "conv")]
 
 
 def _batch(shape, n=6, seed=1):
@@ -141,11 +144,12 @@ def test_half_width_run_and_the_plan_rebuilds_a_fresh_instance(name, order):
 
 @pytest.mark.parametrize("name", ["audio_head", "decoder", "keyword_spotter", "volumetric", "layer_scale",
                                   "norm_subclasses", "layer_subclasses", "torch_transformer",
-                                  "torch_encoder_decoder"])
+                                  "torch_encoder_decoder", "crnn", "conv_lstm"])
 def test_pruned_patterns_export_to_onnx_with_parity(name, tmp_path):
     """The rewritten int attribute, the time-major column map, Conv1d/3d, ConvTranspose2d and an
-    Unflatten, a sliced BatchNorm subclass with its own forward, and torch's transformer layers cut inside
-    survive the ONNX exporter (loaded back and compared at batch sizes 2 and 3)."""
+    Unflatten, a sliced BatchNorm subclass with its own forward, torch's transformer layers cut inside,
+    and a GRU and an LSTM reading pruned channels survive the ONNX exporter (loaded back and compared at
+    batch sizes 2 and 3)."""
     import types
 
     from specprune_cli.export import export_model

@@ -41,6 +41,34 @@ def test_the_cost_model_counts_what_a_hand_count_gives(mlp):
     assert cost.cost({"0": 8, "2": 8}) == (2 * (64 + 64 + 32), 72 + 72 + 36)
 
 
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+def test_a_recurrent_consumer_costs_what_the_pruned_model_counts(cell):
+    """Only the first layer's input weights read the unit: that share of the layer's FLOPs and
+    parameters scales with the unit's width, the recurrence does not. The prediction equals the count
+    on a model actually cut to those widths."""
+    from specprune_cli.flops import count_flops, count_params
+    from specprune_cli.surgery import prune_unit, selection_matrix
+
+    class ConvRNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 12, 3, padding=1)
+            self.rnn = cell(12, 6, num_layers=2, bidirectional=True)
+
+        def forward(self, x):
+            return self.rnn(self.conv(x).permute(2, 0, 1))[0]
+
+    model, x = ConvRNN().eval(), torch.randn(1, 4, 9)
+    units = find_units(model, x).units
+    cost = CostModel(model, units, x)
+    (unit,) = units
+    keep = torch.arange(0, 12, 3)
+    prune_unit(model, unit, keep, {t: selection_matrix(12, keep) for t in unit.taps})
+    assert model.rnn.input_size == 4 and model.rnn.weight_ih_l0_reverse.shape[1] == 4
+    flops, params = cost.cost({unit.name: 4})
+    assert (flops, params) == (count_flops(model, x), count_params(model))
+
+
 def test_ratio_allocation(mlp):
     units, cost = mlp
     widths = allocate_widths(units, cost, allocation="ratio", target_kind="flops", target_value=1.0,
