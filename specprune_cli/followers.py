@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from specprune_cli.layers import LAYER_KINDS, as_parameter, require_layer_kind
+from specprune_cli.layer_kind import LAYER_KINDS, as_parameter
+from specprune_cli.layers import require_layer_kind
 from specprune_cli.layout import Layout, Unsupported
 from specprune_cli.probes import acts_per_channel, registered
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from specprune_cli.layers import LayerKind
+from specprune_cli.layer_kind import LayerKind
 from specprune_cli.layout import Block, Layout, Unsupported, concrete, is_tensor, shape_of
 from specprune_cli.ops import CONCATS, listed
 from specprune_cli.units import Consumer, Follower, Producer, ShapeAttr, Skipped, Unit

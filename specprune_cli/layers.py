@@ -3,12 +3,12 @@
 Registries keyed by module class (a user subclass counts if it keeps the parent's ``forward``, or if its
 own forward is seen to compute the parent's: timm's ``Linear``, which only casts the weight):
 
-* ``LayerKind`` (``register_layer``): channel-mixing layers, the producers and consumers of units:
-  Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear; and RNN / LSTM / GRU, consumers only (their first
-  layer's input weights read the unit's channels as a Linear does). A kind knows how a producer's
-  output channels are sliced, how a consumer's weight is seen as a matrix Z with one column per unit
-  channel (the output-aware loss), how W' = W A is folded into it, and how its input becomes
-  statistics rows.
+* ``LayerKind`` (the interface and ``register_layer`` are in ``layer_kind.py``; the kinds are here):
+  channel-mixing layers, the producers and consumers of units: Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+  Linear; and RNN / LSTM / GRU, consumers only (their first layer's input weights read the unit's
+  channels as a Linear does). A kind knows how a producer's output channels are sliced, how a
+  consumer's weight is seen as a matrix Z with one column per unit channel (the output-aware loss), how
+  W' = W A is folded into it, and how its input becomes statistics rows.
 * ``FollowerKind`` (``followers.py``): layers with one parameter per channel between a producer and
   its consumers, sliced with the unit.
 
@@ -17,97 +17,18 @@ channel-major blocks of a plain ``flatten``; ``tap_rows`` and ``fold`` read the 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from specprune_cli.layout import Block, Layout, Unsupported
+from specprune_cli.layer_kind import (LAYER_KINDS, LAYER_KINDS_BY_NAME, LayerKind, as_parameter,
+                                      register_layer, unit_entries, with_unit_entries)
+from specprune_cli.layout import Layout, Unsupported
 from specprune_cli.probes import computes_base, registered
 
 if TYPE_CHECKING:
     from specprune_cli.units import Consumer, Unit
-
-
-def as_parameter(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    """``t`` as a parameter replacing ``like`` (same dtype and requires_grad)."""
-    return nn.Parameter(t.to(like.dtype).contiguous(), requires_grad=like.requires_grad)
-
-
-def _own(t: torch.Tensor, dim: int, block: Block | None) -> torch.Tensor:
-    """The unit's entries of ``t`` along ``dim`` (all of them unless it is concatenated with others)."""
-    return t if block is None else block.narrow(t, dim)
-
-
-def _splice(t: torch.Tensor, dim: int, block: Block | None, own: torch.Tensor) -> torch.Tensor:
-    """``t`` with the unit's entries along ``dim`` replaced by ``own`` (the other tensors' entries stay)."""
-    if block is None:
-        return own
-    start = block.start(t.shape[dim])
-    end = start + block.own
-    return torch.cat([t.narrow(dim, 0, start), own.to(t.dtype), t.narrow(dim, end, t.shape[dim] - end)], dim)
-
-
-class LayerKind:
-    """A family of channel-mixing layers (see the module docstring). Subclasses set ``name``."""
-
-    name = ""
-    base: type = nn.Module
-    producer = True  # its output channels can be a unit
-
-    def dense(self, mod: nn.Module) -> bool:
-        """Every output reads every input channel (no groups)."""
-        return True
-
-    def out_channels(self, mod: nn.Module) -> int:
-        raise NotImplementedError
-
-    def out_layout(self, out_shape: tuple[int, ...]) -> Layout:
-        raise NotImplementedError
-
-    def slice_out(self, mod: nn.Module, keep: torch.Tensor) -> None:
-        """Keep output channels ``keep`` (weights and bias)."""
-        raise NotImplementedError
-
-    def consumer(self, mod: nn.Module, layout: Layout, in_shape: tuple[int, ...], width: int
-                 ) -> tuple[int, torch.Tensor | None]:
-        """(entries per channel, column map or None) for reading a unit laid out as ``layout``.
-
-        Raises:
-            Unsupported: the layer reads a dimension other than the channels.
-        """
-        raise NotImplementedError
-
-    def matrix(self, mod: nn.Module, consumer: "Consumer") -> torch.Tensor:
-        """The weight as Z, float64, one column per unit channel."""
-        raise NotImplementedError
-
-    def input_weight_count(self, mod: nn.Module) -> int:
-        """How many weights read the layer's input (a tap's share of a unit's loss)."""
-        return mod.weight.numel()
-
-    def fold(self, mod: nn.Module, consumer: "Consumer", a: torch.Tensor, keep: torch.Tensor) -> None:
-        """W' = W A: read the kept channels and reconstruct the dropped ones."""
-        raise NotImplementedError
-
-    def rows(self, x: torch.Tensor, consumer: "Consumer") -> torch.Tensor:
-        """The consumer's input as statistics rows: (N, C, *positions) or (rows, C)."""
-        raise NotImplementedError
-
-
-LAYER_KINDS: dict[type, LayerKind] = {}
-
-
-def register_layer(*classes: type) -> Callable[[type[LayerKind]], type[LayerKind]]:
-    """Class decorator: instances of ``classes`` (and subclasses keeping their forward) are of this kind."""
-    def decorate(kind_cls: type[LayerKind]) -> type[LayerKind]:
-        for c in classes:
-            kind = kind_cls()
-            kind.base = c
-            LAYER_KINDS[c] = kind
-        return kind_cls
-    return decorate
 
 
 def layer_kind(mod: nn.Module) -> LayerKind | None:
@@ -162,18 +83,19 @@ class Conv(LayerKind):
         return 1, None
 
     def matrix(self, mod, consumer):
-        w = _own(mod.weight.detach(), 1, consumer.block).to(torch.float64)
+        w = unit_entries(mod.weight.detach(), 1, consumer.block).to(torch.float64)
         return w.movedim(1, -1).reshape(-1, w.shape[1])
 
     def fold(self, mod, consumer, a, keep):
         full = mod.weight.detach().to(torch.float64)
-        w = _own(full, 1, consumer.block)
-        new = _splice(full, 1, consumer.block, (w.movedim(1, -1) @ a.to(torch.float64)).movedim(-1, 1))
+        w = unit_entries(full, 1, consumer.block)
+        folded = (w.movedim(1, -1) @ a.to(torch.float64)).movedim(-1, 1)
+        new = with_unit_entries(full, 1, consumer.block, folded)
         mod.in_channels = new.shape[1]
         mod.weight = as_parameter(new, mod.weight)
 
     def rows(self, x, consumer):
-        return _own(x, 1, consumer.block)
+        return unit_entries(x, 1, consumer.block)
 
 
 @register_layer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -202,19 +124,19 @@ class ConvTranspose(LayerKind):
         return 1, None
 
     def matrix(self, mod, consumer):
-        w = _own(mod.weight.detach(), 0, consumer.block).to(torch.float64)
+        w = unit_entries(mod.weight.detach(), 0, consumer.block).to(torch.float64)
         return w.reshape(w.shape[0], -1).T
 
     def fold(self, mod, consumer, a, keep):
         full = mod.weight.detach().to(torch.float64)
-        w = _own(full, 0, consumer.block)
+        w = unit_entries(full, 0, consumer.block)
         own = (a.to(torch.float64).T @ w.reshape(w.shape[0], -1)).reshape(a.shape[1], *w.shape[1:])
-        new = _splice(full, 0, consumer.block, own)
+        new = with_unit_entries(full, 0, consumer.block, own)
         mod.in_channels = new.shape[0]
         mod.weight = as_parameter(new, mod.weight)
 
     def rows(self, x, consumer):
-        return _own(x, 1, consumer.block)
+        return unit_entries(x, 1, consumer.block)
 
 
 @register_layer(nn.Linear)
@@ -257,7 +179,7 @@ class Linear(LayerKind):
         mod.weight = as_parameter(new, mod.weight)
 
     def rows(self, x, consumer):
-        x = _own(x, x.dim() - 1, consumer.block)
+        x = unit_entries(x, x.dim() - 1, consumer.block)
         flat = x.reshape(-1, x.shape[-1])
         if consumer.columns is not None:
             return flat[:, consumer.columns]
@@ -267,7 +189,7 @@ class Linear(LayerKind):
 
     @staticmethod
     def _matrix(weight: torch.Tensor, consumer: "Consumer") -> torch.Tensor:
-        w = _own(weight.detach(), 1, consumer.block).to(torch.float64)
+        w = unit_entries(weight.detach(), 1, consumer.block).to(torch.float64)
         m = consumer_width(consumer, w.shape[1])
         if consumer.columns is None:
             blocks = w.reshape(w.shape[0], m, consumer.spatial)
@@ -280,7 +202,7 @@ class Linear(LayerKind):
               keep: torch.Tensor) -> torch.Tensor:
         """W A over the input columns of a (out, in) weight, in float64."""
         full = weight.detach().to(torch.float64)
-        w = _own(full, 1, consumer.block)
+        w = unit_entries(full, 1, consumer.block)
         a = a.to(torch.float64)
         m, k, per = a.shape[0], a.shape[1], consumer.spatial
         if consumer.columns is None:
@@ -293,7 +215,7 @@ class Linear(LayerKind):
             position[kept_columns.flatten().sort().values] = torch.arange(k * per)
             new = torch.empty(w.shape[0], k * per, dtype=torch.float64)
             new[:, position[kept_columns].flatten()] = folded.reshape(w.shape[0], k * per)
-        return _splice(full, 1, consumer.block, new)
+        return with_unit_entries(full, 1, consumer.block, new)
 
 
 @register_layer(nn.RNN, nn.LSTM, nn.GRU)
@@ -355,6 +277,3 @@ def tap_rows(x: torch.Tensor, unit: "Unit", consumer: "Consumer") -> torch.Tenso
         consumer: the consumer (its kind and column map).
     """
     return LAYER_KINDS_BY_NAME[consumer.kind].rows(x.detach(), consumer)
-
-
-LAYER_KINDS_BY_NAME: dict[str, LayerKind] = {k.name: k for k in LAYER_KINDS.values()}

@@ -15,7 +15,8 @@ from torch import nn
 from specprune_cli.errors import ModelError
 from specprune_cli.graph import Unit
 from specprune_cli.followers import slice_follower
-from specprune_cli.layers import LAYER_KINDS_BY_NAME, require_layer_kind
+from specprune_cli.layer_kind import LAYER_KINDS_BY_NAME
+from specprune_cli.layers import require_layer_kind
 from specprune_cli.model_io import check_same_layout, describe, nonfinite
 
 
