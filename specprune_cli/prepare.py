@@ -92,13 +92,35 @@ def first_output(model: nn.Module, example: torch.Tensor, call: ModelCall) -> An
         ConfigError: ``evaluate.output`` names no tensor of the output.
     """
     shape = list(example.shape[1:])
-    with torch.no_grad(), user_code(lambda exc: ModelError(
+
+    def failed(exc: BaseException) -> ModelError:
+        if _takes_integers(model, example, call):
+            return ModelError(
+                f"the model takes integer inputs (token ids or indices): a forward pass on float zeros of "
+                f"shape {tuple(example.shape)} failed ({reason(exc)}) and one on int64 zeros ran. Give "
+                "calibration data as integer arrays (an npz or idx file of int64 or int32); synthetic data "
+                "is float")
+        return ModelError(
             f"model.input_shape {shape} does not fit the model: a forward pass on zeros of shape "
             f"{tuple(example.shape)} failed ({reason(exc)}); set model.input_shape to the shape of one "
-            "sample the model was trained on (channels first, without the batch dimension)")):
+            "sample the model was trained on (channels first, without the batch dimension)")
+
+    with torch.no_grad(), user_code(failed):
         out = call(model, example)
     select(out, call.output)
     return out
+
+
+def _takes_integers(model: nn.Module, example: torch.Tensor, call: ModelCall) -> bool:
+    """Whether a float ``example`` that failed runs as int64 zeros (an Embedding's token ids)."""
+    if not example.is_floating_point():
+        return False
+    try:
+        with torch.no_grad():
+            call(model, torch.zeros_like(example, dtype=torch.int64))
+    except Exception:  # noqa: BLE001 - any failure: the input's dtype was not the trouble
+        return False
+    return True
 
 
 def classes_of(output: Any, call: ModelCall) -> int | None:

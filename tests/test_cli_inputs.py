@@ -307,3 +307,17 @@ def test_python_dash_m_is_the_same_cli():
     result = subprocess.run([sys.executable, "-m", "specprune_cli", "--version"], capture_output=True,
                             text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert result.returncode == 0 and result.stdout == f"specprune {__version__}\n"
+
+
+def test_synthetic_float_data_for_a_token_model_says_to_give_integer_data(tmp_path):
+    """Synthetic data is float; a model that takes token ids is told so, not to change its input shape."""
+    torch.manual_seed(0)
+    torch.save(TextCNN().state_dict(), tmp_path / "m.pt")
+    cfg = _config(tmp_path, f"{IO}:TextCNN", [12], data={"calibration": {"format": "synthetic"}})
+    out = tmp_path / "out"
+    code, last, left = _failure(invoke("compress", tmp_path / "m.pt", "-c", cfg, "-o", out, "-q"), out)
+    assert code == 1 and left == []
+    assert last.startswith("Error: the model takes integer inputs (token ids or indices): a forward pass on "
+                           "float zeros of shape (1, 12) failed (RuntimeError: ")
+    assert last.endswith("and one on int64 zeros ran. Give calibration data as integer arrays (an npz or idx "
+                         "file of int64 or int32); synthetic data is float")
