@@ -6,9 +6,11 @@ See docs/method.md §1.
 range(x.size(1))``, a ``mask=None`` argument. ``ValueTracer`` carries the *value* of every node along
 with its proxy (one real forward pass on the example input) and answers Python's questions from the
 values: a branch on a shape or a flag takes the path the example takes, and the graph records that
-path (``ValueTracer.guards``). Shapes that flow into operations stay symbolic (``x.view(x.size(0),
--1)`` keeps working at any batch size). A question about a tensor's *values* (``if x.sum() > 0``)
-raises ``Untraceable``: ``capture.py`` decides which module to keep whole.
+path (``ValueTracer.guards``). So does a branch on a tensor that only shapes and constants made (a
+causal mask built from ``x.size(1)`` and compared with another). Shapes that flow into operations stay
+symbolic (``x.view(x.size(0), -1)`` keeps working at any batch size). A question about the values of a
+tensor made from the data, the weights or chance (``if x.sum() > 0``) raises ``Untraceable``:
+``capture.py`` decides which module to keep whole.
 
 Non-bool int attributes of the traced modules are read through ``get_attr`` nodes bound to the live
 attribute (``int_attributes``), so surgery can rewrite a width held in ``self.flat_dim`` and the
@@ -34,6 +36,12 @@ from specprune_cli.ops import SHAPE_ATTRIBUTES, SHAPE_FUNCTIONS, SHAPE_READS, li
 LEAF_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase,
                                 nn.GroupNorm, nn.LayerNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention,
                                 nn.RNNBase)
+
+#: Tensors that chance makes: never read in Python, even when only shapes made them.
+RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal, torch.bernoulli,
+                    torch.multinomial, torch.poisson, torch.rand_like, torch.randn_like, torch.randint_like}
+RANDOM_METHODS = {"uniform_", "normal_", "random_", "bernoulli_", "exponential_", "geometric_", "cauchy_",
+                  "log_normal_", "bernoulli", "multinomial"}
 
 #: The capture's own code, never named as the place a model's forward fails.
 _CAPTURE_FILES = ("specprune_cli/capture.py", "specprune_cli/tracer.py")
@@ -217,8 +225,13 @@ class ValueTracer(fx.Tracer):
         shape_read = (kind == "call_method" and target in SHAPE_READS) or (
             kind == "call_function" and listed(target, SHAPE_FUNCTIONS)) or (
             kind == "call_function" and target is getattr and len(args) > 1 and args[1] in SHAPE_ATTRIBUTES)
-        tainted = isinstance(value, torch.Tensor) or (
-            not shape_read and any(n in self.tainted for n in node.all_input_nodes))
+        from_input = any(n in self.tainted for n in node.all_input_nodes)
+        # A tensor depends on the data, the weights or chance unless only shapes and constants made it
+        # (a causal mask from x.size(1)): that one Python may read, as it reads a shape.
+        made_from_shapes = kind in ("call_function", "call_method") and not from_input and not (
+            listed(target, RANDOM_FUNCTIONS) or listed(target, RANDOM_METHODS))
+        tainted = (isinstance(value, torch.Tensor) and not made_from_shapes) or (
+            not shape_read and from_input)
         self._record(node, value, tainted)
         return proxy
 

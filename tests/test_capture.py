@@ -299,14 +299,35 @@ class _CausalEncoder(nn.Module):
         return self.head(self.enc(self.emb(tokens), mask=mask))
 
 
-def test_a_causal_mask_is_read_for_its_dtype_and_compared_only_without_the_flag():
-    """torch's mask checks read the mask's dtype (``torch.is_floating_point``), which is not a value.
-    Without ``is_causal`` the encoder compares the mask with a causal one in Python: a value, so the
-    encoder is kept whole, with that reason."""
+def test_a_causal_mask_built_from_the_length_is_read_with_or_without_the_flag():
+    """torch's mask checks read the mask's dtype (``torch.is_floating_point``), which is not a value;
+    without ``is_causal`` the encoder compares the mask with a causal one in Python, and the mask is
+    made from the input's length alone, so Python may read it as it reads a shape."""
     tokens = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(0))
-    flagged = find_units(_CausalEncoder(True).eval(), tokens)
-    assert [u.name for u in flagged.units] == ["enc.layers.0.linear1", "enc.layers.1.linear1"]
-    compared = find_units(_CausalEncoder(False).eval(), tokens)
-    assert compared.units == []
-    assert "inside enc, which specprune cannot trace (its forward uses a tensor's values" in \
-        _reasons(compared)["enc.layers.0.linear1"]
+    for flag in (True, False):
+        graph = find_units(_CausalEncoder(flag).eval(), tokens)
+        assert [u.name for u in graph.units] == ["enc.layers.0.linear1", "enc.layers.1.linear1"], flag
+
+
+class _Branches(nn.Module):
+    """A branch on a tensor made from shapes alone, then one on the weights, the data or chance."""
+
+    def __init__(self, on: str):
+        super().__init__()
+        self.on = on
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        if torch.ones(x.shape[2]).sum() > 1:  # shapes only: follows the example's path
+            x = self.a(x)
+        values = {"weights": self.a.weight, "data": x, "chance": torch.rand(x.shape[0])}[self.on]
+        if values.sum() > 0:
+            x = x * 2
+        return self.b(torch.relu(x))
+
+
+@pytest.mark.parametrize("on", ["weights", "data", "chance"])
+def test_a_branch_on_weights_data_or_chance_is_not_read(on):
+    graph = find_units(_Branches(on).eval(), torch.randn(1, 3, 6, 6))
+    assert graph.units == []
+    assert "its forward uses a tensor's values in Python" in _reasons(graph)["<model>"]
