@@ -216,6 +216,10 @@ class Propagator:
                 continue
             if use == "len" and not (is_tensor(node) or is_tensors(node)):
                 continue  # only the length of a shape or a list was read: it does not follow the width
+            if use == "len" and is_tensor(node):
+                lay = sp.nodes.get(node)
+                if lay is None or lay.parts is not None or lay.cdim != 0:
+                    continue  # a tensor's length is its first dimension, and the channels are not there
             value = node.meta.get("value")
             try:
                 changed = any(resized_value(node, sp.nodes, sp.width, w) != value

@@ -278,9 +278,10 @@ class ValueTracer(fx.Tracer):
             self._concrete -= 1
 
     def python_value(self, proxy: fx.Proxy, use: str, *, length_only: bool = False) -> Any:
-        """The value behind ``proxy`` for Python to use, if it does not depend on tensor contents."""
+        """The value behind ``proxy`` for Python to use, if it does not depend on tensor contents (a
+        tensor's length is its first dimension, a shape)."""
         node = proxy.node
-        if node in self.tainted:
+        if node in self.tainted and not (length_only and isinstance(self.values[node], torch.Tensor)):
             raise Untraceable(f"its forward uses a tensor's values in Python ({use} at {_where()})")
         if self.guards.get(node) != "value":
             self.guards[node] = "len" if length_only else "value"

@@ -331,3 +331,30 @@ def test_a_branch_on_weights_data_or_chance_is_not_read(on):
     graph = find_units(_Branches(on).eval(), torch.randn(1, 3, 6, 6))
     assert graph.units == []
     assert "its forward uses a tensor's values in Python" in _reasons(graph)["<model>"]
+
+
+def test_the_length_of_a_tensor_is_a_shape():
+    """``len(x)`` is x's first dimension (the PyTorch tutorial's language model sizes its mask with
+    ``len(src)``), not a value."""
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8 * 4 * 4, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.fc(h.reshape(len(h), -1))
+
+    graph = find_units(Flat().eval(), torch.randn(1, 3, 6, 6))
+    assert [u.name for u in graph.units] == ["conv"]
+
+    class BranchesOnChannels(Flat):
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            if len(h.transpose(0, 1)) > 4:  # the channel count, read in Python
+                h = h * 2
+            return self.fc(h.flatten(1))
+
+    graph = find_units(BranchesOnChannels().eval(), torch.randn(1, 3, 6, 6))
+    assert graph.units == []
+    assert "Python code reads its channel count" in _reasons(graph)["conv"]
