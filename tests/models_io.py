@@ -113,3 +113,24 @@ class TextCNN(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         e = self.emb(tokens).transpose(1, 2)
         return self.fc(torch.cat([torch.relu(self.c3(e)).amax(-1), torch.relu(self.c5(e)).amax(-1)], 1))
+
+
+class TutorialLM(nn.Module):
+    """The PyTorch tutorial's language model, small: token ids (batch, length) in, sequence-first inside,
+    a causal mask sized with ``len(src)`` and passed without ``is_causal``, torch's encoder layers."""
+
+    def __init__(self, tokens: int = 50, width: int = 16):
+        super().__init__()
+        self.width = width
+        self.embedding = nn.Embedding(tokens, width)
+        self.register_buffer("position", torch.randn(64, 1, width) * 0.1)
+        layer = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.1)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.decoder = nn.Linear(width, tokens)
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        src = self.embedding(src.t()) * self.width ** 0.5
+        src = src + self.position[:src.size(0)]
+        if src_mask is None:
+            src_mask = nn.Transformer.generate_square_subsequent_mask(len(src))
+        return self.decoder(self.encoder(src, src_mask))[-1]  # the next token's logits

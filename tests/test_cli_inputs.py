@@ -15,7 +15,7 @@ import yaml
 
 from conftest import TESTS, make_cnn, write_npz
 from helpers import warm_batchnorm
-from models_io import Flat, MultiHead, Sequence1d, TextCNN
+from models_io import Flat, MultiHead, Sequence1d, TextCNN, TutorialLM
 from specprune_cli import __version__, compress, load_config
 from specprune_cli.errors import GateError
 from test_cli import _failure, fake_prune, invoke  # noqa: F401 - fake_prune is a fixture
@@ -85,6 +85,22 @@ def test_token_ids_in_an_npz_end_to_end(tmp_path, dtype):
     assert [u["type"] for u in report["prune"]["units"]] == ["concat", "concat"]
     assert report["exports"]["onnx"]["verified"] and report["evaluation"]["samples"] == 24
     assert report["exports"]["onnx-int8"]["verified"]  # calibrated on the token ids, not floats
+
+
+def test_the_tutorial_language_model_end_to_end(tmp_path):
+    """torch's encoder layers with a causal mask built in forward: their feed-forward layers are pruned,
+    and the ONNX file (sequence-first inside, token ids in) is verified."""
+    torch.manual_seed(0)
+    torch.save(TutorialLM().state_dict(), tmp_path / "m.pt")
+    rng = np.random.default_rng(0)
+    npz = write_npz(tmp_path / "d.npz", labels=False, x=rng.integers(0, 50, (32, 10)).astype(np.int64))
+    cfg = _config(tmp_path, f"{IO}:TutorialLM", [10], data={"calibration": _npz(npz)},
+                  export={"formats": ["pt", "onnx"]}, prune={"target": {"flops": 0.8}, "round_to": 1})
+    report = _compress_json(tmp_path / "m.pt", cfg, tmp_path / "out")
+    assert [u["name"] for u in report["prune"]["units"]] == ["encoder.layers.0.linear1",
+                                                            "encoder.layers.1.linear1"]
+    assert report["prune"]["flops_after"] < report["prune"]["flops_before"]
+    assert report["exports"]["onnx"]["verified"]
 
 
 def test_token_ids_are_not_normalised(tmp_path):
