@@ -74,6 +74,8 @@ def _onnx(job: Job, path: Path) -> dict:
     import onnx
     import onnxruntime as ort
 
+    from specprune_cli.quantize import ort_feed
+
     info = _write_onnx(job, path)
     try:
         onnx.checker.check_model(str(path))
@@ -87,14 +89,21 @@ def _onnx(job: Job, path: Path) -> dict:
         info["note"] = (f"export.opset {job.cfg.opset} was not honoured: the exporter wrote opset "
                         f"{info['opset']} (it could not convert this model); the file was verified as "
                         "written")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        doubles = any(x.dtype == torch.float64 for x in job.inputs.values())
+        hint = ("; ONNX Runtime has no float64 kernel for some operators (the one named): cast the model "
+                "with model.float() and give float32 inputs" if doubles else
+                "; drop onnx from export.formats")
+        raise ExportError(f"ONNX Runtime cannot load the exported file ({reason(exc)}){hint}") from exc
     inputs = [i.name for i in session.get_inputs()]
     if len(inputs) != 1:
         raise ExportError(f"the ONNX model has inputs {inputs}; exports support a single input tensor")
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:
         try:
-            return [torch.from_numpy(g) for g in session.run(None, {inputs[0]: x.detach().cpu().numpy()})]
+            return [torch.from_numpy(g) for g in session.run(None, ort_feed(session, x))]
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ExportError(f"ONNX Runtime cannot run the export at batch size {x.shape[0]}: {exc}\nIf the "
                               "model fixes its batch size (e.g. x.view(2, -1)), use x.flatten(1) or "

@@ -136,13 +136,15 @@ def _torch_runs(models: Mapping[str, nn.Module], x: torch.Tensor, call: ModelCal
 def _onnx_runs(paths: Mapping[str, str | Path], x: torch.Tensor, threads: int | None) -> dict[str, Callable]:
     import onnxruntime as ort  # imported only when ONNX latency is asked for
 
+    from specprune_cli.quantize import ort_feed
+
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
     runs = {}
     for name, path in paths.items():
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x.cpu().numpy()}
+        feed = ort_feed(session, x)
         runs[name] = lambda session=session, feed=feed: session.run(None, feed)
     return runs
 

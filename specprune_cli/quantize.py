@@ -43,8 +43,9 @@ def calibration_method(name: str):
             "percentile": CalibrationMethod.Percentile}[name]
 
 
-def _reader(batches: Iterable, input_name: str, limit: int):
-    """A ``CalibrationDataReader`` over the first ``limit`` samples of ``batches``."""
+def _reader(batches: Iterable, input_name: str, limit: int, dtype: Any = None):
+    """A ``CalibrationDataReader`` over the first ``limit`` samples of ``batches``, in ``dtype`` (the
+    float model's declared input type)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -59,7 +60,7 @@ def _reader(batches: Iterable, input_name: str, limit: int):
                 return None
             x = split_batch(batch)[0][:self.left]
             self.left -= x.shape[0]
-            return {input_name: ort_input(x)}
+            return {input_name: ort_input(x, dtype)}
 
     return Reader()
 
@@ -185,7 +186,9 @@ def quantize_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike, ba
                               "drop onnx-int8 from export.formats") from exc
         proto = onnx.load(str(pre))
         excluded = resolve_exclude(proto, cfg.exclude, module_names, prefix)
-        reader = _reader(batches, proto.graph.input[0].name, cfg.num_samples)
+        spec = proto.graph.input[0]
+        reader = _reader(batches, spec.name, cfg.num_samples,
+                         onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type))
         try:
             quantize_static(str(pre), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[
@@ -223,16 +226,32 @@ def int8_nodes(proto) -> tuple[list[str], list[str]]:
     return int8, float_
 
 
-def ort_input(x: torch.Tensor) -> np.ndarray:
-    """``x`` as ONNX Runtime takes it: float inputs as float32, integer ones (token ids) as they are."""
+#: ONNX Runtime's names for input types, and the numpy dtypes it takes for them.
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+              "tensor(bool)": np.bool_}
+
+
+def ort_input(x: torch.Tensor, dtype: Any = None) -> np.ndarray:
+    """``x`` as ONNX Runtime takes it: in ``dtype``, the file's declared input type, when it is known;
+    else float inputs as float32 and integer ones (token ids) as they are."""
     t = x.detach().cpu()
-    return (t.float() if t.is_floating_point() else t).numpy()
+    array = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
+    if dtype is None:
+        dtype = np.float32 if t.is_floating_point() else array.dtype
+    return array.astype(dtype, copy=False)
+
+
+def ort_feed(session, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The feed of a one-input ONNX Runtime session: ``x`` in the type the file declares. The one place
+    a tensor becomes an ONNX Runtime input (export checks, int8 calibration and checks, latency)."""
+    spec = session.get_inputs()[0]
+    return {spec.name: ort_input(x, ORT_DTYPES.get(spec.type))}
 
 
 def ort_outputs(session, x: torch.Tensor) -> list[torch.Tensor]:
     """Run an ONNX Runtime session on ``x``: its output tensors, in the file's order."""
-    feed = {session.get_inputs()[0].name: ort_input(x)}
-    return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
+    return [torch.from_numpy(np.asarray(o)) for o in session.run(None, ort_feed(session, x))]
 
 
 def _rebuild(template: Any, flat: Iterator[torch.Tensor]) -> Any:

@@ -317,3 +317,27 @@ def test_a_model_reading_token_ids_is_pruned_and_exported_with_integer_check_inp
     assert [u["type"] for u in result.plan["units"]] == ["concat", "concat"]
     info = export_model(result.model, batches[0][:2], tmp_path, ExportConfig(formats=("onnx", "torchscript")))
     assert info["onnx"]["verified"] and info["torchscript"]["verified"]
+
+
+def _conv_net(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)).eval().to(dtype)
+
+
+def test_a_half_precision_model_is_fed_in_its_own_type_through_int8(tmp_path):
+    """ONNX Runtime gets each input in the type the file declares (quantize.ort_feed): a float16 model's
+    calibration and checks were cast to float32, which its int8 quantization refused."""
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float16)
+    info = export_model(_conv_net(torch.float16), x[:2], tmp_path,
+                        ExportConfig(formats=("onnx", "onnx-int8")), calibration=[x])
+    assert info["onnx"]["verified"] and info["onnx-int8"]["verified"]
+
+
+def test_a_double_precision_model_onnx_runtime_cannot_run_is_an_export_error(tmp_path):
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(ExportError) as err:
+        export_model(_conv_net(torch.float64), x, tmp_path, ExportConfig(formats=("onnx",)))
+    assert str(err.value).startswith("ONNX Runtime cannot load the exported file (NotImplemented: ")
+    assert str(err.value).endswith("ONNX Runtime has no float64 kernel for some operators (the one named): "
+                                   "cast the model with model.float() and give float32 inputs")
+    assert list(tmp_path.iterdir()) == []
