@@ -74,7 +74,7 @@ def _onnx(job: Job, path: Path) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from specprune_cli.quantize import ort_feed
+    from specprune_cli.ort_run import ort_feed
 
     info = _write_onnx(job, path)
     try:
@@ -120,7 +120,8 @@ def _onnx_int8(job: Job, path: Path) -> dict:
     (on random inputs) is recorded, not held to a tolerance."""
     import onnxruntime as ort
 
-    from specprune_cli.quantize import ort_outputs, quantize_onnx
+    from specprune_cli.ort_run import ort_outputs
+    from specprune_cli.quantize import quantize_onnx
 
     with quiet() as captured:
         try:

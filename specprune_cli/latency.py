@@ -136,7 +136,7 @@ def _torch_runs(models: Mapping[str, nn.Module], x: torch.Tensor, call: ModelCal
 def _onnx_runs(paths: Mapping[str, str | Path], x: torch.Tensor, threads: int | None) -> dict[str, Callable]:
     import onnxruntime as ort  # imported only when ONNX latency is asked for
 
-    from specprune_cli.quantize import ort_feed
+    from specprune_cli.ort_run import ort_feed
 
     options = ort.SessionOptions()
     if threads is not None:
