@@ -33,7 +33,8 @@ import torch
 from torch import fx, nn
 
 from specprune_cli.errors import ConfigError
-from specprune_cli.tracer import Untraceable, ValueTracer, int_attributes
+from specprune_cli.leaves import int_attributes
+from specprune_cli.tracer import Untraceable, ValueTracer
 
 _MAX_ATTEMPTS = 64
 

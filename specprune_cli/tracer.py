@@ -13,12 +13,11 @@ tensor made from the data, the weights or chance (``if x.sum() > 0``) raises ``U
 ``capture.py`` decides which module to keep whole.
 
 Non-bool int attributes of the traced modules are read through ``get_attr`` nodes bound to the live
-attribute (``int_attributes``), so surgery can rewrite a width held in ``self.flat_dim`` and the
+attribute (``leaves.int_attributes``), so surgery can rewrite a width held in ``self.flat_dim`` and the
 graph sees it.
 """
 from __future__ import annotations
 
-import contextlib
 import operator
 import traceback
 from collections.abc import Iterator
@@ -29,13 +28,8 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from specprune_cli.leaves import LEAF_TYPES, AttrInt, is_torch_leaf
 from specprune_cli.ops import SHAPE_ATTRIBUTES, SHAPE_FUNCTIONS, SHAPE_READS, listed
-
-#: Module classes always kept as leaves: the layers specprune reads and slices. A user subclass of
-#: nn.Conv2d lives outside torch.nn, and fx would otherwise trace into its forward and lose the module.
-LEAF_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase,
-                                nn.GroupNorm, nn.LayerNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention,
-                                nn.RNNBase)
 
 #: Tensors that chance makes: never read in Python, even when only shapes made them.
 RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal, torch.bernoulli,
@@ -44,58 +38,13 @@ RANDOM_METHODS = {"uniform_", "normal_", "random_", "bernoulli_", "exponential_"
                   "log_normal_", "bernoulli", "multinomial"}
 
 #: The capture's own code, never named as the place a model's forward fails.
-_CAPTURE_FILES = ("specprune_cli/capture.py", "specprune_cli/tracer.py")
+_CAPTURE_FILES = ("specprune_cli/capture.py", "specprune_cli/tracer.py", "specprune_cli/leaves.py")
 #: Values small enough to keep on ``node.meta`` (``record_meta``).
 _PLAIN = (int, float, bool, str, torch.Size, torch.dtype, torch.device, type(None))
 
 
 class Untraceable(Exception):
     """Python asked for a value the capture must not specialise on (a tensor's content)."""
-
-
-class _AttrInt(int):
-    """An int attribute of a traced module, remembering where it lives (see ``int_attributes``)."""
-
-    owner: str
-    attr: str
-
-
-@contextlib.contextmanager
-def int_attributes(model: nn.Module, leaves: set[str]) -> Iterator[None]:
-    """Swap the plain int attributes of the modules being traced for ``_AttrInt`` while the block runs.
-
-    fx reads ``self.flat_dim`` as a literal; an ``_AttrInt`` still behaves as the int but tells the
-    tracer where it came from, so the graph reads the attribute instead of copying its value.
-    """
-    swapped: list[tuple[nn.Module, str, int]] = []
-    try:
-        for name, mod in model.named_modules():
-            if name in leaves or isinstance(mod, LEAF_TYPES) or _is_torch_leaf(mod):
-                continue
-            for attr, value in list(vars(mod).items()):
-                if type(value) is int and not attr.startswith("_"):
-                    wrapped = _AttrInt(value)
-                    wrapped.owner, wrapped.attr = name, attr
-                    object.__setattr__(mod, attr, wrapped)
-                    swapped.append((mod, attr, value))
-        yield
-    finally:
-        for mod, attr, value in swapped:
-            if type(vars(mod).get(attr)) is _AttrInt:  # the forward may have assigned a new value
-                object.__setattr__(mod, attr, value)
-
-
-#: Modules of torch.nn that are traced into, not kept as leaves: blocks written in Python over layers
-#: specprune reads (a TransformerEncoderLayer's feed-forward Linears). In a trace their forward takes
-#: its plain path, since a proxy turns off the fused fast path.
-TRACED_TORCH: tuple[type, ...] = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
-                                  nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
-
-
-def _is_torch_leaf(mod: nn.Module) -> bool:
-    """fx's own rule (modules of torch.nn are leaves, except Sequential), less ``TRACED_TORCH``."""
-    return mod.__module__.startswith(("torch.nn", "torch.ao.nn")) and \
-        not isinstance(mod, (nn.Sequential, *TRACED_TORCH))
 
 
 def _where(frames: traceback.StackSummary | None = None) -> str:
@@ -160,7 +109,7 @@ class ValueTracer(fx.Tracer):
         self._concrete = 0  # > 0 while a value is being computed: modules and attributes act normally
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or isinstance(m, LEAF_TYPES) or _is_torch_leaf(m)
+        return module_qualified_name in self.leaves or isinstance(m, LEAF_TYPES) or is_torch_leaf(m)
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
                     type_expr: Any = None) -> fx.Node:
@@ -199,7 +148,7 @@ class ValueTracer(fx.Tracer):
     def create_arg(self, a: Any) -> Any:
         if issubclass(type(a), fx.Proxy):  # first: a proxy claims its value's class to isinstance
             return a.node
-        if isinstance(a, _AttrInt):
+        if isinstance(a, AttrInt):
             key = (a.owner, a.attr)
             if key not in self.int_attrs:
                 target = f"{a.owner}.{a.attr}" if a.owner else a.attr
