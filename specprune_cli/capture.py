@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 
 from specprune_cli.errors import ConfigError
-from specprune_cli.leaves import int_attributes
+from specprune_cli.leaves import int_attributes, python_state_kept
 from specprune_cli.tracer import Untraceable, ValueTracer
 
 _MAX_ATTEMPTS = 64
@@ -165,7 +165,7 @@ def _capture(model: nn.Module, example: torch.Tensor, fixed: dict[str, Any]) -> 
         tracer = ValueTracer(x2, set(opaque))
         constants_before = set(vars(model))
         try:
-            with int_attributes(model, set(opaque)):
+            with int_attributes(model, set(opaque)), python_state_kept(model):
                 graph = tracer.trace(model, concrete_args=_concrete_args(model, fixed))
         except Exception as exc:  # noqa: BLE001 - decide which module to keep whole, then retry
             _drop_constants(model, constants_before)

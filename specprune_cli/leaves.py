@@ -1,16 +1,19 @@
-"""Where the trace stops, and how it reads the int attributes of what it traces into (docs/method.md §1).
+"""Where the trace stops, and what it does to the modules it traces into (docs/method.md §1).
 
 A leaf is a module the trace keeps whole, as one node: the layers specprune reads and slices, and
 torch's own modules (fx's rule), except the blocks in ``TRACED_TORCH``. The modules traced into have
 their plain int attributes (``self.flat_dim``) swapped for ``AttrInt`` while the trace runs, so the
-graph reads the attribute rather than copying its value, and surgery can rewrite it.
+graph reads the attribute rather than copying its value, and surgery can rewrite it. Whatever the
+model's own code stores on its modules during the trace is put back afterwards (``python_state_kept``).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
+from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 #: Module classes always kept as leaves: the layers specprune reads and slices. A user subclass of
 #: nn.Conv2d lives outside torch.nn, and fx would otherwise trace into its forward and lose the module.
@@ -61,3 +64,36 @@ def int_attributes(model: nn.Module, leaves: set[str]) -> Iterator[None]:
         for mod, attr, value in swapped:
             if type(vars(mod).get(attr)) is AttrInt:  # the forward may have assigned a new value
                 object.__setattr__(mod, attr, value)
+
+
+def _holds_proxy(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth < 3 and isinstance(value, (list, tuple)):
+        return any(_holds_proxy(v, depth + 1) for v in value)
+    if depth < 3 and isinstance(value, dict):
+        return any(_holds_proxy(v, depth + 1) for v in value.values())
+    return False
+
+
+@contextlib.contextmanager
+def python_state_kept(model: nn.Module) -> Iterator[None]:
+    """Put back, when the block ends, every module attribute the model's code set to a traced value.
+
+    A forward may cache what it computes on its module: torchvision's AnchorGenerator stores
+    ``self.cell_anchors``. Set during the trace, that holds proxies, and every later forward of the
+    model would read them. Lists and dicts are remembered by a copy, since a cache fills them in place.
+    """
+    before = {mod: {k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in vars(mod).items()}
+              for mod in model.modules()}
+    try:
+        yield
+    finally:
+        for mod, attrs in before.items():
+            for k, v in list(vars(mod).items()):
+                if not _holds_proxy(v):
+                    continue
+                if k in attrs and not _holds_proxy(attrs[k]):
+                    object.__setattr__(mod, k, attrs[k])
+                else:
+                    object.__delattr__(mod, k)

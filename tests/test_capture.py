@@ -358,3 +358,34 @@ def test_the_length_of_a_tensor_is_a_shape():
     graph = find_units(BranchesOnChannels().eval(), torch.randn(1, 3, 6, 6))
     assert graph.units == []
     assert "Python code reads its channel count" in _reasons(graph)["conv"]
+
+
+class _CachesInForward(nn.Module):
+    """torchvision's AnchorGenerator in small: forward stores what it computes on a submodule (a list
+    attribute), and a dict cache fills in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 2)
+        self.anchors: list[torch.Tensor] = []
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        self.anchors = [torch.ones(x.shape[2]) * 0.5]
+        self.cache["columns"] = torch.zeros(x.shape[3])
+        h = torch.relu(self.conv(x)) + self.anchors[0].view(1, 1, -1, 1) + self.cache["columns"]
+        return self.fc(h.mean((2, 3)))
+
+
+def test_what_forward_stores_on_its_modules_during_the_trace_is_put_back():
+    """A proxy left in ``self.anchors`` or the cache would break every later forward of the model."""
+    model = _CachesInForward().eval()
+    x = torch.randn(3, 3, 6, 5)
+    with torch.no_grad():
+        before = model(x)
+    graph = find_units(model, x[:1])
+    assert [u.name for u in graph.units] == ["conv"]
+    assert all(isinstance(a, torch.Tensor) and type(a) is torch.Tensor for a in model.anchors)
+    assert all(type(v) is torch.Tensor for v in model.cache.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
