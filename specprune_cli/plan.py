@@ -16,7 +16,7 @@ from torch import nn
 from specprune_cli.errors import BudgetError, ConfigError
 from specprune_cli.flops import count_flops, count_params, module_flops
 from specprune_cli.graph import Unit
-from specprune_cli.layers import Recurrent
+from specprune_cli.layers import require_layer_kind
 from specprune_cli.layout import Block
 from specprune_cli.name_patterns import override_for
 
@@ -71,7 +71,7 @@ class CostModel:
             if isinstance(mod, nn.RNNBase):
                 # Only the first layer's input weights read the unit. Each weight is used once a step,
                 # so their share of the weights is the share of the FLOPs that scales; the rest is fixed.
-                w = sum(getattr(mod, n).numel() for n in Recurrent.input_weights(mod))
+                w = require_layer_kind(mod).input_weight_count(mod)
                 flops *= w / sum(p.numel() for n, p in mod.named_parameters() if n.startswith("weight"))
                 b = 0
             elif not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):

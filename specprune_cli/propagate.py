@@ -214,18 +214,19 @@ class Propagator:
             node = self.by_name.get(name)
             if node is None or not reads_shape_of(node, sp.nodes):
                 continue
-            if use == "len" and not (is_tensor(node) or is_tensors(node)):
-                continue  # only the length of a shape or a list was read: it does not follow the width
             if use == "len" and is_tensor(node):
+                # A tensor's length is its first dimension: it follows the width if the channels are there.
                 lay = sp.nodes.get(node)
-                if lay is None or lay.parts is not None or lay.cdim != 0:
-                    continue  # a tensor's length is its first dimension, and the channels are not there
-            value = node.meta.get("value")
-            try:
-                changed = any(resized_value(node, sp.nodes, sp.width, w) != value
-                              for w in {sp.width - 1, sp.width // 2, 1})
-            except Unsupported:
-                changed = True
+                changed = lay is not None and lay.parts is None and lay.cdim == 0
+            elif use == "len" and not is_tensors(node):
+                continue  # only the length of a shape or a list was read: it does not follow the width
+            else:
+                value = node.meta.get("value")
+                try:
+                    changed = any(resized_value(node, sp.nodes, sp.width, w) != value
+                                  for w in {sp.width - 1, sp.width // 2, 1})
+                except Unsupported:
+                    changed = True
             if changed:
                 fail(sp, f"Python code reads its channel count (`{node.name}`, in a branch, loop or int()); "
                           "the pruned model would take another path")
