@@ -23,7 +23,9 @@ other batches.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -248,8 +250,9 @@ def _check(result: Capture, model: nn.Module, example: torch.Tensor, fixed: dict
     first = torch.utils._pytree.tree_map(
         lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 2 else t, traced)
     if _same(first, expected, loose=True):
-        try:
-            result.replayable = _same(gm(_batch(example, 1)), expected, loose=True)
+        try:  # fx prints the generated code of a failing graph to stderr: not the user's concern here
+            with contextlib.redirect_stderr(io.StringIO()):
+                result.replayable = _same(gm(_batch(example, 1)), expected, loose=True)
         except Exception:  # noqa: BLE001 - a graph that fails at another batch size is not replayable
             result.replayable = False
         return

@@ -80,9 +80,11 @@ class _Finder:
     def run(self, exclude: Callable[[str], bool] | None) -> tuple[list[Unit], list[Skipped]]:
         spaces: list[Space] = []
         grouped: list[Skipped] = []
+        seen: set[str] = set()
         for n in self.nodes:
-            if n.op != "call_module":
-                continue
+            if n.op != "call_module" or str(n.target) in seen:
+                continue  # a module called again (shared weights) is one entry
+            seen.add(str(n.target))
             mod = self.gm.get_submodule(str(n.target))
             kind = layer_kind(mod)
             if kind is None or not kind.producer:

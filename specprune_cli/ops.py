@@ -321,6 +321,8 @@ JOINS = {torch.cat, torch.stack, torch.concat, torch.concatenate, torch.hstack, 
          torch.where}
 #: methods whose second tensor only lends its shape or dtype.
 SHAPE_FROM_OTHER = {"view_as", "reshape_as", "expand_as", "type_as"}
+#: methods that take only the dtype and device of the tensor they are called on (its size is given).
+NEW_FROM = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
 #: reading these gives shapes or dtypes, not channels.
 SHAPE_READS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device",
                "is_floating_point", "is_complex", "is_contiguous"}

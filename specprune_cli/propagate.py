@@ -10,7 +10,7 @@ the pruned model would take another path.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from specprune_cli.joins import Space, check_concats, concat_layout, fail, is_co
 from specprune_cli.layers import layer_kind
 from specprune_cli.layout import (Layout, ModuleEntry, OpCall, Unsupported, is_tensor, is_tensors,
                                   reads_shape_of, resized_value, shape_of)
-from specprune_cli.ops import (BINARY, FUNCTIONAL_LAYERS, JOINS, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,
+from specprune_cli.ops import (BINARY, FUNCTIONAL_LAYERS, JOINS, NEW_FROM, SHAPE_ATTRIBUTES, SHAPE_FROM_OTHER,
                                SHAPE_READS, listed, rule_for)
 from specprune_cli.units import Consumer, Follower, ShapeAttr
 
@@ -86,9 +86,11 @@ class Propagator:
             raise Unsupported(f"channels flow into an fx node of kind {user.op}")
         target = user.target
         label = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        if (user.op == "call_method" and target in SHAPE_READS) or (
+        if (user.op == "call_method" and target in SHAPE_READS | NEW_FROM) or (
                 target is getattr and user.args[1] in SHAPE_ATTRIBUTES):
-            return None  # a shape read: no channels flow on (its uses are checked by _check_guards)
+            # a shape read, or a new tensor with src's dtype: no channels flow on (the uses of a shape
+            # are checked by _check_guards)
+            return None
         if listed(target, FUNCTIONAL_LAYERS) and any(
                 isinstance(a, fx.Node) and a.op == "get_attr" for a in user.all_input_nodes):
             raise Unsupported(f"channels flow into the functional layer `{label}` (`{user.name}`) whose "
@@ -218,7 +220,11 @@ class Propagator:
                 # A tensor's length is its first dimension: it follows the width if the channels are there.
                 lay = sp.nodes.get(node)
                 changed = lay is not None and lay.parts is None and lay.cdim == 0
-            elif use == "len" and not is_tensors(node):
+            elif use == "len" and is_tensors(node):
+                # How many pieces `chunk`/`split`/`unbind` gave: it follows the width only if they cut
+                # along the channels.
+                changed = not _cut_beside_channels(node, sp.nodes)
+            elif use == "len":
                 continue  # only the length of a shape or a list was read: it does not follow the width
             else:
                 value = node.meta.get("value")
@@ -271,6 +277,26 @@ class Propagator:
         if value is not getattr(self.model.get_submodule(owner), attr, None):
             raise Unsupported(f"`{target}` is not a parameter of the model")
         sp.followers.append(Follower(owner, "param", attr=attr, dim=dim))
+
+
+#: ops that cut their first argument into pieces along one dimension: the position of that argument
+_PIECES_DIM = {"chunk": 2, "split": 2, "tensor_split": 2, "split_with_sizes": 2, "unbind": 1}
+
+
+def _cut_beside_channels(node: fx.Node, tensors: Mapping[fx.Node, Layout]) -> bool:
+    """``node`` cuts a tensor of the unit into pieces along a dimension that does not carry the
+    channels (so how many pieces there are does not follow the width)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    position = _PIECES_DIM.get(name) if isinstance(name, str) else None
+    if position is None or not node.args or not is_tensor(node.args[0]):
+        return False
+    lay = tensors.get(node.args[0])
+    dim = node.args[position] if len(node.args) > position else node.kwargs.get("dim", 0)
+    if isinstance(dim, fx.Node):  # an int attribute (`dim=self.dim`) or a shape computation
+        dim = dim.meta.get("value")
+    if lay is None or lay.parts is not None or not isinstance(dim, int):
+        return False
+    return dim % len(shape_of(node.args[0])) != lay.cdim
 
 
 def _two_tensors(node: fx.Node) -> bool:

@@ -18,6 +18,7 @@ graph sees it.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import traceback
 from collections.abc import Iterator
@@ -36,6 +37,13 @@ RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.randperm, torc
                     torch.multinomial, torch.poisson, torch.rand_like, torch.randn_like, torch.randint_like}
 RANDOM_METHODS = {"uniform_", "normal_", "random_", "bernoulli_", "exponential_", "geometric_", "cauchy_",
                   "log_normal_", "bernoulli", "multinomial"}
+
+#: torch's factories: `torch.zeros(x.size(0), 16)` passes a proxy where torch's argument parser wants an
+#: int, and fx does not intercept them (its proxies only reach functions through a tensor argument).
+#: ``ValueTracer.trace`` wraps them so that such a call becomes a node of the graph.
+FACTORY_FUNCTIONS = ("zeros", "ones", "empty", "full", "arange", "range", "eye", "linspace", "logspace",
+                     "tensor", "as_tensor", "scalar_tensor", "rand", "randn", "randint", "randperm",
+                     "normal")
 
 #: The capture's own code, never named as the place a model's forward fails.
 _CAPTURE_FILES = ("specprune_cli/capture.py", "specprune_cli/tracer.py", "specprune_cli/leaves.py")
@@ -107,6 +115,26 @@ class ValueTracer(fx.Tracer):
         self.output: Any = None  # the value the traced run returned
         self._building_args = False
         self._concrete = 0  # > 0 while a value is being computed: modules and attributes act normally
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        originals = {name: getattr(torch, name) for name in FACTORY_FUNCTIONS}
+        try:
+            for name, function in originals.items():
+                setattr(torch, name, self._factory(function))
+            return super().trace(root, concrete_args)
+        finally:
+            for name, function in originals.items():
+                setattr(torch, name, function)
+
+    def _factory(self, function: Any) -> Any:
+        """``function`` (a torch factory) recorded as a node when a proxy is among its arguments."""
+        @functools.wraps(function)
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            if not self._concrete and any(isinstance(a, fx.Proxy) for a in leaves):
+                return self.create_proxy("call_function", function, args, kwargs)
+            return function(*args, **kwargs)
+        return factory
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves or isinstance(m, LEAF_TYPES) or is_torch_leaf(m)
@@ -227,10 +255,11 @@ class ValueTracer(fx.Tracer):
             self._concrete -= 1
 
     def python_value(self, proxy: fx.Proxy, use: str, *, length_only: bool = False) -> Any:
-        """The value behind ``proxy`` for Python to use, if it does not depend on tensor contents (a
-        tensor's length is its first dimension, a shape)."""
+        """The value behind ``proxy`` for Python to use, if it does not depend on tensor contents. A
+        length is a shape: a tensor's is its first dimension, and how many tensors an op returned
+        (``chunk``, ``split``, ``unbind``) follows from the shapes and arguments it was given."""
         node = proxy.node
-        if node in self.tainted and not (length_only and isinstance(self.values[node], torch.Tensor)):
+        if node in self.tainted and not (length_only and _is_tensors(self.values[node])):
             raise Untraceable(f"its forward uses a tensor's values in Python ({use} at {_where()})")
         if self.guards.get(node) != "value":
             self.guards[node] = "len" if length_only else "value"
@@ -243,7 +272,7 @@ class ValueTracer(fx.Tracer):
         value = self.values[obj.node]
         if isinstance(value, torch.Tensor):
             count = value.shape[0]  # iterating a tensor: its first dimension, a shape
-        else:
+        else:  # `list(x.chunk(2, 1))`, `for y in x.split(16, 1)`
             count = len(self.python_value(obj, "iteration", length_only=True))
         if obj.node not in self.guards:
             self.guards[obj.node] = "len"
@@ -251,6 +280,12 @@ class ValueTracer(fx.Tracer):
 
     def keys(self, obj: fx.Proxy) -> Any:
         return list(self.python_value(obj, "keys()").keys())
+
+
+def _is_tensors(value: Any) -> bool:
+    """A tensor, or a tuple or list of them (what ``chunk``, ``split`` or ``unbind`` return)."""
+    return isinstance(value, torch.Tensor) or (
+        isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value))
 
 
 def record_meta(node: fx.Node, value: Any) -> None:

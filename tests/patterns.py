@@ -440,6 +440,39 @@ class ConvLSTM(nn.Module):
         return self.fc(h[-1])
 
 
+class ConvBnSiLU(nn.Module):
+    def __init__(self, cin: int, cout: int, k: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.bn(self.conv(x)))
+
+
+class YoloC2f(nn.Module):
+    """Ultralytics' YOLOv8 blocks as they are written: C2f iterates over `chunk`'s pieces (`list(...)`,
+    then `extend` with a generator) and concatenates them, its bottleneck adds a chunk back; SPPF
+    concatenates a tensor with max-pooled copies of itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBnSiLU(3, 8, 3)
+        self.cv1 = ConvBnSiLU(8, 8)
+        self.m = nn.ModuleList([nn.Sequential(ConvBnSiLU(4, 4, 3), ConvBnSiLU(4, 4, 3))])
+        self.cv2 = ConvBnSiLU(12, 8)
+        self.spp1 = ConvBnSiLU(8, 4)
+        self.spp2 = ConvBnSiLU(16, 8)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(self.stem(x)).chunk(2, 1))
+        y.extend(y[-1] + m(y[-1]) for m in self.m)
+        z = [self.spp1(self.cv2(torch.cat(y, 1)))]
+        z.extend(F.max_pool2d(z[-1], 3, 1, 1) for _ in range(3))
+        return self.head(self.spp2(torch.cat(z, 1))).flatten(2)
+
+
 PATTERNS = {
     "audio_head": (AudioHead, (1, 8, 6)),
     "audio_head_literal": (AudioHeadLiteral, (1, 8, 6)),
@@ -464,6 +497,7 @@ PATTERNS = {
     "torch_encoder_decoder": (TorchEncoderDecoder, (5, 16)),
     "crnn": (CRNN, (1, 8, 6)),
     "conv_lstm": (ConvLSTM, (8, 7)),
+    "yolo_c2f": (YoloC2f, (3, 8, 8)),
 }
 
 

@@ -2,6 +2,7 @@
 values, code fx cannot trace, int attributes (docs/method.md §1)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,7 +127,7 @@ def test_a_branch_on_tensor_values_in_the_model_itself_captures_nothing():
 def test_code_that_rejects_proxies_keeps_its_module_whole():
     class Rebuilds(nn.Module):
         def forward(self, x):
-            return x * torch.tensor(x.shape[1:]).prod().float().rsqrt()
+            return x * float(np.sqrt(x.shape[1]))  # numpy rejects the proxy
 
     class Net(nn.Module):
         def __init__(self):
@@ -389,3 +390,75 @@ def test_what_forward_stores_on_its_modules_during_the_trace_is_put_back():
     assert all(type(v) is torch.Tensor for v in model.cache.values())
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
+
+
+class _Factories(nn.Module):
+    """An RNN-style initial state and positions made by torch's factories from the input's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)) + torch.arange(x.shape[-1], dtype=x.dtype) / 10
+        state = torch.zeros(x.size(0), 8) + torch.full((x.shape[0], 1), 0.5) + h.new_ones(h.size(0), 1)
+        return self.fc(h.mean(-1)) + state
+
+
+def test_torch_factories_sized_from_shapes_are_traced_and_put_back():
+    """``torch.zeros(x.size(0), 8)`` gives torch's argument parser a proxy where it wants an int; the
+    capture records the call as a node, so the graph follows the batch size. ``h.new_ones(...)`` takes
+    only h's dtype: no channels flow into it."""
+    model, zeros = _Factories().eval(), torch.zeros
+    graph = find_units(model, torch.randn(1, 4, 5))
+    assert [u.name for u in graph.units] == ["conv"]
+    assert graph.replayable
+    x = torch.randn(3, 4, 7)
+    torch.testing.assert_close(graph.gm(x), model(x))
+    assert torch.zeros is zeros
+
+
+class _SumsChunks(nn.Module):
+    def __init__(self, dim: int = 2):
+        super().__init__()
+        self.dim = dim
+        self.conv, self.fc = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8 // (3 - dim), 2)
+
+    def forward(self, x):
+        h = sum(torch.relu(self.conv(x)).chunk(2, dim=self.dim))  # iterates over the pieces
+        return self.fc(h.mean(-1))
+
+
+def test_the_pieces_an_op_returns_can_be_iterated():
+    """How many tensors ``chunk``/``split``/``unbind`` return follows from shapes, so Python may iterate
+    over them (YOLO's C2f does: the pattern ``yolo_c2f``)."""
+    model = _SumsChunks().eval()
+    graph = find_units(model, torch.randn(1, 4, 6))
+    assert [u.name for u in graph.units] == ["conv"]
+    assert graph.replayable
+    x = torch.randn(3, 4, 6)
+    torch.testing.assert_close(graph.gm(x), model(x))
+    # cut along the channels, the pieces are not the unit's channels whole
+    graph = find_units(_SumsChunks(dim=1).eval(), torch.randn(1, 4, 6))
+    assert graph.units == [] and "conv" in _reasons(graph)
+
+
+def test_a_module_called_twice_is_kept_whole_once_with_the_reason():
+    """Shared weights: the module's output channels, and the channels it reads, are the same at every
+    call, so a width chosen at one call would be wrong at the other."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.shared, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), \
+                nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(torch.relu(self.shared(torch.relu(self.shared(h)))))
+
+    graph = find_units(Shared().eval(), torch.randn(1, 3, 6, 6))
+    assert graph.units == []
+    names = [s.name for s in graph.skipped]
+    assert sorted(names) == ["a", "b", "shared"]
+    assert "called more than once" in _reasons(graph)["shared"]
+    assert "called more than once" in _reasons(graph)["a"]

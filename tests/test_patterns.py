@@ -42,6 +42,8 @@ EXPECTED = {
                               {"head": "model output"}),
     "crnn": (["conv"], {"fc": "model output"}),
     "conv_lstm": (["conv"], {"fc": "model output"}),
+    "yolo_c2f": (["stem.conv", "m.0.0.conv", "cv2.conv", "spp2.conv"],
+                 {"cv1.conv": "`chunk`", "m.0.1.conv": "residual stream", "spp1.conv": "copy of themselves"}),
 }
 
 #: (pattern, unit) whose path from producer to consumers maps 0 to 0 (no BatchNorm shift, no `+ 1`):
