@@ -225,6 +225,11 @@ def _build(model: nn.Module, graph: fx.Graph, tracer: ValueTracer) -> tuple[fx.G
     attributes live from the model."""
     for node in reversed(tracer.arg_nodes):
         graph.erase_node(node)
+    if isinstance(graph._codegen, fx.graph._PyTreeCodeGen):
+        # fx flattens the arguments through pytree when a fixed one is a container (the `**kwargs`
+        # dict), and its forward then wants every argument back; the graph takes its input alone, and
+        # returns the leaves of the output in a list (see _same).
+        graph._codegen = fx.graph.CodeGen()
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     int_attrs: dict[str, tuple[str, str]] = {}
     for i, ((owner, attr), node) in enumerate(sorted(tracer.int_attrs.items(), key=lambda kv: kv[1].name)):
@@ -272,10 +277,12 @@ def _same(a: Any, b: Any, loose: bool = False) -> bool:
     """Same structure and values. ``loose`` for runs at different batch sizes, whose kernels may sum
     in another order: a path that differs changes outputs by far more than 1e-3 of their scale. An
     OrderedDict and a dict with the same keys in the same order are the same structure (fx builds a
-    plain dict where the model returns an OrderedDict, as torchvision's segmentation models do)."""
+    plain dict where the model returns an OrderedDict, as torchvision's segmentation models do). So is
+    a container registered with pytree and its leaves in a list: fx returns Hugging Face's ModelOutput
+    flattened."""
     fa, sa = torch.utils._pytree.tree_flatten(_plain_dicts(a))
     fb, sb = torch.utils._pytree.tree_flatten(_plain_dicts(b))
-    if sa != sb or len(fa) != len(fb):
+    if len(fa) != len(fb) or (sa != sb and not (_flattened(a, b) or _flattened(b, a))):
         return False
     for x, y in zip(fa, fb):
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
@@ -290,6 +297,12 @@ def _same(a: Any, b: Any, loose: bool = False) -> bool:
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             return False
     return True
+
+
+def _flattened(a: Any, b: Any) -> bool:
+    """``a`` is the list fx makes of ``b``, a container of a class registered with pytree."""
+    return (type(a) is list and type(b) in torch.utils._pytree.SUPPORTED_NODES
+            and type(b) not in (list, tuple, dict) and not isinstance(b, (list, tuple)))
 
 
 def _plain_dicts(value: Any) -> Any:

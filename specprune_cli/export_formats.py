@@ -7,7 +7,9 @@ shapes and finite values, and judged on data by agreement and accuracy (``quanti
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,6 +43,14 @@ def _write_onnx(job: Job, path: Path) -> dict:
         ``{"exporter": "dynamo"}``, or ``{"exporter": "legacy", "dynamo_error": ...}`` after a fallback.
     """
     model, x = job.call.bound(job.model), job.inputs[EXPORT_BATCH]
+    # torch.export takes only outputs registered with pytree, not a model's own output dataclass: the
+    # exporters see the output tensors as one flat tuple (through a hook, so that the modules keep their
+    # names in the file, which export.int8.exclude reads)
+    with _flat_outputs(model):
+        return _export_onnx(job, model, x, path)
+
+
+def _export_onnx(job: Job, model: nn.Module, x: torch.Tensor, path: Path) -> dict:
     common = dict(opset_version=job.cfg.opset, input_names=["input"], output_names=job.names)
     with quiet():
         try:
@@ -146,6 +156,16 @@ def _onnx_int8(job: Job, path: Path) -> dict:
         worst = max([worst, *(float((g.double() - w.double().cpu()).abs().max()) for g, w in
                               zip(got, job.refs[b]) if w.numel())])
     return {**info, "max_abs_diff": worst, "outputs": [o.name for o in session.get_outputs()]}
+
+
+@contextlib.contextmanager
+def _flat_outputs(model: nn.Module) -> Iterator[None]:
+    """While the block runs, ``model`` returns its output tensors as one flat tuple."""
+    handle = model.register_forward_hook(lambda _module, _args, out: tuple(tensors(out)))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _Flat(nn.Module):

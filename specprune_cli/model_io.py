@@ -1,15 +1,17 @@
 """What goes into the user's model and what comes out: one input tensor, any nest of output tensors.
 
 specprune calls a model with one tensor of shape (batch, *model.input_shape) and the configured
-``model.forward_kwargs``. Its output may be a tensor or a tuple, list, dict or namedtuple of them
+``model.forward_kwargs``. Its output may be a tensor or a tuple, list, dict, namedtuple or dataclass
+(a model output class) of them
 (nested, with non-tensor leaves such as None allowed). Each tensor has a name, used for ONNX outputs
-and in messages: ``output`` for a lone tensor, the key or field name in a dict or namedtuple,
+and in messages: ``output`` for a lone tensor, the key or field name in a dict, namedtuple or dataclass,
 ``output_<i>`` in a tuple or list, joined with "." when nested. Evaluation and distillation read one
 tensor of it: ``evaluate.output`` (an index or a key) or, by default, the first.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,13 +27,24 @@ def _is_namedtuple(out: Any) -> bool:
     return isinstance(out, tuple) and hasattr(out, "_fields")
 
 
+def _named_items(out: Any) -> list[tuple[Any, Any]] | None:
+    """(key, value) of a dict, a namedtuple or a dataclass instance (a model's output class); None for
+    anything else."""
+    if isinstance(out, Mapping):
+        return list(out.items())
+    if _is_namedtuple(out):
+        return list(zip(out._fields, out))
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    return None
+
+
 def named_tensors(out: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor in ``out`` with its name, depth first in the output's own order."""
     if isinstance(out, torch.Tensor):
         yield (prefix or "output"), out
-    elif isinstance(out, Mapping) or _is_namedtuple(out):
-        items = out.items() if isinstance(out, Mapping) else zip(out._fields, out)
-        for key, value in items:
+    elif _named_items(out) is not None:
+        for key, value in _named_items(out):
             yield from named_tensors(value, f"{prefix}.{key}" if prefix else str(key))
     elif isinstance(out, (tuple, list)):
         for i, value in enumerate(out):
@@ -47,8 +60,8 @@ def describe(out: Any) -> str:
     """A short description for messages: ``tensor (2, 10)``, ``dict {logits: tensor (2, 10), ...}``."""
     if isinstance(out, torch.Tensor):
         return f"tensor {tuple(out.shape)}"
-    if isinstance(out, Mapping) or _is_namedtuple(out):
-        items = out.items() if isinstance(out, Mapping) else zip(out._fields, out)
+    if _named_items(out) is not None:
+        items = _named_items(out)
         return f"{type(out).__name__} {{" + ", ".join(f"{k}: {describe(v)}" for k, v in items) + "}"
     if isinstance(out, (tuple, list)):
         return f"{type(out).__name__} (" + ", ".join(describe(v) for v in out) + ")"
@@ -59,9 +72,8 @@ def layout(out: Any) -> Any:
     """The structure of ``out`` with each tensor replaced by its shape: equal layouts, same structure."""
     if isinstance(out, torch.Tensor):
         return ("tensor", tuple(out.shape))
-    if isinstance(out, Mapping) or _is_namedtuple(out):
-        items = out.items() if isinstance(out, Mapping) else zip(out._fields, out)
-        return (type(out).__name__, tuple((k, layout(v)) for k, v in items))
+    if _named_items(out) is not None:
+        return (type(out).__name__, tuple((k, layout(v)) for k, v in _named_items(out)))
     if isinstance(out, (tuple, list)):
         return (type(out).__name__, tuple(layout(v) for v in out))
     return (type(out).__name__,)
@@ -72,8 +84,8 @@ def select(out: Any, which: int | str | None) -> torch.Tensor:
 
     Args:
         out: the model's output.
-        which: None (the first tensor), an index into a tuple / list / namedtuple, or a dict key or
-            namedtuple field (``evaluate.output``).
+        which: None (the first tensor), an index into a tuple / list / namedtuple / dataclass, or a dict
+            key or a namedtuple or dataclass field (``evaluate.output``).
 
     Raises:
         ModelError: the output holds no tensor, or ``which`` does not name a tensor in it.
@@ -86,12 +98,12 @@ def select(out: Any, which: int | str | None) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         raise ConfigError(f"evaluate.output is {which!r} but the model returns a single tensor; remove "
                           "evaluate.output (it picks one tensor of a tuple, list or dict output)")
-    if isinstance(out, Mapping) or _is_namedtuple(out):
-        keys = list(out.keys()) if isinstance(out, Mapping) else list(out._fields)
-        if isinstance(which, int) and _is_namedtuple(out) and which < len(out):
-            which = keys[which]
-        value = (out.get(which) if isinstance(out, Mapping) else getattr(out, str(which), None)) \
-            if which in keys else None
+    items = _named_items(out)
+    if items is not None:
+        keys = [k for k, _ in items]
+        if isinstance(which, int) and not isinstance(out, Mapping) and which < len(keys):
+            which = keys[which]  # a namedtuple's or dataclass's field by position
+        value = dict(items).get(which) if which in keys else None
         valid = ", ".join(str(k) for k in keys)
     elif isinstance(out, (tuple, list)):
         value = out[which] if isinstance(which, int) and which < len(out) else None

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -52,7 +54,12 @@ def _rebuild(template: Any, flat: Iterator[torch.Tensor]) -> Any:
         return type(template)(*(_rebuild(v, flat) for v in template))
     if isinstance(template, (tuple, list)):
         return type(template)(_rebuild(v, flat) for v in template)
-    return template
+    if dataclasses.is_dataclass(template) and not isinstance(template, type):  # a model output class
+        out = copy.copy(template)
+        for f in dataclasses.fields(template):  # frozen or not
+            object.__setattr__(out, f.name, _rebuild(getattr(template, f.name), flat))
+        return out
+    return template  # not a tensor, and holds none (model_io.named_tensors reads no deeper)
 
 
 class OrtModel(nn.Module):

@@ -18,7 +18,9 @@ graph sees it.
 """
 from __future__ import annotations
 
+import builtins
 import functools
+import inspect
 import operator
 import traceback
 from collections.abc import Iterator
@@ -45,6 +47,8 @@ FACTORY_FUNCTIONS = ("zeros", "ones", "empty", "full", "arange", "range", "eye",
                      "tensor", "as_tensor", "scalar_tensor", "rand", "randn", "randint", "randperm",
                      "normal")
 
+_PATCH_FUNCTION = fx._symbolic_trace._patch_function
+
 #: The capture's own code, never named as the place a model's forward fails.
 _CAPTURE_FILES = ("specprune_cli/capture.py", "specprune_cli/tracer.py", "specprune_cli/leaves.py")
 #: Values small enough to keep on ``node.meta`` (``record_meta``).
@@ -68,16 +72,19 @@ def _where(frames: traceback.StackSummary | None = None) -> str:
 class _ValueProxy(fx.Proxy):
     """A proxy that answers Python's questions from the node's value (see ``ValueTracer.python_value``).
 
-    It also answers ``isinstance`` as its value would: code that checks ``isinstance(x, torch.Tensor)``
-    (einops, input normalisation) takes the path the real tensor takes.
+    It also answers ``isinstance`` as its value would, while ``ValueTracer.trace`` runs: code that
+    checks ``isinstance(x, torch.Tensor)`` (einops, input normalisation) takes the path the real tensor
+    takes. That is done in Python's ``isinstance`` alone (``_value_isinstance``), not by claiming the
+    class through ``__class__``: torch's C argument parser would then take the proxy for a tensor and
+    read its memory (``torch.pow(x, 3.0)``, in GPT-2's GELU, crashed the process).
     """
 
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:
-        own = vars(self)  # not self.node: an Attribute creates its node lazily, through isinstance checks
+    def value_type(self) -> type | None:
+        """The class of the node's value if it is a tensor or a parameter, else None."""
+        own = vars(self)  # not self.node: an Attribute creates its node lazily
         tracer, node = own.get("tracer"), own.get("node")
-        value = tracer.values.get(node) if isinstance(tracer, ValueTracer) and node is not None else None
-        return type(value) if type(value) is torch.Tensor or type(value) is nn.Parameter else type(self)
+        value = tracer.values.get(node) if type(tracer) is ValueTracer and node is not None else None
+        return type(value) if type(value) is torch.Tensor or type(value) is nn.Parameter else None
 
     def __getattr__(self, k: str) -> "_ValueAttribute":
         return _ValueAttribute(self, k)
@@ -104,6 +111,9 @@ class ValueTracer(fx.Tracer):
 
     def __init__(self, example: torch.Tensor, leaves: set[str]):
         super().__init__()
+        # A buffer read in forward is a node, as a parameter is: `self.position_ids[:, :n].expand(b, n)`
+        # (Hugging Face's embeddings) calls methods with proxy sizes, which only a proxy can take.
+        self.proxy_buffer_attributes = True
         self.example = example
         self.leaves = leaves
         self.values: dict[fx.Node, Any] = {}
@@ -121,8 +131,10 @@ class ValueTracer(fx.Tracer):
         try:
             for name, function in originals.items():
                 setattr(torch, name, self._factory(function))
+            builtins.isinstance = _value_isinstance
             return super().trace(root, concrete_args)
         finally:
+            builtins.isinstance = _ISINSTANCE
             for name, function in originals.items():
                 setattr(torch, name, function)
 
@@ -151,9 +163,12 @@ class ValueTracer(fx.Tracer):
 
     def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
         self._building_args = True
+        patch = fx._symbolic_trace._patch_function
+        fx._symbolic_trace._patch_function = _patch_wrapped
         try:
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         finally:
+            fx._symbolic_trace._patch_function = patch
             self._building_args = False
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -207,6 +222,9 @@ class ValueTracer(fx.Tracer):
         # (a causal mask from x.size(1)): that one Python may read, as it reads a shape.
         made_from_shapes = kind in ("call_function", "call_method") and not from_input and not (
             listed(target, RANDOM_FUNCTIONS) or listed(target, RANDOM_METHODS))
+        # A buffer (position ids, a mask, an index table) is state, not weights: Python may read it
+        # as it could before buffers were traced as nodes (see __init__).
+        made_from_shapes |= kind == "get_attr" and not isinstance(value, nn.Parameter)
         tainted = (isinstance(value, torch.Tensor) and not made_from_shapes) or (
             not shape_read and from_input)
         self._record(node, value, tainted)
@@ -280,6 +298,40 @@ class ValueTracer(fx.Tracer):
 
     def keys(self, obj: fx.Proxy) -> Any:
         return list(self.python_value(obj, "keys()").keys())
+
+
+_ISINSTANCE = builtins.isinstance
+
+
+def _value_isinstance(obj: Any, cls: Any) -> bool:
+    """``isinstance`` while tracing: a proxy of a tensor is also an instance of its value's class."""
+    if _ISINSTANCE(obj, cls):
+        return True
+    kind = obj.value_type() if type(obj) is _ValueProxy or type(obj) is _ValueAttribute else None
+    return kind is not None and issubclass(kind, cls)
+
+
+def _patch_wrapped(fn: Any, nargs: int) -> Any:
+    """fx's ``_patch_function`` for a root ``forward`` with ``*args``/``**kwargs``, which also takes a
+    decorated one (Hugging Face's ``@can_return_tuple``: ``wrapper(self, *args, **kwargs)`` around the
+    real signature). fx reads the arguments off the unwrapped function and then rewrites the wrapper's
+    code to that count, which fails; here the wrapper is called with them as Python would."""
+    inner = inspect.unwrap(fn)
+    if inner is fn:
+        return _PATCH_FUNCTION(fn, nargs)
+    code = inner.__code__
+    named = code.co_argcount + code.co_kwonlyargcount
+    keyword_only = code.co_varnames[code.co_argcount:named]
+    var_args = bool(code.co_flags & inspect.CO_VARARGS)
+
+    def call(*args: Any) -> Any:
+        rest = args[named:]
+        extra = rest[0] if var_args else ()
+        kwargs = dict(zip(keyword_only, args[code.co_argcount:named]))
+        if code.co_flags & inspect.CO_VARKEYWORDS:
+            kwargs.update(rest[-1])
+        return fn(*args[:code.co_argcount], *extra, **kwargs)
+    return call
 
 
 def _is_tensors(value: Any) -> bool:

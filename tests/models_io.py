@@ -5,6 +5,8 @@ Built as "tests/models_io.py:<Name>" by the end-to-end tests.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 
 import torch
 from torch import nn
@@ -12,9 +14,16 @@ from torch import nn
 Heads = collections.namedtuple("Heads", ["logits", "embedding"])
 
 
+@dataclasses.dataclass
+class HeadsOutput:
+    """A model output class, as Hugging Face's (not registered with pytree here)."""
+    logits: torch.Tensor
+    embedding: torch.Tensor
+
+
 class MultiHead(nn.Module):
     """conv-BN-ReLU trunk on (3, 8, 8) images, a classifier and an embedding head; ``kind`` picks the
-    output structure: tuple, dict (nested) or namedtuple. ``embed`` is a non-tensor flag with a default."""
+    output structure: tuple, dict (nested), namedtuple or dataclass. ``embed`` is a non-tensor flag with a default."""
 
     def __init__(self, kind: str = "dict", classes: int = 10):
         super().__init__()
@@ -30,6 +39,8 @@ class MultiHead(nn.Module):
             return logits, emb
         if self.kind == "namedtuple":
             return Heads(logits, emb)
+        if self.kind == "dataclass":
+            return HeadsOutput(logits, emb)
         return {"aux": {"embedding": emb}, "logits": logits}
 
 
@@ -134,3 +145,51 @@ class TutorialLM(nn.Module):
         if src_mask is None:
             src_mask = nn.Transformer.generate_square_subsequent_mask(len(src))
         return self.decoder(self.encoder(src, src_mask))[-1]  # the next token's logits
+
+
+@dataclasses.dataclass
+class EncoderOutput:
+    """Hugging Face's way: a model output class registered with pytree."""
+    logits: torch.Tensor
+    pooled: torch.Tensor
+
+
+torch.utils._pytree.register_pytree_node(
+    EncoderOutput, lambda o: ([o.logits, o.pooled], None), lambda values, _: EncoderOutput(*values))
+
+
+def returns_output(forward):
+    """Hugging Face's ``@can_return_tuple``: ``wrapper(self, *args, **kwargs)`` around the real forward."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return_dict = kwargs.pop("return_dict", True)
+        out = forward(self, *args, **kwargs)
+        return out if return_dict else (out.logits, out.pooled)
+    return wrapper
+
+
+class HubEncoder(nn.Module):
+    """A text classifier written as Hugging Face writes its encoders: position ids from a buffer sliced
+    and expanded to the input's sizes, a decorated forward with optional arguments and ``**kwargs``, a
+    pytree-registered output class, a tanh GELU written out (``torch.pow(x, 3.0)``)."""
+
+    def __init__(self, tokens: int = 50, width: int = 16, classes: int = 4):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(tokens, width), nn.Embedding(32, width)
+        self.register_buffer("position_ids", torch.arange(32).expand(1, -1), persistent=False)
+        self.norm = nn.LayerNorm(width)
+        self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.head = nn.Linear(width, classes)
+
+    @staticmethod
+    def gelu(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+    @returns_output
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        batch, length = input_ids.shape
+        positions = self.position_ids[:, :length].expand(batch, length)
+        h = self.norm(self.tokens(input_ids) + self.positions(positions))
+        h = h + self.fc2(self.gelu(self.fc1(h)))
+        pooled = h.mean(1)
+        return EncoderOutput(self.head(pooled), pooled)

@@ -2,6 +2,10 @@
 values, code fx cannot trace, int attributes (docs/method.md §1)."""
 from __future__ import annotations
 
+import builtins
+import dataclasses
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -462,3 +466,77 @@ def test_a_module_called_twice_is_kept_whole_once_with_the_reason():
     assert sorted(names) == ["a", "b", "shared"]
     assert "called more than once" in _reasons(graph)["shared"]
     assert "called more than once" in _reasons(graph)["a"]
+
+
+def test_a_tanh_gelu_written_out_is_traced():
+    """GPT-2's GELU calls ``torch.pow(x, 3.0)``: torch's C parser tries a Scalar overload first, and a
+    proxy that claimed to be a tensor there crashed the whole process (a segmentation fault)."""
+    class Gelu(nn.Module):
+        def forward(self, x):
+            return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), Gelu(), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    checks = builtins.isinstance
+    graph = find_units(Mlp().eval(), torch.randn(1, 8))
+    assert [u.name for u in graph.units] == ["fc1"]
+    assert builtins.isinstance is checks  # what tracing patched is put back
+
+
+@dataclasses.dataclass
+class _Output:
+    """A model output class registered with pytree, as Hugging Face's ModelOutput is."""
+    logits: torch.Tensor
+    pooled: torch.Tensor
+
+
+torch.utils._pytree.register_pytree_node(
+    _Output, lambda o: ([o.logits, o.pooled], None), lambda values, _: _Output(*values))
+
+
+def _returns_output(forward):
+    """Hugging Face's ``@can_return_tuple``: ``wrapper(self, *args, **kwargs)`` around the real forward."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return_dict = kwargs.pop("return_dict", True)
+        out = forward(self, *args, **kwargs)
+        return out if return_dict else (out.logits, out.pooled)
+    return wrapper
+
+
+class _HubStyle(nn.Module):
+    """The idioms of a Hugging Face encoder: position ids from a buffer sliced and expanded to proxy
+    sizes, a decorated forward with ``**kwargs``, a pytree-registered output class."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(30, 16), nn.Embedding(12, 16)
+        self.register_buffer("position_ids", torch.arange(12).expand(1, -1), persistent=False)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+    @_returns_output
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        batch, length = input_ids.shape
+        positions = self.position_ids[:, :length].expand(batch, length)
+        h = self.tokens(input_ids) + self.positions(positions)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        pooled = h.mean(1)
+        return _Output(self.head(pooled), pooled)
+
+
+def test_hugging_face_idioms_are_captured():
+    model = _HubStyle().eval()
+    tokens = torch.randint(0, 30, (1, 7), generator=torch.Generator().manual_seed(0))
+    graph = find_units(model, tokens)
+    assert [u.name for u in graph.units] == ["fc1"]
+    assert graph.replayable
+    x = torch.randint(0, 30, (3, 7), generator=torch.Generator().manual_seed(1))
+    expected = model(x)
+    got = graph.gm(x)  # the input alone, the output's leaves in a list
+    torch.testing.assert_close(got, [expected.logits, expected.pooled])

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import TESTS, make_cnn, write_npz
 from helpers import warm_batchnorm
-from models_io import Flat, MultiHead, Sequence1d, TextCNN, TutorialLM
+from models_io import Flat, HubEncoder, MultiHead, Sequence1d, TextCNN, TutorialLM
 from specprune_cli import __version__, compress, load_config
 from specprune_cli.errors import GateError
 from test_cli import _failure, fake_prune, invoke  # noqa: F401 - fake_prune is a fixture
@@ -103,6 +103,23 @@ def test_the_tutorial_language_model_end_to_end(tmp_path):
     assert report["exports"]["onnx"]["verified"]
 
 
+def test_a_model_written_as_hugging_face_writes_them(tmp_path):
+    """A decorated forward with ``**kwargs``, buffers expanded to proxy sizes, an output class registered
+    with pytree, GPT-2's GELU: the feed-forward layer is pruned, and the ONNX and int8 files verified."""
+    torch.manual_seed(0)
+    torch.save(HubEncoder().state_dict(), tmp_path / "m.pt")
+    rng = np.random.default_rng(0)
+    npz = write_npz(tmp_path / "d.npz", labels=False, x=rng.integers(0, 50, (32, 12)).astype(np.int64))
+    cfg = _config(tmp_path, f"{IO}:HubEncoder", [12], data={"calibration": _npz(npz)},
+                  export={"formats": ["pt", "onnx", "onnx-int8"]}, prune={"target": {"flops": 0.7}})
+    report = _compress_json(tmp_path / "m.pt", cfg, tmp_path / "out")
+    assert [(u["name"], u["width"]) for u in report["prune"]["units"]] == [("fc1", 64)]
+    assert report["prune"]["units"][0]["kept"] < 64
+    assert report["prune"]["flops_after"] <= 0.7 * report["prune"]["flops_before"] * 1.02
+    assert report["exports"]["onnx"]["verified"] and report["exports"]["onnx-int8"]["verified"]
+    assert report["exports"]["onnx"]["outputs"] == ["logits", "pooled"]
+
+
 def test_token_ids_are_not_normalised(tmp_path):
     torch.manual_seed(0)
     torch.save(TextCNN().state_dict(), tmp_path / "m.pt")
@@ -119,7 +136,7 @@ def test_token_ids_are_not_normalised(tmp_path):
 # ------------------------------------------------------------------------- outputs of any structure
 
 @pytest.mark.parametrize("kind, output", [("tuple", None), ("dict", "logits"), ("namedtuple", "logits"),
-                                          ("namedtuple", 0)])
+                                          ("namedtuple", 0), ("dataclass", "logits"), ("dataclass", None)])
 def test_structured_outputs_through_checks_evaluation_finetune_and_export(tmp_path, fake_prune, kind, output):
     """Pruning itself is replaced by a keep-all run here: what is checked is everything around it."""
     ckpt = _trained(MultiHead(kind), (3, 8, 8), tmp_path / "m.pt")
@@ -132,7 +149,8 @@ def test_structured_outputs_through_checks_evaluation_finetune_and_export(tmp_pa
     assert report["evaluation"]["labelled"] and report["finetune"]["steps"] == 2
     assert report["exports"]["onnx"]["outputs"] == {"tuple": ["output_0", "output_1"],
                                                     "dict": ["aux.embedding", "logits"],
-                                                    "namedtuple": ["logits", "embedding"]}[kind]
+                                                    "namedtuple": ["logits", "embedding"],
+                                                    "dataclass": ["logits", "embedding"]}[kind]
     assert set(report["latency"]["torch"]["speedup"]) == {"1", "32"}
 
 
