@@ -51,8 +51,9 @@ def per_sample(shape: tuple[int, ...]) -> int:
 
 
 def resolve_joins(spaces: list[Space], owner: dict[fx.Node, Space]) -> list[list[Space]]:
-    """Decide every join: a squeeze-excitation gate is absorbed; spaces added together form one
-    residual stream; anything else leaves both unpruned. Returns the spaces grouped by stream (a
+    """Decide every join: a squeeze-excitation gate is absorbed; spaces added (a residual) or
+    multiplied (a gated MLP: SwiGLU's ``act(gate(x)) * up(x)``) together element by element form one
+    stream; anything else leaves both unpruned. Returns the spaces grouped by stream (a
     group of one for a space joined with no other)."""
     parent = {id(sp): sp for sp in spaces}
 
@@ -74,9 +75,10 @@ def resolve_joins(spaces: list[Space], owner: dict[fx.Node, Space]) -> list[list
             if gate is not None and gate is not sp and _is_gate(sp, _operand_in(sp, op_node), op_node):
                 sp.failure = "gate"  # sp itself is the gate of `gate`: the gated space absorbs it
                 continue
-            if (gate is not None and gate is not sp and _additive(op_node) and gate.width == sp.width
+            if (gate is not None and gate is not sp and _elementwise(op_node) and gate.width == sp.width
                     and _same_layout(sp, gate, own, other)):
-                parent[id(root(sp))] = root(gate)  # a residual stream: both write the same channels
+                # one stream: channel c of the result reads channel c of both, and nothing else
+                parent[id(root(sp))] = root(gate)
                 continue
             if sp.failure is None:
                 what = f"the output of {gate.producer.target}" if gate is not None else f"`{other.name}`"
@@ -104,13 +106,14 @@ def resolve_joins(spaces: list[Space], owner: dict[fx.Node, Space]) -> list[list
     return [g for g in groups.values() if not (len(g) > 1 and all(sp.failure == "gate" for sp in g))]
 
 
-def _additive(op_node: fx.Node) -> bool:
-    """An element-wise sum or difference of two tensors (a residual join)."""
-    return op_node.target in _ADDITIVE and sum(is_tensor(a) for a in op_node.args) == 2
+def _elementwise(op_node: fx.Node) -> bool:
+    """An element-wise sum, difference, product or quotient of two tensors of the same shape."""
+    return op_node.target in _ELEMENTWISE and sum(is_tensor(a) for a in op_node.args) == 2
 
 
-_ADDITIVE = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_",
-             "sub", "sub_")
+_ELEMENTWISE = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_",
+                "sub", "sub_", operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.truediv,
+                operator.itruediv, torch.div, "div", "div_")
 
 
 def _same_layout(a: Space, b: Space, own: fx.Node, other: fx.Node) -> bool:

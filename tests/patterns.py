@@ -473,6 +473,23 @@ class YoloC2f(nn.Module):
         return self.head(self.spp2(torch.cat(z, 1))).flatten(2)
 
 
+class SwiGLU(nn.Module):
+    """Llama's MLP in a pre-norm residual block: down(silu(gate(x)) * up(x)); the gate and the up
+    projection lose the same rows, as one unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(8, 16), nn.LayerNorm(16)
+        self.gate, self.up = nn.Linear(16, 24, bias=False), nn.Linear(16, 24)
+        self.down, self.head = nn.Linear(24, 16, bias=False), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        n = self.norm(h)
+        h = h + self.down(F.silu(self.gate(n)) * self.up(n))
+        return self.head(h.mean(1))
+
+
 PATTERNS = {
     "audio_head": (AudioHead, (1, 8, 6)),
     "audio_head_literal": (AudioHeadLiteral, (1, 8, 6)),
@@ -498,6 +515,7 @@ PATTERNS = {
     "crnn": (CRNN, (1, 8, 6)),
     "conv_lstm": (ConvLSTM, (8, 7)),
     "yolo_c2f": (YoloC2f, (3, 8, 8)),
+    "swiglu": (SwiGLU, (5, 8)),
 }
 
 

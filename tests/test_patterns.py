@@ -44,6 +44,7 @@ EXPECTED = {
     "conv_lstm": (["conv"], {"fc": "model output"}),
     "yolo_c2f": (["stem.conv", "m.0.0.conv", "cv2.conv", "spp2.conv"],
                  {"cv1.conv": "`chunk`", "m.0.1.conv": "residual stream", "spp1.conv": "copy of themselves"}),
+    "swiglu": (["gate"], {"proj": "LayerNorm", "head": "model output"}),
 }
 
 #: (pattern, unit) whose path from producer to consumers maps 0 to 0 (no BatchNorm shift, no `+ 1`):
@@ -53,7 +54,8 @@ ZERO_PRESERVING = [("audio_head", "conv2"), ("dynamic_flatten", "conv"), ("chann
                    ("mnist_classic", "conv1"), ("volumetric", "conv2"), ("decoder", "conv"),
                    ("channel_split", "a"), ("layer_scale", "conv"),
                    ("torch_transformer", "enc.layers.1.linear1"),
-                   ("torch_encoder_decoder", "t.decoder.layers.0.linear1"), ("conv_lstm", "conv")]
+                   ("torch_encoder_decoder", "t.decoder.layers.0.linear1"), ("conv_lstm", "conv"),
+                   ("swiglu", "gate")]
 
 
 def _batch(shape, n=6, seed=1):
