@@ -80,7 +80,7 @@ MODELS = {
     "mobilenet_v2": ("MobileNetV2ForImageClassification", "MobileNetV2Config",
                      dict(image_size=64, depth_multiplier=0.35), "image64", {}),
     "efficientnet": ("EfficientNetForImageClassification", "EfficientNetConfig",
-                     dict(image_size=64, width_coefficient=0.25, depth_coefficient=0.25), "image64", {}),
+                     dict(image_size=64, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320), "image64", {}),
     "mobilevit": ("MobileViTForImageClassification", "MobileViTConfig", dict(image_size=64), "image64", {}),
     "segformer": ("SegformerForSemanticSegmentation", "SegformerConfig",
                   dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],

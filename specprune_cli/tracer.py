@@ -174,6 +174,13 @@ class ValueTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         if self._concrete:
             return forward(*args, **kwargs)
+        if self.submodule_paths is not None and m not in self.submodule_paths:
+            # made in forward (`nn.ReLU()(x)`, as DistilBERT does): without parameters or buffers it is
+            # plain code, traced as such; with them, no graph could refer to its weights
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                raise Untraceable(f"its forward builds the layer {type(m).__name__} with weights as it runs "
+                                  f"(at {_where()}); make it an attribute in __init__")
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:

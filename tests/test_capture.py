@@ -540,3 +540,24 @@ def test_hugging_face_idioms_are_captured():
     expected = model(x)
     got = graph.gm(x)  # the input alone, the output's leaves in a list
     torch.testing.assert_close(got, [expected.logits, expected.pooled])
+
+
+def test_a_layer_made_in_forward():
+    """``nn.ReLU()(x)`` (DistilBERT's classifier does it) is plain code and is traced; a layer with
+    weights made in forward cannot be in a graph: its module is kept whole, and the reason says why."""
+    class MadeInForward(nn.Module):
+        def __init__(self, weighted: bool):
+            super().__init__()
+            self.weighted = weighted
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = nn.Conv2d(8, 8, 1)(h) if self.weighted else nn.ReLU()(h)
+            return self.b(h)
+
+    graph = find_units(MadeInForward(False).eval(), torch.randn(1, 3, 6, 6))
+    assert [u.name for u in graph.units] == ["a"] and graph.replayable
+    graph = find_units(MadeInForward(True).eval(), torch.randn(1, 3, 6, 6))
+    assert graph.units == []
+    assert "builds the layer Conv2d with weights as it runs" in _reasons(graph)["<model>"]
