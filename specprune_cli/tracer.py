@@ -18,9 +18,6 @@ graph sees it.
 """
 from __future__ import annotations
 
-import builtins
-import functools
-import inspect
 import operator
 import traceback
 from collections.abc import Iterator
@@ -31,6 +28,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from specprune_cli import trace_patches
 from specprune_cli.leaves import LEAF_TYPES, AttrInt, is_torch_leaf
 from specprune_cli.ops import SHAPE_ATTRIBUTES, SHAPE_FUNCTIONS, SHAPE_READS, listed
 
@@ -40,17 +38,9 @@ RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.randperm, torc
 RANDOM_METHODS = {"uniform_", "normal_", "random_", "bernoulli_", "exponential_", "geometric_", "cauchy_",
                   "log_normal_", "bernoulli", "multinomial"}
 
-#: torch's factories: `torch.zeros(x.size(0), 16)` passes a proxy where torch's argument parser wants an
-#: int, and fx does not intercept them (its proxies only reach functions through a tensor argument).
-#: ``ValueTracer.trace`` wraps them so that such a call becomes a node of the graph.
-FACTORY_FUNCTIONS = ("zeros", "ones", "empty", "full", "arange", "range", "eye", "linspace", "logspace",
-                     "tensor", "as_tensor", "scalar_tensor", "rand", "randn", "randint", "randperm",
-                     "normal")
-
-_PATCH_FUNCTION = fx._symbolic_trace._patch_function
-
 #: The capture's own code, never named as the place a model's forward fails.
-_CAPTURE_FILES = ("specprune_cli/capture.py", "specprune_cli/tracer.py", "specprune_cli/leaves.py")
+_CAPTURE_FILES = ("specprune_cli/capture.py", "specprune_cli/tracer.py", "specprune_cli/leaves.py",
+                  "specprune_cli/trace_patches.py")
 #: Values small enough to keep on ``node.meta`` (``record_meta``).
 _PLAIN = (int, float, bool, str, torch.Size, torch.dtype, torch.device, type(None))
 
@@ -74,9 +64,7 @@ class _ValueProxy(fx.Proxy):
 
     It also answers ``isinstance`` as its value would, while ``ValueTracer.trace`` runs: code that
     checks ``isinstance(x, torch.Tensor)`` (einops, input normalisation) takes the path the real tensor
-    takes. That is done in Python's ``isinstance`` alone (``_value_isinstance``), not by claiming the
-    class through ``__class__``: torch's C argument parser would then take the proxy for a tensor and
-    read its memory (``torch.pow(x, 3.0)``, in GPT-2's GELU, crashed the process).
+    takes. That is done in Python's ``isinstance`` alone (``trace_patches``, through ``value_type``).
     """
 
     def value_type(self) -> type | None:
@@ -127,26 +115,15 @@ class ValueTracer(fx.Tracer):
         self._concrete = 0  # > 0 while a value is being computed: modules and attributes act normally
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        originals = {name: getattr(torch, name) for name in FACTORY_FUNCTIONS}
-        try:
-            for name, function in originals.items():
-                setattr(torch, name, self._factory(function))
-            builtins.isinstance = _value_isinstance
+        with trace_patches.patched(self._factory_call):
             return super().trace(root, concrete_args)
-        finally:
-            builtins.isinstance = _ISINSTANCE
-            for name, function in originals.items():
-                setattr(torch, name, function)
 
-    def _factory(self, function: Any) -> Any:
-        """``function`` (a torch factory) recorded as a node when a proxy is among its arguments."""
-        @functools.wraps(function)
-        def factory(*args: Any, **kwargs: Any) -> Any:
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-            if not self._concrete and any(isinstance(a, fx.Proxy) for a in leaves):
-                return self.create_proxy("call_function", function, args, kwargs)
-            return function(*args, **kwargs)
-        return factory
+    def _factory_call(self, function: Any, args: tuple, kwargs: dict) -> fx.Proxy | None:
+        """A torch factory called with a proxy among its arguments becomes a node (see trace_patches)."""
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if self._concrete or not any(isinstance(a, fx.Proxy) for a in leaves):
+            return None
+        return self.create_proxy("call_function", function, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves or isinstance(m, LEAF_TYPES) or is_torch_leaf(m)
@@ -163,12 +140,9 @@ class ValueTracer(fx.Tracer):
 
     def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
         self._building_args = True
-        patch = fx._symbolic_trace._patch_function
-        fx._symbolic_trace._patch_function = _patch_wrapped
         try:
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         finally:
-            fx._symbolic_trace._patch_function = patch
             self._building_args = False
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -305,40 +279,6 @@ class ValueTracer(fx.Tracer):
 
     def keys(self, obj: fx.Proxy) -> Any:
         return list(self.python_value(obj, "keys()").keys())
-
-
-_ISINSTANCE = builtins.isinstance
-
-
-def _value_isinstance(obj: Any, cls: Any) -> bool:
-    """``isinstance`` while tracing: a proxy of a tensor is also an instance of its value's class."""
-    if _ISINSTANCE(obj, cls):
-        return True
-    kind = obj.value_type() if type(obj) is _ValueProxy or type(obj) is _ValueAttribute else None
-    return kind is not None and issubclass(kind, cls)
-
-
-def _patch_wrapped(fn: Any, nargs: int) -> Any:
-    """fx's ``_patch_function`` for a root ``forward`` with ``*args``/``**kwargs``, which also takes a
-    decorated one (Hugging Face's ``@can_return_tuple``: ``wrapper(self, *args, **kwargs)`` around the
-    real signature). fx reads the arguments off the unwrapped function and then rewrites the wrapper's
-    code to that count, which fails; here the wrapper is called with them as Python would."""
-    inner = inspect.unwrap(fn)
-    if inner is fn:
-        return _PATCH_FUNCTION(fn, nargs)
-    code = inner.__code__
-    named = code.co_argcount + code.co_kwonlyargcount
-    keyword_only = code.co_varnames[code.co_argcount:named]
-    var_args = bool(code.co_flags & inspect.CO_VARARGS)
-
-    def call(*args: Any) -> Any:
-        rest = args[named:]
-        extra = rest[0] if var_args else ()
-        kwargs = dict(zip(keyword_only, args[code.co_argcount:named]))
-        if code.co_flags & inspect.CO_VARKEYWORDS:
-            kwargs.update(rest[-1])
-        return fn(*args[:code.co_argcount], *extra, **kwargs)
-    return call
 
 
 def _is_tensors(value: Any) -> bool:

@@ -23,7 +23,8 @@ class HeadsOutput:
 
 class MultiHead(nn.Module):
     """conv-BN-ReLU trunk on (3, 8, 8) images, a classifier and an embedding head; ``kind`` picks the
-    output structure: tuple, dict (nested), namedtuple or dataclass. ``embed`` is a non-tensor flag with a default."""
+    output structure: tuple, dict (nested), namedtuple or dataclass. ``embed`` is a non-tensor flag with a
+    default."""
 
     def __init__(self, kind: str = "dict", classes: int = 10):
         super().__init__()
