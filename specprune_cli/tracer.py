@@ -41,6 +41,8 @@ RANDOM_METHODS = {"uniform_", "normal_", "random_", "bernoulli_", "exponential_"
 #: The capture's own code, never named as the place a model's forward fails.
 _CAPTURE_FILES = ("specprune_cli/capture.py", "specprune_cli/tracer.py", "specprune_cli/leaves.py",
                   "specprune_cli/trace_patches.py")
+#: Python values a proxy may hash as (``_ValueProxy.__hash__``).
+_HASHABLE = (int, str, torch.Size, torch.dtype, torch.device)
 #: Values small enough to keep on ``node.meta`` (``record_meta``).
 _PLAIN = (int, float, bool, str, torch.Size, torch.dtype, torch.device, type(None))
 
@@ -88,6 +90,14 @@ class _ValueProxy(fx.Proxy):
 
     def __float__(self) -> float:
         return float(self.tracer.python_value(self, "float()"))
+
+    def __hash__(self) -> int:
+        """A shape or a flag hashes as its value, so it can look up a dict (einops: ``recipes[x.ndim]``;
+        the lookup's ``==`` then reads the value, as a branch does). Anything else hashes as itself."""
+        value = self.tracer.values.get(self.node) if type(self.tracer) is ValueTracer else None
+        if isinstance(value, _HASHABLE) and self.node not in self.tracer.tainted:
+            return hash(self.tracer.python_value(self, "a dict lookup"))
+        return object.__hash__(self)
 
 
 class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):

@@ -561,3 +561,23 @@ def test_a_layer_made_in_forward():
     graph = find_units(MadeInForward(True).eval(), torch.randn(1, 3, 6, 6))
     assert graph.units == []
     assert "builds the layer Conv2d with weights as it runs" in _reasons(graph)["<model>"]
+
+
+def test_a_dict_looked_up_by_a_shape():
+    """einops keeps its recipes in a dict keyed by ``x.ndim``: a shape or a flag hashes as its value. A
+    lookup by the channel count reads it, as a branch does, and keeps that unit whole."""
+    class ByRank(nn.Module):
+        def __init__(self, by: str):
+            super().__init__()
+            self.by = by
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            key = h.ndim if self.by == "rank" else h.shape[1]
+            return self.b(h * {4: 2.0, 8: 3.0}[key])
+
+    graph = find_units(ByRank("rank").eval(), torch.randn(1, 3, 6, 6))
+    assert [u.name for u in graph.units] == ["a"]
+    graph = find_units(ByRank("channels").eval(), torch.randn(1, 3, 6, 6))
+    assert graph.units == [] and "Python code reads its channel count" in _reasons(graph)["a"]
