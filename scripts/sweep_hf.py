@@ -38,9 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import format_table, write_section  # noqa: E402
 from fashion_common import ROOT  # noqa: E402
 from quality_cache import library_commit  # noqa: E402
-from specprune_cli.config import PruneConfig  # noqa: E402
-from specprune_cli.errors import SpecpruneError  # noqa: E402
-from specprune_cli.prune import prune_model  # noqa: E402
+from sweep_common import half_width  # noqa: E402
 
 TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             vocab_size=100, max_position_embeddings=64)
@@ -122,21 +120,7 @@ def run_one(name: str) -> dict:
         row["seconds"] = time.perf_counter() - started
         return row
     row["params"] = sum(p.numel() for p in model.parameters())
-    try:
-        result = prune_model(model, [x], example_input=x[:1], progress=False, forward_kwargs=forward_kwargs,
-                             cfg=PruneConfig(allocation="ratio", ratio=0.5, round_to=1, min_channels=1,
-                                             max_positions=4))
-        report = result.report
-        row["units"] = len(report["units"])
-        row["kept"] = report["params_after"] / report["params_before"]
-        row["why"] = "; ".join(s["reason"] for s in report["skipped"][:2])
-        with torch.no_grad():
-            result.model(x, **forward_kwargs)
-        row["outcome"] = "pruned" if row["units"] else "no units"
-    except SpecpruneError as exc:
-        row["outcome"], row["why"] = "refused", f"{type(exc).__name__}: {exc}"
-    except Exception as exc:  # noqa: BLE001 - what this script exists to find
-        row["outcome"], row["why"] = "CRASH", f"{type(exc).__name__}: {exc}"
+    half_width(model, x, row, forward_kwargs)
     row["seconds"] = time.perf_counter() - started
     return row
 

@@ -39,14 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import format_table, write_section  # noqa: E402
 from fashion_common import ROOT  # noqa: E402
 from quality_cache import library_commit  # noqa: E402
-from specprune_cli.config import PruneConfig  # noqa: E402
-from specprune_cli.errors import SpecpruneError  # noqa: E402
-from specprune_cli.prune import prune_model  # noqa: E402
+from sweep_common import half_width  # noqa: E402
 
 SMALL = re.compile(r"(tiny|small|nano|pico|femto|atto|xxs|_xs|_s$|_t$|18|b0|_050|_100|lite0|mini|_s_|_t_)")
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not caught as an error of the model
     pass
 
 
@@ -93,21 +91,10 @@ def run_one(name: str, max_params: float, timeout: int) -> dict:
             row["outcome"] = "too big"
             return row
         x = _input(model)
-        result = prune_model(model, [x], example_input=x[:1], progress=False,
-                             cfg=PruneConfig(allocation="ratio", ratio=0.5, round_to=1, min_channels=1,
-                                             max_positions=4))
-        report = result.report
-        row["units"] = len(report["units"])
-        row["kept"] = report["params_after"] / report["params_before"]
-        row["why"] = "; ".join(s["reason"] for s in report["skipped"][:2])
-        with torch.no_grad():
-            result.model(x)
-        row["outcome"] = "pruned" if row["units"] else "no units"
+        half_width(model, x, row)
     except _Timeout:
         row["outcome"] = "timeout"
-    except SpecpruneError as exc:
-        row["outcome"], row["why"] = "refused", f"{type(exc).__name__}: {exc}"
-    except Exception as exc:  # noqa: BLE001 - what this script exists to find
+    except Exception as exc:  # noqa: BLE001 - timm itself failing to build the model
         row["outcome"], row["why"] = "CRASH", f"{type(exc).__name__}: {exc}"
     finally:
         signal.alarm(0)

@@ -3,8 +3,6 @@ values, code fx cannot trace, int attributes (docs/method.md §1)."""
 from __future__ import annotations
 
 import builtins
-import dataclasses
-import functools
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from torch import nn
 from specprune_cli.capture import capture
 from specprune_cli.errors import ConfigError
 from specprune_cli.graph import find_units
+from models_io import HubEncoder
 from patterns import AudioHead, build
 
 
@@ -489,54 +488,15 @@ def test_a_tanh_gelu_written_out_is_traced():
     assert builtins.isinstance is checks  # what tracing patched is put back
 
 
-@dataclasses.dataclass
-class _Output:
-    """A model output class registered with pytree, as Hugging Face's ModelOutput is."""
-    logits: torch.Tensor
-    pooled: torch.Tensor
-
-
-torch.utils._pytree.register_pytree_node(
-    _Output, lambda o: ([o.logits, o.pooled], None), lambda values, _: _Output(*values))
-
-
-def _returns_output(forward):
-    """Hugging Face's ``@can_return_tuple``: ``wrapper(self, *args, **kwargs)`` around the real forward."""
-    @functools.wraps(forward)
-    def wrapper(self, *args, **kwargs):
-        return_dict = kwargs.pop("return_dict", True)
-        out = forward(self, *args, **kwargs)
-        return out if return_dict else (out.logits, out.pooled)
-    return wrapper
-
-
-class _HubStyle(nn.Module):
-    """The idioms of a Hugging Face encoder: position ids from a buffer sliced and expanded to proxy
-    sizes, a decorated forward with ``**kwargs``, a pytree-registered output class."""
-
-    def __init__(self):
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(30, 16), nn.Embedding(12, 16)
-        self.register_buffer("position_ids", torch.arange(12).expand(1, -1), persistent=False)
-        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
-
-    @_returns_output
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        batch, length = input_ids.shape
-        positions = self.position_ids[:, :length].expand(batch, length)
-        h = self.tokens(input_ids) + self.positions(positions)
-        h = h + self.fc2(F.gelu(self.fc1(h)))
-        pooled = h.mean(1)
-        return _Output(self.head(pooled), pooled)
-
-
 def test_hugging_face_idioms_are_captured():
-    model = _HubStyle().eval()
-    tokens = torch.randint(0, 30, (1, 7), generator=torch.Generator().manual_seed(0))
+    """A decorated forward with ``**kwargs``, position ids from a buffer sliced and expanded to proxy
+    sizes, a pytree-registered output class (models_io.HubEncoder; the CLI runs it in test_cli_inputs)."""
+    model = HubEncoder().eval()
+    tokens = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(0))
     graph = find_units(model, tokens)
     assert [u.name for u in graph.units] == ["fc1"]
     assert graph.replayable
-    x = torch.randint(0, 30, (3, 7), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
     expected = model(x)
     got = graph.gm(x)  # the input alone, the output's leaves in a list
     torch.testing.assert_close(got, [expected.logits, expected.pooled])
