@@ -313,12 +313,14 @@ BINARY = {operator.add, operator.mul, operator.sub, operator.truediv, operator.f
           operator.iadd, operator.imul, operator.isub, operator.itruediv, torch.add, torch.mul, torch.sub,
           torch.div, torch.true_divide, torch.pow, torch.maximum, torch.minimum, torch.masked_fill, "add",
           "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "truediv", "pow", "maximum", "minimum",
-          "masked_fill", "masked_fill_", "__radd__", "__rmul__", "__rsub__", "__rtruediv__"}
+          "masked_fill", "masked_fill_", "__radd__", "__rmul__", "__rsub__", "__rtruediv__",
+          # comparisons (a mask per entry) and the choice between entries they make, `where(x > 0, x, a * x)`
+          operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne, torch.gt, torch.ge,
+          torch.lt, torch.le, torch.eq, torch.ne, "gt", "ge", "lt", "le", "eq", "ne", torch.where, "where"}
 #: concatenations: along the channels' dimension they put a unit's channels in a block (``joins.py``).
 CONCATS = {torch.cat, torch.concat, torch.concatenate}
 #: other joins of whole tensors (stacking, concatenating along another dimension): not supported.
-JOINS = {torch.cat, torch.stack, torch.concat, torch.concatenate, torch.hstack, torch.vstack, torch.dstack,
-         torch.where}
+JOINS = {torch.cat, torch.stack, torch.concat, torch.concatenate, torch.hstack, torch.vstack, torch.dstack}
 #: methods whose second tensor only lends its shape or dtype.
 SHAPE_FROM_OTHER = {"view_as", "reshape_as", "expand_as", "type_as"}
 #: methods that take only the dtype and device of the tensor they are called on (its size is given).

@@ -490,6 +490,22 @@ class SwiGLU(nn.Module):
         return self.head(h.mean(1))
 
 
+class HandWrittenActivations(nn.Module):
+    """Activations written out: a leaky ReLU as `torch.where(x > 0, x, 0.1 * x)`, and GPT-2's tanh GELU
+    with `torch.pow(x, 3.0)` (whose Scalar overload once made tracing crash the process)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = self.b(torch.where(h > 0, h, 0.1 * h))
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+        return self.fc(h.mean((2, 3)))
+
+
 PATTERNS = {
     "audio_head": (AudioHead, (1, 8, 6)),
     "audio_head_literal": (AudioHeadLiteral, (1, 8, 6)),
@@ -516,6 +532,7 @@ PATTERNS = {
     "conv_lstm": (ConvLSTM, (8, 7)),
     "yolo_c2f": (YoloC2f, (3, 8, 8)),
     "swiglu": (SwiGLU, (5, 8)),
+    "hand_written_activations": (HandWrittenActivations, (3, 8, 8)),
 }
 
 

@@ -45,6 +45,7 @@ EXPECTED = {
     "yolo_c2f": (["stem.conv", "m.0.0.conv", "cv2.conv", "spp2.conv"],
                  {"cv1.conv": "`chunk`", "m.0.1.conv": "residual stream", "spp1.conv": "copy of themselves"}),
     "swiglu": (["gate"], {"proj": "LayerNorm", "head": "model output"}),
+    "hand_written_activations": (["a", "b"], {"fc": "model output"}),
 }
 
 #: (pattern, unit) whose path from producer to consumers maps 0 to 0 (no BatchNorm shift, no `+ 1`):
@@ -55,7 +56,7 @@ ZERO_PRESERVING = [("audio_head", "conv2"), ("dynamic_flatten", "conv"), ("chann
                    ("channel_split", "a"), ("layer_scale", "conv"),
                    ("torch_transformer", "enc.layers.1.linear1"),
                    ("torch_encoder_decoder", "t.decoder.layers.0.linear1"), ("conv_lstm", "conv"),
-                   ("swiglu", "gate")]
+                   ("swiglu", "gate"), ("hand_written_activations", "a"), ("hand_written_activations", "b")]
 
 
 def _batch(shape, n=6, seed=1):
