@@ -302,7 +302,7 @@ def _same(a: Any, b: Any, loose: bool = False) -> bool:
 def _flattened(a: Any, b: Any) -> bool:
     """``a`` is the list fx makes of ``b``, a container of a class registered with pytree."""
     return (type(a) is list and type(b) in torch.utils._pytree.SUPPORTED_NODES
-            and type(b) not in (list, tuple, dict) and not isinstance(b, (list, tuple)))
+            and type(b) is not dict and not isinstance(b, (list, tuple)))
 
 
 def _plain_dicts(value: Any) -> Any:

@@ -11,6 +11,7 @@ tensor of it: ``evaluate.output`` (an index or a key) or, by default, the first.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping
@@ -34,17 +35,40 @@ def _named_items(out: Any) -> list[tuple[Any, Any]] | None:
         return list(out.items())
     if _is_namedtuple(out):
         return list(zip(out._fields, out))
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+    if _is_dataclass(out):
         return [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
     return None
+
+
+def _is_dataclass(out: Any) -> bool:
+    return dataclasses.is_dataclass(out) and not isinstance(out, type)
+
+
+def with_tensors(template: Any, flat: Iterator[torch.Tensor]) -> Any:
+    """``template``'s structure with its tensors replaced by ``flat``'s, in ``named_tensors`` order (an
+    exported file's outputs put back into the torch model's output structure)."""
+    if isinstance(template, torch.Tensor):
+        return next(flat)
+    if isinstance(template, Mapping):
+        return {k: with_tensors(v, flat) for k, v in template.items()}
+    if _is_namedtuple(template):
+        return type(template)(*(with_tensors(v, flat) for v in template))
+    if isinstance(template, (tuple, list)):
+        return type(template)(with_tensors(v, flat) for v in template)
+    if _is_dataclass(template):  # a model output class, frozen or not
+        out = copy.copy(template)
+        for f in dataclasses.fields(template):
+            object.__setattr__(out, f.name, with_tensors(getattr(template, f.name), flat))
+        return out
+    return template  # not a tensor, and holds none (named_tensors reads no deeper)
 
 
 def named_tensors(out: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor in ``out`` with its name, depth first in the output's own order."""
     if isinstance(out, torch.Tensor):
         yield (prefix or "output"), out
-    elif _named_items(out) is not None:
-        for key, value in _named_items(out):
+    elif (items := _named_items(out)) is not None:
+        for key, value in items:
             yield from named_tensors(value, f"{prefix}.{key}" if prefix else str(key))
     elif isinstance(out, (tuple, list)):
         for i, value in enumerate(out):
@@ -60,8 +84,7 @@ def describe(out: Any) -> str:
     """A short description for messages: ``tensor (2, 10)``, ``dict {logits: tensor (2, 10), ...}``."""
     if isinstance(out, torch.Tensor):
         return f"tensor {tuple(out.shape)}"
-    if _named_items(out) is not None:
-        items = _named_items(out)
+    if (items := _named_items(out)) is not None:
         return f"{type(out).__name__} {{" + ", ".join(f"{k}: {describe(v)}" for k, v in items) + "}"
     if isinstance(out, (tuple, list)):
         return f"{type(out).__name__} (" + ", ".join(describe(v) for v in out) + ")"
@@ -72,8 +95,8 @@ def layout(out: Any) -> Any:
     """The structure of ``out`` with each tensor replaced by its shape: equal layouts, same structure."""
     if isinstance(out, torch.Tensor):
         return ("tensor", tuple(out.shape))
-    if _named_items(out) is not None:
-        return (type(out).__name__, tuple((k, layout(v)) for k, v in _named_items(out)))
+    if (items := _named_items(out)) is not None:
+        return (type(out).__name__, tuple((k, layout(v)) for k, v in items))
     if isinstance(out, (tuple, list)):
         return (type(out).__name__, tuple(layout(v) for v in out))
     return (type(out).__name__,)

@@ -5,15 +5,14 @@
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import os
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from specprune_cli.model_io import with_tensors
 
 
 #: ONNX Runtime's names for input types, and the numpy dtypes it takes for them.
@@ -44,24 +43,6 @@ def ort_outputs(session, x: torch.Tensor) -> list[torch.Tensor]:
     return [torch.from_numpy(np.asarray(o)) for o in session.run(None, ort_feed(session, x))]
 
 
-def _rebuild(template: Any, flat: Iterator[torch.Tensor]) -> Any:
-    """``template``'s structure with its tensors replaced, in ``model_io.named_tensors`` order."""
-    if isinstance(template, torch.Tensor):
-        return next(flat)
-    if isinstance(template, Mapping):
-        return {k: _rebuild(v, flat) for k, v in template.items()}
-    if isinstance(template, tuple) and hasattr(template, "_fields"):
-        return type(template)(*(_rebuild(v, flat) for v in template))
-    if isinstance(template, (tuple, list)):
-        return type(template)(_rebuild(v, flat) for v in template)
-    if dataclasses.is_dataclass(template) and not isinstance(template, type):  # a model output class
-        out = copy.copy(template)
-        for f in dataclasses.fields(template):  # frozen or not
-            object.__setattr__(out, f.name, _rebuild(getattr(template, f.name), flat))
-        return out
-    return template  # not a tensor, and holds none (model_io.named_tensors reads no deeper)
-
-
 class OrtModel(nn.Module):
     """An ONNX file run by ONNX Runtime, called like the torch model it was exported from.
 
@@ -82,4 +63,4 @@ class OrtModel(nn.Module):
         self.template = template
 
     def forward(self, x: torch.Tensor, **_fixed_at_export: Any) -> Any:
-        return _rebuild(self.template, iter(ort_outputs(self.session, x)))
+        return with_tensors(self.template, iter(ort_outputs(self.session, x)))

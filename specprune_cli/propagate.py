@@ -86,7 +86,7 @@ class Propagator:
             raise Unsupported(f"channels flow into an fx node of kind {user.op}")
         target = user.target
         label = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        if (user.op == "call_method" and target in SHAPE_READS | NEW_FROM) or (
+        if (user.op == "call_method" and target in _NO_CHANNELS) or (
                 target is getattr and user.args[1] in SHAPE_ATTRIBUTES):
             # a shape read, or a new tensor with src's dtype: no channels flow on (the uses of a shape
             # are checked by _check_guards)
@@ -279,6 +279,8 @@ class Propagator:
         sp.followers.append(Follower(owner, "param", attr=attr, dim=dim))
 
 
+#: methods after which no channels flow: shape reads, and new tensors that take only src's dtype
+_NO_CHANNELS = SHAPE_READS | NEW_FROM
 #: ops that cut their first argument into pieces along one dimension: the position of that argument
 _PIECES_DIM = {"chunk": 2, "split": 2, "tensor_split": 2, "split_with_sizes": 2, "unbind": 1}
 
@@ -291,12 +293,13 @@ def _cut_beside_channels(node: fx.Node, tensors: Mapping[fx.Node, Layout]) -> bo
     if position is None or not node.args or not is_tensor(node.args[0]):
         return False
     lay = tensors.get(node.args[0])
-    dim = node.args[position] if len(node.args) > position else node.kwargs.get("dim", 0)
-    if isinstance(dim, fx.Node):  # an int attribute (`dim=self.dim`) or a shape computation
-        dim = dim.meta.get("value")
-    if lay is None or lay.parts is not None or not isinstance(dim, int):
+    if lay is None or lay.parts is not None:
         return False
-    return dim % len(shape_of(node.args[0])) != lay.cdim
+    try:  # `dim=self.dim` (an int attribute) reads as its value too
+        dim = OpCall(node, node.args[0], lay, 0).arg(position, "dim", 0)
+    except Unsupported:
+        return False
+    return isinstance(dim, int) and dim % len(shape_of(node.args[0])) != lay.cdim
 
 
 def _two_tensors(node: fx.Node) -> bool:

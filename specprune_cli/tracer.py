@@ -18,6 +18,7 @@ graph sees it.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import traceback
 from collections.abc import Iterator
@@ -69,11 +70,19 @@ class _ValueProxy(fx.Proxy):
     takes. That is done in Python's ``isinstance`` alone (``trace_patches``, through ``value_type``).
     """
 
+    def _own(self, make_node: bool = False) -> tuple[Any, Any]:
+        """(the node, its value), or (None, None) for a proxy no ValueTracer made. An Attribute
+        (``x.ndim``) makes its node lazily: only with ``make_node``, else it has none yet."""
+        own = vars(self)
+        tracer = own.get("tracer")
+        node = self.node if make_node and type(tracer) is ValueTracer else own.get("node")
+        if type(tracer) is not ValueTracer or node is None:
+            return None, None
+        return node, tracer.values.get(node)
+
     def value_type(self) -> type | None:
         """The class of the node's value if it is a tensor or a parameter, else None."""
-        own = vars(self)  # not self.node: an Attribute creates its node lazily
-        tracer, node = own.get("tracer"), own.get("node")
-        value = tracer.values.get(node) if type(tracer) is ValueTracer and node is not None else None
+        value = self._own()[1]
         return type(value) if type(value) is torch.Tensor or type(value) is nn.Parameter else None
 
     def __getattr__(self, k: str) -> "_ValueAttribute":
@@ -94,8 +103,8 @@ class _ValueProxy(fx.Proxy):
     def __hash__(self) -> int:
         """A shape or a flag hashes as its value, so it can look up a dict (einops: ``recipes[x.ndim]``;
         the lookup's ``==`` then reads the value, as a branch does). Anything else hashes as itself."""
-        value = self.tracer.values.get(self.node) if type(self.tracer) is ValueTracer else None
-        if isinstance(value, _HASHABLE) and self.node not in self.tracer.tainted:
+        node, value = self._own(make_node=True)
+        if isinstance(value, _HASHABLE) and node not in self.tracer.tainted:
             return hash(self.tracer.python_value(self, "a dict lookup"))
         return object.__hash__(self)
 
@@ -130,8 +139,8 @@ class ValueTracer(fx.Tracer):
 
     def _factory_call(self, function: Any, args: tuple, kwargs: dict) -> fx.Proxy | None:
         """A torch factory called with a proxy among its arguments becomes a node (see trace_patches)."""
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-        if self._concrete or not any(isinstance(a, fx.Proxy) for a in leaves):
+        if self._concrete or not any(isinstance(a, fx.Proxy)
+                                     for a in torch.utils._pytree.tree_leaves((args, kwargs))):
             return None
         return self.create_proxy("call_function", function, args, kwargs)
 
@@ -161,7 +170,7 @@ class ValueTracer(fx.Tracer):
         if self.submodule_paths is not None and m not in self.submodule_paths:
             # made in forward (`nn.ReLU()(x)`, as DistilBERT does): without parameters or buffers it is
             # plain code, traced as such; with them, no graph could refer to its weights
-            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+            if next(itertools.chain(m.parameters(), m.buffers()), None) is not None:
                 raise Untraceable(f"its forward builds the layer {type(m).__name__} with weights as it runs "
                                   f"(at {_where()}); make it an attribute in __init__")
             return forward(*args, **kwargs)
@@ -211,13 +220,12 @@ class ValueTracer(fx.Tracer):
         from_input = any(n in self.tainted for n in node.all_input_nodes)
         # A tensor depends on the data, the weights or chance unless only shapes and constants made it
         # (a causal mask from x.size(1)): that one Python may read, as it reads a shape.
-        made_from_shapes = kind in ("call_function", "call_method") and not from_input and not (
-            listed(target, RANDOM_FUNCTIONS) or listed(target, RANDOM_METHODS))
-        # A buffer (position ids, a mask, an index table) is state, not weights: Python may read it
+        # A buffer (position ids, a mask, an index table) is state, not weights: Python may read it too,
         # as it could before buffers were traced as nodes (see __init__).
-        made_from_shapes |= kind == "get_attr" and not isinstance(value, nn.Parameter)
-        tainted = (isinstance(value, torch.Tensor) and not made_from_shapes) or (
-            not shape_read and from_input)
+        readable = (kind in ("call_function", "call_method") and not from_input and not (
+            listed(target, RANDOM_FUNCTIONS) or listed(target, RANDOM_METHODS))) or (
+            kind == "get_attr" and not isinstance(value, nn.Parameter))
+        tainted = (isinstance(value, torch.Tensor) and not readable) or (not shape_read and from_input)
         self._record(node, value, tainted)
         return proxy
 
